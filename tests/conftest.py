@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random-init model built once per session, loaded fresh per test."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A ``make-tiny`` checkpoint directory (seed 0)."""
+    from yochameleon.backends.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory):
+    """A second tiny checkpoint with different weights (another base model)."""
+    from yochameleon.backends.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny2") / "model", seed=1)
+
+
+@pytest.fixture
+def backend(tiny_dir):
+    """A freshly loaded tiny backend; tests may attach concepts freely."""
+    from yochameleon.backends import load_backend
+
+    torch.manual_seed(0)
+    return load_backend(tiny_dir)
+
+
+@pytest.fixture
+def photos():
+    """Real photos that ship with scikit-image."""
+    from PIL import Image
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "chelsea", "coffee", "rocket")]

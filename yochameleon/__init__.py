@@ -1,0 +1,3 @@
+"""yochameleon: personalize unified multimodal models with learned concept tokens."""
+
+__version__ = "0.1.0"

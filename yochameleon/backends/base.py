@@ -1,0 +1,227 @@
+"""The backend protocol: one small surface that hides a model family from the rest of yochameleon.
+
+The trainer, the concept-token machinery and inference only ever talk to a :class:`Backend`. A
+backend owns a frozen Hugging Face model and knows how its family tokenizes images, which ids are
+special, which vocabulary entries are free for concept tokens, and how to turn final hidden states
+into logits. Nothing outside ``yochameleon/backends`` branches on the model family.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from yochameleon.errors import BackendError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a base model.
+
+    Args:
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the frozen weights.
+        quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes).
+        device_map: passed to ``from_pretrained`` (accelerate), e.g. ``"auto"`` or ``{"": 0}``;
+            ``None`` keeps everything on ``device``.
+        device: the device when ``device_map`` is ``None``.
+    """
+
+    dtype: str = "float32"
+    quantization: str | None = None
+    device_map: Any = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BackendError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise BackendError(f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids every backend exposes.
+
+    Attributes:
+        bos: begin of sequence.
+        eos: end of sequence.
+        pad: padding id (inputs only; never a label).
+        eot: end of turn; closes the human turn and the answer.
+        boi: begin of image.
+        eoi: end of image.
+        image_token_ids: the sorted vocabulary ids that stand for VQ codes.
+        image_placeholder: the processor's ``<image>`` placeholder id, if any.
+        extra_image_ids: layout tokens that may appear inside an image span (e.g. Emu3's
+            end-of-line), empty for Chameleon.
+    """
+
+    bos: int
+    eos: int
+    pad: int
+    eot: int
+    boi: int
+    eoi: int
+    image_token_ids: tuple[int, ...]
+    image_placeholder: int | None = None
+    extra_image_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+class Backend:
+    """Base class for a model family. Subclasses fill in the family-specific parts.
+
+    Attributes:
+        family: short family name (``"chameleon"``, ``"emu3"``, ``"janus"``).
+        name_or_path: the id or directory it was loaded from.
+        model: the frozen Hugging Face model.
+        tokenizer: its tokenizer.
+        special: the :class:`SpecialIds`.
+        image_seq_len: number of VQ tokens in one image span (without boi/eoi and layout tokens).
+        image_size: side length in pixels of a decoded image.
+    """
+
+    family: str = "base"
+
+    def __init__(self, name_or_path: str, model: nn.Module, tokenizer: Any, special: SpecialIds,
+                 image_seq_len: int, image_size: int) -> None:
+        self.name_or_path = name_or_path
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special = special
+        self.image_seq_len = image_seq_len
+        self.image_size = image_size
+        self._fingerprint: str | None = None
+
+    # ----- text -------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS (special tokens in the text are recognised)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode_text(self, ids: list[int], skip_special: bool = True) -> str:
+        """Text of ``ids``; image spans and special ids are dropped when ``skip_special``."""
+        if skip_special:
+            drop = set(self.special.image_token_ids) | {self.special.boi, self.special.eoi, self.special.pad,
+                                                        self.special.bos, self.special.eos, self.special.eot}
+            ids = [i for i in ids if i not in drop]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise BackendError(f"token {token!r} is not in the vocabulary of {self.name_or_path}")
+        return int(tid)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(int(token_id))
+
+    # ----- concept tokens ---------------------------------------------------------------------
+    def free_token_ids(self) -> list[int]:
+        """Vocabulary ids that no text or image uses, in allocation order. Never resizes."""
+        raise NotImplementedError
+
+    # ----- images -----------------------------------------------------------------------------
+    @property
+    def preprocess_id(self) -> str:
+        """A string identifying image preprocessing, part of the token-cache key."""
+        raise NotImplementedError
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """VQ-encode RGB images to vocabulary ids, shape ``[B, image_seq_len]``."""
+        raise NotImplementedError
+
+    def decode_images(self, ids: torch.Tensor) -> list[Image.Image]:
+        """Decode vocabulary ids ``[B, image_seq_len]`` back to RGB images."""
+        raise NotImplementedError
+
+    def image_span(self, image_ids: list[int]) -> list[int]:
+        """The full in-sequence span for one image's ids: boi, the ids (plus layout tokens), eoi."""
+        return [self.special.boi, *image_ids, self.special.eoi]
+
+    def span_to_image_ids(self, span: list[int]) -> list[int]:
+        """Inverse of :meth:`image_span`: the VQ ids inside a generated span."""
+        inner = span[1:-1] if span and span[0] == self.special.boi else span
+        return [i for i in inner if i not in self.special.extra_image_ids][: self.image_seq_len]
+
+    def image_span_constraint(self):
+        """A :class:`yochameleon.generation.SpanConstraint` for this family's image layout."""
+        from yochameleon.generation import ImageSpanConstraint
+
+        return ImageSpanConstraint(self.special, self.image_seq_len)
+
+    # ----- the transformer --------------------------------------------------------------------
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, module: nn.Module) -> None:
+        self.model.set_input_embeddings(module)
+
+    def output_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def set_output_head(self, module: nn.Module) -> None:
+        self.model.set_output_embeddings(module)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.input_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_embeddings().weight.device
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, past_key_values: Any = None,
+                      use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        """Final (normed) hidden states ``[B, T, H]`` and the KV cache.
+
+        Logits are deliberately not computed here: callers apply :meth:`logits` only where they need
+        them (labelled positions in training, the last position in generation).
+        """
+        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, use_cache=use_cache)
+        return out.last_hidden_state, out.past_key_values
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unmasked logits over the whole vocabulary for ``hidden`` ``[..., H]`` (float32)."""
+        return self.output_head()(hidden).float()
+
+    # ----- identity ---------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of the base embedding and head matrices; concept files record it.
+
+        Hashing a fixed strided subset of rows keeps it fast on 7B models while still telling
+        different checkpoints apart.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for weight in (_base_weight(self.input_embeddings()), _base_weight(self.output_head())):
+                rows = torch.linspace(0, weight.shape[0] - 1, steps=min(257, weight.shape[0])).long()
+                sample = weight.detach()[rows.to(weight.device)].float().cpu().contiguous()
+                h.update(str(tuple(weight.shape)).encode())
+                h.update(sample.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    # Concept wrappers keep the original module as ``base``; fingerprint the untouched matrix.
+    while hasattr(module, "base"):
+        module = module.base
+    return module.weight

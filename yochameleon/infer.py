@@ -1,0 +1,244 @@
+"""Inference with one or more attached concepts: recognize, ask, caption, generate images.
+
+Prompts name concepts as ``<NAME>`` (``"Is <bo> next to <mam>?"``); with a single concept attached,
+``<sks>`` also refers to it. Each named concept's personalized prompt is prepended. The ids of
+attached concepts that a prompt does not mention are masked out of the logits, so a prompt without
+any concept behaves exactly like the base model.
+
+Self-prompted token sets are either forced (appended to the prompt) or emitted by the model, which
+is then restricted to the concept's token set for at most that many steps.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from yochameleon.backends import LoadOptions, load_backend
+from yochameleon.backends.base import Backend
+from yochameleon.concept import ConceptTokens, get_bank, load_concept
+from yochameleon.errors import ConceptError
+from yochameleon.generation import ImageSpanConstraint, Sampling, SpanConstraint, TextConstraint, generate
+from yochameleon.prompts import recognition_question
+from yochameleon.train.sequences import encode_text
+
+_NAME = re.compile(r"<([^<>\s/\\]+)>")
+
+
+@dataclass
+class Answer:
+    """A generated answer and how its self-prompt was produced."""
+
+    text: str
+    self_prompt: list[int]
+    forced: bool
+
+
+class SelfPromptThenImage(SpanConstraint):
+    """The model may emit up to ``len(g_ids)`` of its g-tokens, then must produce the image span.
+
+    Stateless (derived from the generated ids), so one instance serves every row of a batch.
+    """
+
+    def __init__(self, g_ids: list[int], span: ImageSpanConstraint) -> None:
+        self.prefix = torch.tensor(g_ids + [span.special.boi])
+        self.n = len(g_ids)
+        self.span = span
+
+    def _split(self, generated: list[int]) -> int | None:
+        boi = self.span.special.boi
+        return generated.index(boi) if boi in generated else None
+
+    def allowed(self, generated):
+        k = self._split(generated)
+        if k is None:
+            return self.prefix if len(generated) < self.n else self.span.allowed([])
+        return self.span.allowed(generated[k:])
+
+    def done(self, generated):
+        k = self._split(generated)
+        return k is not None and self.span.done(generated[k:])
+
+
+class PersonalizedModel:
+    """A frozen backend with concepts attached, ready for inference.
+
+    Args:
+        backend: the model; concepts are attached to it (see :func:`yochameleon.concept.load_concept`).
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @classmethod
+    def load(cls, model: str, concept_files: list[str | Path], device: str = "auto",
+             options: LoadOptions | None = None) -> PersonalizedModel:
+        """Load a base model and attach concept files."""
+        if options is None:
+            dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            options = LoadOptions(device=dev)
+        backend = load_backend(model, options)
+        for f in concept_files:
+            load_concept(backend, f)
+        return cls(backend)
+
+    @property
+    def concepts(self) -> dict[str, ConceptTokens]:
+        bank = get_bank(self.backend)
+        return dict(bank.concepts) if bank else {}
+
+    # ----- prompt assembly --------------------------------------------------------------------
+    def _resolve(self, text: str) -> tuple[str, list[ConceptTokens]]:
+        concepts = self.concepts
+        used: list[ConceptTokens] = []
+
+        def sub(m: re.Match) -> str:
+            name = m.group(1)
+            if name in concepts:
+                c = concepts[name]
+            elif name == "sks" and len(concepts) == 1:
+                c = next(iter(concepts.values()))
+            else:
+                return m.group(0)
+            if c not in used:
+                used.append(c)
+            return c.sks
+
+        return _NAME.sub(sub, text), used
+
+    def _prompt_ids(self, text: str, image: Image.Image | str | None) -> tuple[list[int], list[ConceptTokens]]:
+        resolved, used = self._resolve(text)
+        images = []
+        if image is not None:
+            img = Image.open(image) if isinstance(image, (str, Path)) else image
+            images = [self.backend.encode_images([img.convert("RGB")])[0].tolist()]
+            if "<image>" not in resolved:
+                resolved = "<image>" + resolved
+        prefix = " ".join(c.personalized_prompt() for c in used)
+        body = f"{prefix} {resolved}" if prefix else resolved
+        ids = [self.backend.special.bos] + encode_text(self.backend, body, used, images) + [self.backend.special.eot]
+        return ids, used
+
+    def _banned(self, used: list[ConceptTokens]) -> list[int]:
+        keep = {i for c in used for i in c.ids}
+        return [i for c in self.concepts.values() for i in c.ids if i not in keep]
+
+    # ----- understanding ----------------------------------------------------------------------
+    def ask_detailed(self, question: str, image: Image.Image | str | None = None, force_tokens: bool = False,
+                     max_new_tokens: int = 48) -> Answer:
+        """Answer ``question`` (optionally about ``image``), reporting the self-prompt."""
+        ids, used = self._prompt_ids(question, image)
+        sp = self.backend.special
+        text_c = TextConstraint(sp, self.backend.vocab_size, banned=self._banned(used))
+        u_ids = [i for c in used for i in c.u_ids]
+        if force_tokens and u_ids:
+            ids = ids + u_ids
+            constraint: SpanConstraint = text_c
+        elif u_ids:
+            constraint = _SelfPromptText(u_ids, text_c)
+        else:
+            constraint = text_c
+        out = generate(self.backend, torch.tensor([ids]), constraint, max_new_tokens)[0].tolist()
+        concept_ids = {i for c in self.concepts.values() for i in c.ids}
+        prompt_part = u_ids if force_tokens else [t for t in out if t in concept_ids]
+        answer_ids = [t for t in out if t not in concept_ids and t != sp.pad]
+        return Answer(self.backend.decode_text(answer_ids).strip(), prompt_part, force_tokens)
+
+    def ask(self, question: str, image: Image.Image | str | None = None, force_tokens: bool = False,
+            max_new_tokens: int = 48) -> str:
+        """Answer a question; ``<NAME>`` (or ``<sks>``) in the text refers to an attached concept."""
+        return self.ask_detailed(question, image, force_tokens, max_new_tokens).text
+
+    def caption(self, image: Image.Image | str, concept: str | None = None) -> str:
+        """Describe ``image``, naming the concept when it is there."""
+        name = concept or self._single()
+        return self.ask(f"<{name}> Describe this photo.<image>", image=image)
+
+    def recognize(self, image: Image.Image | str, concept: str | None = None, mode: str = "likelihood") -> bool:
+        """Is the concept in ``image``? ``mode`` is ``likelihood`` (Yes vs No) or ``generate``."""
+        name = concept or self._single()
+        question = recognition_question(0).replace("<sks>", f"<{name}>")
+        if mode == "generate":
+            answer = self.ask(question, image=image, force_tokens=True).lower()
+            return answer.startswith("yes")
+        return self.yes_no_logprobs(question, image)[0] > self.yes_no_logprobs(question, image)[1]
+
+    @torch.no_grad()
+    def yes_no_logprobs(self, question: str, image: Image.Image | str | None) -> tuple[float, float]:
+        """Log-probabilities of answering "Yes" and "No" after the forced u-tokens."""
+        ids, used = self._prompt_ids(question, image)
+        ids = ids + [i for c in used for i in c.u_ids]
+        hidden, _ = self.backend.hidden_states(torch.tensor([ids], device=self.backend.device))
+        logp = torch.log_softmax(self.backend.logits(hidden[0, -1]), dim=-1)
+        yes = self.backend.tokenize("Yes")[0]
+        no = self.backend.tokenize("No")[0]
+        return float(logp[yes]), float(logp[no])
+
+    # ----- generation -------------------------------------------------------------------------
+    def generate_image(self, prompt: str, n: int = 1, seed: int | None = 0, force_tokens: bool = True,
+                       temperature: float = 1.0, top_k: int = 0, progress: bool = False) -> list[Image.Image]:
+        """Generate ``n`` images for ``prompt`` (e.g. ``"A photo of <sks>."``).
+
+        Sampling is seeded (deterministic for a seed); ``temperature=0`` is greedy.
+        """
+        ids, used = self._prompt_ids(prompt, None)
+        g_ids = [i for c in used for i in c.g_ids]
+        span = self.backend.image_span_constraint()
+        if force_tokens or not g_ids:
+            ids = ids + g_ids
+            constraint: SpanConstraint = span
+            extra = 0
+        else:
+            constraint = SelfPromptThenImage(g_ids, span)
+            extra = len(g_ids)
+        batch = torch.tensor([ids] * n)
+        sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
+        max_new = extra + self.backend.image_seq_len + 2 + len(self.backend.special.extra_image_ids) * 64
+        out = generate(self.backend, batch, constraint, max_new, sampling, progress=progress)
+        images = []
+        for row in out.tolist():
+            start = row.index(self.backend.special.boi)
+            span_ids = row[start : start + len(self.backend.image_span([0] * self.backend.image_seq_len))]
+            images.append(self.backend.span_to_image_ids(span_ids))
+        return self.backend.decode_images(torch.tensor(images))
+
+    def generate_to_dir(self, prompt: str, out_dir: str | Path, n: int = 4, seed: int = 0) -> list[Path]:
+        """Generate ``n`` images and write them as PNGs to ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, im in enumerate(self.generate_image(prompt, n=n, seed=seed, progress=True)):
+            p = out / f"sample_{seed}_{i}.png"
+            im.save(p)
+            paths.append(p)
+        return paths
+
+    def _single(self) -> str:
+        if len(self.concepts) != 1:
+            raise ConceptError(f"name a concept: {len(self.concepts)} are attached ({', '.join(self.concepts)})")
+        return next(iter(self.concepts))
+
+
+class _SelfPromptText(SpanConstraint):
+    """The model emits its u-tokens (at most all of them, in any order it likes), then text."""
+
+    def __init__(self, u_ids: list[int], text: TextConstraint) -> None:
+        self.u = torch.tensor(u_ids)
+        self.u_set = set(u_ids)
+        self.text = text
+        self.n = len(u_ids)
+
+    def allowed(self, generated):
+        k = 0
+        while k < len(generated) and generated[k] in self.u_set:
+            k += 1
+        if k == len(generated) and k < self.n:
+            return torch.cat([self.u, self.text.allowed(generated)]).unique()
+        return self.text.allowed(generated[k:])
+
+    def done(self, generated):
+        return self.text.done(generated)

@@ -1,0 +1,189 @@
+"""The training recipe schema. Every recipe in ``recipes/`` is a YAML view of :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from yochameleon.errors import ConfigError
+
+TASKS = ("recognition", "text_qa", "generation_real", "generation_soft")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model.
+
+    Args:
+        name_or_path: a Hugging Face id or a local directory (``make-tiny`` output included).
+        dtype: dtype of the frozen weights.
+        quantization: ``4bit`` / ``8bit`` through bitsandbytes, or null.
+        device: ``cpu``, ``cuda``, ``cuda:1``…; ignored under ``accelerate launch``.
+    """
+
+    name_or_path: str = "leloy/Anole-7b-v0.1-hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quantization: Literal["4bit", "8bit"] | None = None
+    device: str = "auto"
+
+
+@dataclass
+class ConceptConfig:
+    """Which concept(s) to train and their token layout.
+
+    Args:
+        name: concept name; several concepts are listed in ``extra``.
+        concept_dir: the user's concept folder (photos/, concept.yaml, qa.jsonl).
+        data_dir: where ``prepare`` writes records and images; defaults to ``RUN/data/NAME``.
+        n_g: generation tokens.
+        n_u: understanding tokens (0 with ``shared``).
+        shared: one token set for both tasks (Yo'LLaVA-style and the "shared" ablation).
+        extra: more concepts trained in the same run on the same frozen model, as
+            ``[{name, concept_dir, data_dir}]``.
+    """
+
+    name: str = "sks"
+    concept_dir: str = ""
+    data_dir: str | None = None
+    n_g: int = 16
+    n_u: int = 16
+    shared: bool = False
+    extra: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.shared and self.n_u:
+            raise ConfigError("concept.shared uses one token set of n_g tokens; set concept.n_u=0")
+        for item in self.extra:
+            unknown = set(item) - {"name", "concept_dir", "data_dir"}
+            if unknown or "name" not in item:
+                raise ConfigError(f"concept.extra items need name (and concept_dir/data_dir); got {item}")
+
+
+@dataclass
+class DataConfig:
+    """How training records are built from the concept folder.
+
+    Args:
+        index_dir: a FAISS index (``yochameleon index``) of the negative / soft-positive pool; without
+            one, no retrieved data is used.
+        tasks: which record kinds to train on.
+        n_recognition: recognition samples per class (positive and negative).
+        n_hard_negatives: retrieved nearest pool images used as hard negatives.
+        n_easy_negatives: random pool images used as easy negatives.
+        n_soft_positives: L, the number of most-similar pool images used as soft positives.
+        soft_prompt_form: ``paper`` (``<sks> is <g1..gm>. A photo of <sks>.``) or ``code``
+            (``A photo of <g1..gm>.``).
+        flip: horizontal-flip augmentation.
+        eval_dir: optional folder of held-out photos (``photos/`` and ``negatives/``) for checkpoint
+            selection; without it the training positives are used.
+    """
+
+    index_dir: str | None = None
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    n_recognition: int = 200
+    n_hard_negatives: int = 100
+    n_easy_negatives: int = 100
+    n_soft_positives: int = 1000
+    soft_prompt_form: Literal["paper", "code"] = "paper"
+    flip: bool = True
+    eval_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(f"data.tasks must be a non-empty subset of {list(TASKS)}, got {self.tasks}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the concept rows only.
+
+    Args:
+        lr: learning rate (paper code 1e-3; the paper text says 1e-4).
+        schedule: ``constant`` or ``cosine`` (with ``warmup_steps``).
+        batch_size: samples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_grad_norm: clip the rows' gradient norm before the step (0 disables).
+        epochs: passes over the records; ``max_steps`` caps optimizer steps when set.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    epochs: int = 15
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be positive")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
+            raise ConfigError("optim.batch_size, optim.grad_accum and optim.epochs must be >= 1")
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas must have two values")
+
+
+@dataclass
+class MethodConfig:
+    """The personalization method's switches.
+
+    Args:
+        self_prompting: answers first emit their task's token set (u-tokens / g-tokens).
+        task_weights: optional loss weight per record kind (default: every token counts once).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        logits_chunk: positions per chunk of the label-only cross-entropy.
+    """
+
+    self_prompting: bool = True
+    task_weights: dict[str, float] = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+    logits_chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.task_weights if k not in TASKS]
+        if bad:
+            raise ConfigError(f"method.task_weights keys must be in {list(TASKS)}, got {bad}")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go.
+
+    Args:
+        loggers: any of ``jsonl`` (default, ``RUN/metrics.jsonl``), ``stdout``, ``wandb``; empty = off.
+        every: log every N optimizer steps.
+        wandb_project / wandb_entity / wandb_run_name / wandb_mode: W&B settings
+            (``online``, ``offline`` or ``disabled``; ``WANDB_MODE`` overrides).
+    """
+
+    loggers: list[Literal["jsonl", "stdout", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    every: int = 1
+    wandb_project: str = "yochameleon"
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    sample_images: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: ``yochameleon train RECIPE.yaml [key.sub=value ...]``."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2

@@ -1,0 +1,165 @@
+"""Records -> token sequences with self-prompting targets, and batches with right padding.
+
+A sequence is ``<s> human <eot> bot <eot>``; the loss covers the bot span and the closing
+``<eot>`` only. With self-prompting the bot span first names its task's token set:
+
+* understanding: ``<u1>…<uM>`` + answer + ``<eot>``
+* generation: the sample's ``<g1>…<gm>`` + ``<boi>`` image ``<eoi>`` + ``<eot>``
+
+Concept token strings and ``<image>`` are turned into ids directly (never through the tokenizer),
+so the result does not depend on how a tokenizer treats reserved entries.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+from yochameleon.backends.base import Backend
+from yochameleon.concept import ConceptTokens
+from yochameleon.errors import DataError
+from yochameleon.prompts import (
+    personalized_prompt,
+    real_generation_request,
+    soft_positive_prompt,
+    substitute_identifier,
+)
+
+IGNORE = -100
+IMAGE = "<image>"
+
+
+@dataclass
+class Sequence:
+    """One training sample as ids. ``labels`` is ``IGNORE`` outside the bot span."""
+
+    input_ids: list[int]
+    labels: list[int]
+    kind: str
+    concept: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_text(backend: Backend, text: str, concepts: list[ConceptTokens],
+                images: list[list[int]] | None = None) -> list[int]:
+    """Ids of ``text``: concept token strings and ``<image>`` become ids directly, the rest is tokenized."""
+    table = {s: i for c in concepts for s, i in zip(c.strings, c.ids, strict=True)}
+    pieces = [re.escape(s) for s in sorted(table, key=len, reverse=True)] + [re.escape(IMAGE)]
+    pattern = re.compile("(" + "|".join(pieces) + ")")
+    images = list(images or [])
+    ids: list[int] = []
+    for part in pattern.split(text):
+        if not part:
+            continue
+        if part == IMAGE:
+            if not images:
+                raise DataError(f"text has more {IMAGE} placeholders than images: {text[:80]!r}")
+            ids += backend.image_span(images.pop(0))
+        elif part in table:
+            ids.append(table[part])
+        else:
+            ids += backend.tokenize(part)
+    if images:
+        raise DataError(f"text has fewer {IMAGE} placeholders than images: {text[:80]!r}")
+    return ids
+
+
+def build_sequence(backend: Backend, record: dict, concept: ConceptTokens, image_ids: list[int] | None,
+                   self_prompting: bool = True) -> Sequence:
+    """Render one manifest record for ``concept`` into ids and labels.
+
+    Args:
+        backend: the base model (tokenizer, special ids, image spans).
+        record: a manifest record (see ``yochameleon.data.manifest``).
+        concept: the placed concept tokens.
+        image_ids: the record's cached VQ ids, or ``None`` for text-only records.
+        self_prompting: prefix targets with the task's token set.
+    """
+    sp = backend.special
+    sks = concept.sks
+    pp = concept.personalized_prompt()
+    kind = record["kind"]
+    if record["task"] == "understanding":
+        question = substitute_identifier(record["question"], sks)
+        if image_ids is not None and IMAGE not in question:
+            question = f"{IMAGE}{question}"
+        human = f"{pp} {question}"
+        images = [image_ids] if image_ids is not None else []
+        prefix = concept.u_ids if self_prompting else []
+        answer = substitute_identifier(record["answer"], sks)
+        bot = prefix + encode_text(backend, answer, [concept])
+    else:
+        if image_ids is None:
+            raise DataError(f"generation record {record.get('id')} has no image")
+        n = int(record.get("n_g") or concept.spec.n_g)
+        g = concept.g_strings[:n]
+        if kind == "generation_soft":
+            human = soft_positive_prompt(sks, g, record.get("prompt_form") or "paper")
+        else:
+            human = f"{pp} {substitute_identifier(real_generation_request(sks), sks)}"
+        images = []
+        prefix = concept.g_ids[:n] if self_prompting else []
+        bot = prefix + backend.image_span(image_ids)
+    human_ids = [sp.bos] + encode_text(backend, human, [concept], images) + [sp.eot]
+    bot = bot + [sp.eot]
+    return Sequence(human_ids + bot, [IGNORE] * len(human_ids) + bot, kind, concept.spec.name)
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors. ``position_ids`` count from 0 on every row; padding is masked."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    kinds: list[str]
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
+                     self.position_ids.to(device), self.kinds)
+
+
+def collate(sequences: list[Sequence], pad_id: int, pad_to: int | None = None) -> Batch:
+    """Right-pad ``sequences`` to the longest (or ``pad_to``) with correct position ids."""
+    width = max(len(s) for s in sequences) if pad_to is None else pad_to
+    n = len(sequences)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        t = len(s)
+        ids[i, :t] = torch.tensor(s.input_ids)
+        labels[i, :t] = torch.tensor(s.labels)
+        mask[i, :t] = 1
+    pos = torch.arange(width).unsqueeze(0).expand(n, -1).contiguous()
+    return Batch(ids, labels, mask, pos, [s.kind for s in sequences])
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
+    """Shuffled batches whose members have similar lengths, so little compute goes to padding.
+
+    Indices are shuffled, cut into mega-batches of ``group * batch_size``, sorted by length inside
+    each, cut into batches, and the batches shuffled. Deterministic for a seed, so a resumed run
+    sees the same order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = group * batch_size
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
+    return math.ceil(math.ceil(n / batch_size) / grad_accum)

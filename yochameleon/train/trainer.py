@@ -1,0 +1,321 @@
+"""The self-prompting trainer: concept rows only, label-only logits, cached image tokens, resume.
+
+Features and the recipe keys that control them:
+
+* self-prompting targets (``method.self_prompting``), per-task loss weights (``method.task_weights``);
+* label-only chunked cross-entropy (``method.logits_chunk``), gradient checkpointing
+  (``method.gradient_checkpointing``), length-grouped right-padded batches;
+* AdamW over the concept rows only (``optim.*``), constant or cosine schedule, gradient
+  accumulation, clipping before the step, bf16/fp16 autocast through accelerate (``mixed_precision``);
+* several concepts in one run on one frozen model (``concept.extra``), batches mix concepts;
+* checkpoint selection every ``eval_every`` steps by weighted recognition + image-token accuracy;
+* atomic checkpoints every ``save_every`` steps, a run lock, ``resume=True`` continues after a kill
+  and gives the same rows as an uninterrupted run; a changed recipe is refused;
+* a non-finite loss stops the run with a message and keeps the last good state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from yochameleon.backends import LoadOptions, load_backend
+from yochameleon.backends.base import Backend
+from yochameleon.concept import ConceptSpec, ConceptTokens, attach, concept_rows, get_bank, save_concept
+from yochameleon.config import to_dict
+from yochameleon.errors import TrainingError
+from yochameleon.train.checkpoint import RunLock, config_hash, diff_configs, load_checkpoint, save_checkpoint
+from yochameleon.train.config import TrainConfig
+from yochameleon.train.loggers import build_logger
+from yochameleon.train.loss import label_only_loss
+from yochameleon.train.sequences import Sequence, build_sequence, collate, length_grouped_batches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    concept_files: dict[str, Path]
+    steps: int
+    losses: list[float]
+    best: dict[str, Any] | None
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Trainer:
+    """Trains one or more concepts on a frozen backend. See the module docstring for features.
+
+    Args:
+        config: the validated recipe.
+        backend: an already-loaded backend (tests and multi-stage jobs reuse one); loaded from
+            ``config.model`` when ``None``.
+        accelerator: an ``accelerate.Accelerator``; one is created when ``None``.
+    """
+
+    def __init__(self, config: TrainConfig, backend: Backend | None = None, accelerator=None) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = config
+        self.run_dir = Path(config.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, cpu=resolve_device(config.model.device) == "cpu",
+        )
+        self.is_main = self.accelerator.is_main_process
+        if backend is None:
+            device = str(self.accelerator.device)
+            backend = load_backend(config.model.name_or_path, LoadOptions(
+                dtype=config.model.dtype, quantization=config.model.quantization, device=device))
+        self.backend = backend
+        self.concepts: dict[str, ConceptTokens] = {}
+        self.sequences: list[Sequence] = []
+        self.eval_sets: dict[str, Any] = {}
+        self.step = 0
+        self.losses: list[float] = []
+        self.best: dict[str, Any] | None = None
+
+    # ----- set-up -----------------------------------------------------------------------------
+    def _concept_entries(self) -> list[dict[str, str]]:
+        c = self.cfg.concept
+        first = {"name": c.name, "concept_dir": c.concept_dir, "data_dir": c.data_dir}
+        return [first, *c.extra]
+
+    def setup(self, records: dict[str, list[dict]] | None = None, image_ids: Any = None) -> None:
+        """Attach concepts and build their sequences.
+
+        Args:
+            records: ``{concept: [manifest records]}``; read/prepared from the data dirs when ``None``.
+            image_ids: a callable ``(data_dir, record) -> list[int] | None`` returning cached VQ ids;
+                by default the token cache of each concept's data dir.
+        """
+        from yochameleon.data.pipeline import load_training_data
+
+        torch.manual_seed(self.cfg.seed)
+        c = self.cfg.concept
+        for entry in self._concept_entries():
+            spec = ConceptSpec(entry["name"], c.n_g, c.n_u, c.shared)
+            self.concepts[spec.name] = attach(self.backend, spec)
+        for entry in self._concept_entries():
+            tokens = self.concepts[entry["name"]]
+            if records is not None:
+                recs, lookup = records[entry["name"]], image_ids
+            else:
+                data_dir = entry.get("data_dir") or str(self.run_dir / "data" / entry["name"])
+                recs, lookup = load_training_data(self.backend, entry, data_dir, self.cfg)
+            kinds = set(self.cfg.data.tasks)
+            for rec in recs:
+                if rec["kind"] not in kinds:
+                    continue
+                ids = lookup(rec) if rec.get("image") else None
+                self.sequences.append(build_sequence(self.backend, rec, tokens, ids, self.cfg.method.self_prompting))
+        if not self.sequences:
+            raise TrainingError("no training sequences: check data.tasks and the concept data")
+        if self.cfg.method.gradient_checkpointing:
+            self.backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.backend.model.train()  # HF only checkpoints in train mode; the model has no dropout
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return get_bank(self.backend).parameters()
+
+    def _lr_lambda(self, total: int):
+        o = self.cfg.optim
+
+        def fn(step: int) -> float:
+            warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+            if o.schedule == "cosine":
+                progress = min(1.0, step / max(1, total))
+                return warm * 0.5 * (1 + math.cos(math.pi * progress))
+            return warm
+
+        return fn
+
+    # ----- state ------------------------------------------------------------------------------
+    def _state_tensors(self, optimizer) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in self.concepts:
+            rows = concept_rows(self.backend, name)
+            tensors[f"{name}/embed"] = rows["embed"]
+            tensors[f"{name}/head"] = rows["head"]
+        for i, p in enumerate(self._params()):
+            st = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    tensors[f"optim/{i}/{key}"] = st[key]
+            if "step" in st:
+                tensors[f"optim/{i}/step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+        return tensors
+
+    def _restore(self, tensors: dict[str, torch.Tensor], optimizer) -> None:
+        bank = get_bank(self.backend)
+        with torch.no_grad():
+            for name in self.concepts:
+                bank.embedding.rows[name].copy_(tensors[f"{name}/embed"])
+                bank.head.rows[name].copy_(tensors[f"{name}/head"])
+        for i, p in enumerate(self._params()):
+            if f"optim/{i}/exp_avg" in tensors:
+                optimizer.state[p] = {
+                    "step": tensors[f"optim/{i}/step"].reshape(()).clone(),
+                    "exp_avg": tensors[f"optim/{i}/exp_avg"].to(p.device).clone(),
+                    "exp_avg_sq": tensors[f"optim/{i}/exp_avg_sq"].to(p.device).clone(),
+                }
+
+    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
+        resolved = to_dict(self.cfg)
+        meta_path = self.run_dir / "run.json"
+        ckpt = load_checkpoint(self.run_dir) if resume else None
+        if resume and meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            if old["config_hash"] != config_hash(resolved):
+                changes = diff_configs({k: v for k, v in old["config"].items() if k != "logging"},
+                                       {k: v for k, v in resolved.items() if k != "logging"})
+                raise TrainingError("cannot resume: the recipe changed since this run started:\n  "
+                                    + "\n  ".join(changes[:10]))
+        elif not resume and (self.run_dir / "checkpoints" / "latest").exists():
+            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                                "another output_dir")
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            meta_path.write_text(json.dumps({"config_hash": config_hash(resolved), "config": resolved}, indent=2))
+        return ckpt
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> TrainResult:
+        """Run (or resume) training and write the concept files to ``RUN/concepts/``."""
+        from tqdm.auto import tqdm
+
+        cfg, o = self.cfg, self.cfg.optim
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir).acquire() if self.is_main else None
+        try:
+            ckpt = self._prepare_run_dir(resume)
+            params = self._params()
+            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+            lengths = [len(s) for s in self.sequences]
+            world, rank = self.accelerator.num_processes, self.accelerator.process_index
+            per_epoch = math.ceil(len(self.sequences) / (o.batch_size * world))
+            steps_per_epoch = math.ceil(per_epoch / o.grad_accum)
+            total = steps_per_epoch * o.epochs
+            if o.max_steps is not None:
+                total = min(total, o.max_steps)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
+            if ckpt is not None:
+                tensors, state = ckpt
+                self._restore(tensors, optimizer)
+                self.step = state["step"]
+                self.losses = state.get("losses", [])
+                self.best = state.get("best")
+                for _ in range(self.step):
+                    scheduler.step()
+                logger.info("resumed %s at step %d", self.run_dir, self.step)
+            log = build_logger(cfg.logging, self.run_dir, self.is_main)
+            log.log_config(to_dict(cfg))
+            bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.is_main)
+            task_weights = cfg.method.task_weights
+            device = self.backend.device
+            t_last = time.perf_counter()
+            while self.step < total:
+                epoch = self.step // steps_per_epoch
+                batches = length_grouped_batches(lengths, o.batch_size * world, cfg.seed + epoch)
+                # This rank's share of every global batch (DDP-style sharding).
+                batches = [b[rank::world] for b in batches if b[rank::world]]
+                start = (self.step - epoch * steps_per_epoch) * o.grad_accum
+                groups = [batches[i : i + o.grad_accum] for i in range(start, len(batches), o.grad_accum)]
+                for group in groups:
+                    if self.step >= total:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss, kinds_loss = 0.0, {}
+                    n_tokens = 0
+                    for idx in group:
+                        batch = collate([self.sequences[i] for i in idx], self.backend.special.pad).to(device)
+                        with self.accelerator.autocast():
+                            loss, per_kind = label_only_loss(self.backend, batch, task_weights, cfg.method.logits_chunk)
+                        if not torch.isfinite(loss):
+                            self._stop_non_finite(optimizer, loss, log)
+                        (loss / len(group)).backward()
+                        step_loss += float(loss) / len(group)
+                        kinds_loss.update(per_kind)
+                        n_tokens += int(batch.attention_mask.sum())
+                    if world > 1:
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
+                    optimizer.step()
+                    scheduler.step()
+                    self.step += 1
+                    self.losses.append(step_loss)
+                    now = time.perf_counter()
+                    metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                               "epoch": epoch, "tokens": n_tokens, "sec_per_step": now - t_last,
+                               **{f"loss_{k}": v for k, v in kinds_loss.items()}}
+                    t_last = now
+                    bar.update(1)
+                    bar.set_postfix_str(f"ep {epoch} loss {step_loss:.4f} lr {metrics['lr']:.1e}")
+                    if self.step % cfg.logging.every == 0:
+                        log.log(metrics, self.step)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._evaluate(optimizer, log)
+                    if self.is_main and (self.step % cfg.save_every == 0 or self.step == total):
+                        self._save(optimizer)
+            bar.close()
+            files = self._write_concepts() if self.is_main else {}
+            log.close()
+            return TrainResult(self.run_dir, files, self.step, self.losses, self.best)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _save(self, optimizer, tag: str | None = None) -> Path:
+        state = {"losses": self.losses, "best": self.best, "concepts": list(self.concepts)}
+        return save_checkpoint(self.run_dir, self.step, self._state_tensors(optimizer), state,
+                               keep=self.cfg.keep_checkpoints, tag=tag)
+
+    def _stop_non_finite(self, optimizer, loss: torch.Tensor, log) -> None:
+        # The rows have not been touched by this step yet, so they are the last good state.
+        path = self._save(optimizer, tag="last_good") if self.is_main else None
+        log.log({"non_finite_loss": float(loss)}, self.step)
+        log.close()
+        raise TrainingError(f"loss became {float(loss)} at step {self.step + 1}; stopped. The last good rows are "
+                            f"saved in {path}. Lower optim.lr or check the data.")
+
+    def _evaluate(self, optimizer, log) -> None:
+        from yochameleon.train.selection import selection_score
+
+        scores = selection_score(self, self.eval_sets)
+        log.log({f"eval_{k}": v for k, v in scores.items()}, self.step)
+        if self.best is None or scores["score"] > self.best["score"]:
+            self.best = {"step": self.step, **scores}
+            if self.is_main:
+                self._save(optimizer, tag="best")
+
+    def _write_concepts(self) -> dict[str, Path]:
+        out = self.run_dir / "concepts"
+        files = {}
+        best = load_checkpoint(self.run_dir, "best") if self.best is not None else None
+        if best is not None:
+            tensors, _ = best
+            bank = get_bank(self.backend)
+            with torch.no_grad():
+                for name in self.concepts:
+                    bank.embedding.rows[name].copy_(tensors[f"{name}/embed"])
+                    bank.head.rows[name].copy_(tensors[f"{name}/head"])
+        for name in self.concepts:
+            st, _ = save_concept(self.backend, name, out / name, training_config=to_dict(self.cfg))
+            files[name] = st
+        return files
