@@ -149,7 +149,7 @@ def _bnb_config(options: LoadOptions):
 
 def _load_decoder(name_or_path: str, model):
     """Our VQ decoder with weights from the checkpoint's shards, or ``None`` when it has none."""
-    from yochameleon.backends.chameleon_vq import ChameleonVQDecoder, load_vq_decoder_state
+    from yochameleon.backends.chameleon_vq import attach_vq_decoder
 
     path = Path(name_or_path)
     if not path.is_dir():
@@ -161,12 +161,7 @@ def _load_decoder(name_or_path: str, model):
             logger.warning("no VQ decoder for %s (%s); image decoding is unavailable", name_or_path, exc)
             return None
     try:
-        state = load_vq_decoder_state(path)
+        return attach_vq_decoder(model.model.vqmodel, path)
     except BackendError as exc:
         logger.warning("%s; image decoding is unavailable", exc)
         return None
-    vq = model.model.vqmodel
-    decoder = ChameleonVQDecoder(model.config.vq_config)
-    decoder.load_state_dict(state)
-    ref = vq.quantize.embedding.weight
-    return decoder.to(ref.device, ref.dtype).eval().requires_grad_(False)
