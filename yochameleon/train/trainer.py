@@ -103,8 +103,6 @@ class Trainer:
             image_ids: a callable ``(data_dir, record) -> list[int] | None`` returning cached VQ ids;
                 by default the token cache of each concept's data dir.
         """
-        from yochameleon.data.pipeline import load_training_data
-
         torch.manual_seed(self.cfg.seed)
         c = self.cfg.concept
         for entry in self._concept_entries():
@@ -115,6 +113,8 @@ class Trainer:
             if records is not None:
                 recs, lookup = records[entry["name"]], image_ids
             else:
+                from yochameleon.data.pipeline import load_training_data
+
                 data_dir = entry.get("data_dir") or str(self.run_dir / "data" / entry["name"])
                 recs, lookup = load_training_data(self.backend, entry, data_dir, self.cfg)
             kinds = set(self.cfg.data.tasks)
@@ -219,8 +219,10 @@ class Trainer:
                 self.step = state["step"]
                 self.losses = state.get("losses", [])
                 self.best = state.get("best")
-                for _ in range(self.step):
-                    scheduler.step()
+                # Put the schedule where it was without replaying steps (no optimizer.step() ran).
+                scheduler.last_epoch = self.step
+                for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                    group["lr"] = base * scheduler.lr_lambdas[0](self.step)
                 logger.info("resumed %s at step %d", self.run_dir, self.step)
             log = build_logger(cfg.logging, self.run_dir, self.is_main)
             log.log_config(to_dict(cfg))
