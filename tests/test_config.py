@@ -1,0 +1,77 @@
+"""Typed configs: YAML recipes, dotted overrides, validation, and every shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from yochameleon.config import load_config, parse_override
+from yochameleon.errors import ConfigError
+from yochameleon.train.config import TrainConfig
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads_validates_and_documents_itself(recipe):
+    cfg = load_config(TrainConfig, recipe)
+    assert isinstance(cfg, TrainConfig)
+    header = recipe.read_text().splitlines()
+    assert header[0].startswith("#"), "recipes open with a comment header"
+    assert any("yochameleon " in line for line in header if line.startswith("#")), "header gives the command"
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"yochameleon-anole7b.yaml", "yollava-anole7b.yaml", "tiny-cpu.yaml"} <= names
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(TrainConfig, RECIPES[0], ["optim.lr=1e-4", "concept.n_g=8", "method.self_prompting=false",
+                                                 "data.tasks=[recognition, text_qa]", "model.quantization=4bit"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.concept.n_g == 8 and cfg.method.self_prompting is False
+    assert cfg.data.tasks == ["recognition", "text_qa"] and cfg.model.quantization == "4bit"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lrr=1e-3", "did you mean 'lr'"),
+    ("optm.lr=1e-3", "did you mean 'optim'"),
+    ("concept.n_g=many", "expected an integer"),
+    ("method.self_prompting=maybe", "expected true/false"),
+    ("data.soft_prompt_form=poem", "not one of"),
+    ("data.tasks=[dancing]", "subset of"),
+    ("optim.lr=-1", "positive"),
+    ("--lr=3", "key.sub=value"),
+])
+def test_bad_overrides_fail_clearly(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, None, [override])
+
+
+def test_unknown_yaml_key_names_nearest(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optim:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_config(TrainConfig, p)
+
+
+def test_missing_and_invalid_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, bad)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="n_u=0"):
+        load_config(TrainConfig, None, ["concept.shared=true", "concept.n_u=4"])
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=1e-3") == (["a", "b"], 1e-3)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a=null") == (["a"], None)
