@@ -206,3 +206,22 @@ def test_resume_in_process_matches_uninterrupted(backend, image_lookup, tmp_path
     rest.train(resume=True)
     got = concept_rows(backend, "cat")
     assert torch.equal(want["embed"], got["embed"]) and torch.equal(want["head"], got["head"])
+
+
+def test_selection_keeps_best_checkpoint(backend, image_lookup, tmp_path):
+    recs = _records(2)
+    cfg = _config(tmp_path, **{"optim.epochs": 3, "eval_every": 2, "save_every": 100})
+    trainer = Trainer(cfg, backend=backend)
+    trainer.setup(records={"cat": recs}, image_ids=image_lookup)
+    assert len(trainer.eval_sets["cat"].positives) == 2 and len(trainer.eval_sets["cat"].negatives) == 2
+    result = trainer.train()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [__import__("json").loads(x) for x in lines if "eval_score" in x]
+    assert evals and result.best["score"] == max(e["eval_score"] for e in evals)
+    best, state = load_checkpoint(tmp_path / "run", "best")
+    assert state["step"] == result.best["step"]
+    # The written concept file holds the best rows, not the last ones.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(result.concept_files["cat"]))
+    assert torch.equal(saved["embed"], best["cat/embed"])

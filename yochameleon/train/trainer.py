@@ -117,6 +117,8 @@ class Trainer:
 
                 data_dir = entry.get("data_dir") or str(self.run_dir / "data" / entry["name"])
                 recs, lookup = load_training_data(self.backend, entry, data_dir, self.cfg)
+            if self.cfg.eval_every:
+                self.eval_sets[entry["name"]] = self._eval_set(recs, lookup)
             kinds = set(self.cfg.data.tasks)
             for rec in recs:
                 if rec["kind"] not in kinds:
@@ -128,6 +130,26 @@ class Trainer:
         if self.cfg.method.gradient_checkpointing:
             self.backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.backend.model.train()  # HF only checkpoints in train mode; the model has no dropout
+
+    def _eval_set(self, records: list[dict], lookup):
+        from yochameleon.train.selection import EvalSet, eval_set_from_records
+
+        eval_dir = self.cfg.data.eval_dir
+        if not eval_dir:
+            return eval_set_from_records(records, lookup)
+        from PIL import Image
+
+        def encode(folder: Path) -> list[list[int]]:
+            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            if not files:
+                return []
+            return self.backend.encode_images([Image.open(f).convert("RGB") for f in files]).tolist()
+
+        root = Path(eval_dir)
+        es = EvalSet(encode(root / "photos"), encode(root / "negatives"))
+        if not es:
+            raise TrainingError(f"data.eval_dir {root} has no photos/ to select checkpoints on")
+        return es
 
     def _params(self) -> list[torch.nn.Parameter]:
         return get_bank(self.backend).parameters()
