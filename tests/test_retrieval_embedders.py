@@ -91,7 +91,11 @@ def test_load_image_rgb_converts_awkward_modes(tmp_path: Path):
     assert load_image_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)  # onto white, not black
 
     wide = np.linspace(0, 60000, 64, dtype=np.uint16).reshape(8, 8)
-    sixteen = Image.fromarray(wide).convert("I;16") if Image.fromarray(wide).mode != "I;16" else Image.fromarray(wide)
+    sixteen = (
+        Image.fromarray(wide).convert("I;16")
+        if Image.fromarray(wide).mode != "I;16"
+        else Image.fromarray(wide)
+    )
     sixteen.save(tmp_path / "deep.png")
     rgb = np.asarray(load_image_rgb(tmp_path / "deep.png"))
     assert rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() == 255  # rescaled, not clipped
@@ -147,7 +151,9 @@ def test_open_clip_weights_file_reproduces_the_saved_model(tiny_clip, tiny_confi
 
     weights = tmp_path / "tiny.pt"
     torch.save(tiny_clip._net.state_dict(), weights)
-    loaded = OpenClipEmbedder(model="yochameleon-tiny-clip", model_config=tiny_config, weights=weights, seed=99)
+    loaded = OpenClipEmbedder(
+        model="yochameleon-tiny-clip", model_config=tiny_config, weights=weights, seed=99
+    )
     images = [_pattern(i) for i in range(3)]
     np.testing.assert_array_equal(
         loaded.embed_images(images, progress=False), tiny_clip.embed_images(images, progress=False)
@@ -190,6 +196,8 @@ def test_open_clip_refuses_missing_or_conflicting_weight_sources(tiny_config: Pa
         OpenClipEmbedder(model="hf-hub:org/repo", pretrained="openai")
     with pytest.raises(ConfigError, match="unknown open_clip model"):
         OpenClipEmbedder(model="NoSuchNet-99", random_weights=True)
+    with pytest.raises(ConfigError, match="registers model 'yochameleon-tiny-clip'"):
+        OpenClipEmbedder(model="ViT-B-32", model_config=tiny_config, random_weights=True)
     with pytest.raises(ConfigError, match="needs a model"):
         OpenClipEmbedder(random_weights=True)
     with pytest.raises(ConfigError, match="batch_size"):

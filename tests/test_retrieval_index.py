@@ -162,6 +162,15 @@ def test_interrupted_build_resumes_without_re_embedding(pool: Path, tmp_path: Pa
     assert len(build_index(pool, out, once_more, progress=False)) == 25
     assert once_more.embedded == 1
 
+    # Renamed or duplicated files are recognised by content and not embedded again either.
+    (pool / "new.png").rename(pool / "renamed.png")
+    (pool / "copy.png").write_bytes((pool / "renamed.png").read_bytes())
+    by_content = CountingEmbedder(TestEmbedder(dim=32))
+    index = build_index(pool, out, by_content, progress=False)
+    assert by_content.embedded == 0 and len(index) == 26
+    assert {"renamed.png", "copy.png"} <= {e.path for e in index.entries}
+    assert "new.png" not in {e.path for e in index.entries}
+
 
 def test_add_embeds_only_new_images_and_replaces_changed_ones(pool: Path, tmp_path: Path):
     base = TestEmbedder(dim=32)
@@ -185,7 +194,9 @@ def test_add_embeds_only_new_images_and_replaces_changed_ones(pool: Path, tmp_pa
     index.add([new_paths[1]], counting, progress=False)
     assert counting.embedded == 1 and len(index) == 27
     scores, ids = index.search_with(base, images=[new_paths[1]], k=1)
-    assert index.path_of(int(ids[0, 0])) == new_paths[1].resolve() and scores[0, 0] == pytest.approx(1, abs=1e-5)
+    assert index.path_of(int(ids[0, 0])) == new_paths[1].resolve() and scores[0, 0] == pytest.approx(
+        1, abs=1e-5
+    )
 
     outside = tmp_path / "elsewhere.png"
     _pattern(5).save(outside)
@@ -253,7 +264,12 @@ def test_empty_pool_gives_an_empty_searchable_index(tmp_path: Path):
     assert scores.shape == (1, 0) and ids.shape == (1, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert build_index(tmp_path / "pool", tmp_path / "ivf", TestEmbedder(dim=8), kind="ivf", progress=False).kind == "flat"
+        assert (
+            build_index(
+                tmp_path / "pool", tmp_path / "ivf", TestEmbedder(dim=8), kind="ivf", progress=False
+            ).kind
+            == "flat"
+        )
     assert any("empty pool" in str(w.message) for w in caught)
 
 
@@ -272,7 +288,9 @@ def test_bad_options_and_missing_index_are_clear_errors(pool: Path, tmp_path: Pa
     (tmp_path / "odd" / "meta.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DataError, match="not a version"):
         load_index(tmp_path / "odd")
-    memory_only = ImageIndex.from_vectors(np.eye(3), ["a.png", "b.png", "c.png"], pool, TestEmbedder(dim=3).identity)
+    memory_only = ImageIndex.from_vectors(
+        np.eye(3), ["a.png", "b.png", "c.png"], pool, TestEmbedder(dim=3).identity
+    )
     with pytest.raises(ConfigError, match="in memory"):
         memory_only.add([pool / "part0" / "img_0000.png"], TestEmbedder(dim=3))
     with pytest.raises(ConfigError, match="paths"):

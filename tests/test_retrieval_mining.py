@@ -24,7 +24,9 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _pool_index(count: int, dim: int = 16, seed: int = 0, tmp_root: str = "/pool") -> tuple[ImageIndex, np.ndarray]:
+def _pool_index(
+    count: int, dim: int = 16, seed: int = 0, tmp_root: str = "/pool"
+) -> tuple[ImageIndex, np.ndarray]:
     vectors = _unit(np.random.default_rng(seed).standard_normal((count, dim)))
     paths = [f"img_{i:05d}.png" for i in range(count)]
     hashes = [f"hash{i}" for i in range(count)]
@@ -158,7 +160,10 @@ def test_hard_negatives_are_nearest_first_and_skip_excluded_hashes_and_paths():
     assert [m.score for m in mined] == sorted((m.score for m in mined), reverse=True)
 
     # Excluding many of the nearest (as hashes and as paths) forces the search to look further.
-    exclude = [f"hash{i}" for i in order[:30]] + [f"img_{order[30]:05d}.png", f"/pool/img_{order[31]:05d}.png"]
+    exclude = [f"hash{i}" for i in order[:30]] + [
+        f"img_{order[30]:05d}.png",
+        f"/pool/img_{order[31]:05d}.png",
+    ]
     mined = hard_negatives(index, query, k=10, exclude=exclude)
     assert [m.index_id for m in mined] == order[32:42].tolist()
 
