@@ -51,7 +51,7 @@ class TextConstraint(SpanConstraint):
     def __init__(self, special: SpecialIds, vocab_size: int, banned: list[int] | None = None,
                  stop_ids: tuple[int, ...] | None = None) -> None:
         mask = torch.ones(vocab_size, dtype=torch.bool)
-        mask[list(special.image_token_ids)] = False
+        mask[list(special.image_token_ids) + list(special.extra_image_ids)] = False
         mask[[special.boi, special.eoi, special.pad, special.bos]] = False
         if banned:
             mask[banned] = False

@@ -10,6 +10,8 @@ from yochameleon.errors import BackendError
 # model_type in config.json -> (module, class). Imported lazily so one family's deps never block another.
 FAMILIES = {
     "chameleon": ("yochameleon.backends.chameleon", "ChameleonBackend"),
+    "emu3": ("yochameleon.backends.emu3", "Emu3Backend"),
+    "janus": ("yochameleon.backends.janus", "JanusBackend"),
 }
 
 

@@ -161,6 +161,25 @@ class Backend:
 
         return ImageSpanConstraint(self.special, self.image_seq_len)
 
+    def image_side_data(self, image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors besides the ids that this family needs to read these images again later.
+
+        Families that read images as VQ ids need nothing (the default, ``{}``). Janus reads images
+        it is shown through a vision encoder, so it returns the preprocessed pixels of images that
+        :meth:`encode_images` produced ``image_ids`` ``[B, image_seq_len]`` for. A token cache stores
+        these tensors next to the ids and hands them back through :meth:`restore_image_side_data`.
+        """
+        return {}
+
+    def restore_image_side_data(self, image_ids: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
+        """Give back cached :meth:`image_side_data` for ``image_ids`` (e.g. after reading a token cache).
+
+        Raises:
+            BackendError: ``data`` is not empty but this family keeps no side data.
+        """
+        if data:
+            raise BackendError(f"the {self.family} backend keeps no image side data, got {sorted(data)}")
+
     # ----- the transformer --------------------------------------------------------------------
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

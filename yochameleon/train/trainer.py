@@ -272,7 +272,7 @@ class Trainer:
                         if not torch.isfinite(loss):
                             self._stop_non_finite(optimizer, loss, log)
                         (loss / len(group)).backward()
-                        step_loss += float(loss) / len(group)
+                        step_loss += loss.item() / len(group)
                         kinds_loss.update(per_kind)
                         n_tokens += int(batch.attention_mask.sum())
                     if world > 1:
