@@ -7,14 +7,25 @@ import logging
 import sys
 from pathlib import Path
 
-from yochameleon.errors import YoChameleonError
+from yochameleon.errors import ConfigError, YoChameleonError
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> None:
-    from yochameleon.backends.tiny import make_tiny
+    if args.family == "chameleon":
+        from yochameleon.backends.tiny import make_tiny
 
-    out = make_tiny(args.out_dir, size=args.size, seed=args.seed)
-    print(f"wrote a random-init {args.size} model to {out}")
+        out = make_tiny(args.out_dir, size=args.size, seed=args.seed)
+    elif args.size != "tiny":
+        raise ConfigError(f"--size {args.size} exists for the chameleon family only")
+    elif args.family == "emu3":
+        from yochameleon.backends.tiny_emu3 import make_tiny_emu3
+
+        out = make_tiny_emu3(args.out_dir, seed=args.seed)
+    else:
+        from yochameleon.backends.tiny_janus import make_tiny_janus
+
+        out = make_tiny_janus(args.out_dir, seed=args.seed)
+    print(f"wrote a random-init {args.size} {args.family} model to {out}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -62,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write a random-init tiny Chameleon-class model (no downloads)")
     p.add_argument("out_dir")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--family", default="chameleon", choices=["chameleon", "emu3", "janus"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
 
