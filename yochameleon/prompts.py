@@ -1,0 +1,136 @@
+"""Every template string of yochameleon, and the functions that render them with real tokens.
+
+In record text the concept identifier is the literal placeholder ``<sks>`` and an image position is
+the literal ``<image>``; :func:`substitute_identifier` swaps in a concept's real token string.
+"""
+
+from __future__ import annotations
+
+SKS = "<sks>"
+IMAGE = "<image>"
+
+RECOGNITION_QUESTIONS = [
+    "Is <sks> in this photo?",
+    "Can you see <sks> in this image?",
+    "Does this picture show <sks>?",
+    "Is <sks> visible here?",
+    "Do you spot <sks> anywhere in this photo?",
+    "Is this a photo of <sks>?",
+    "Does <sks> appear in this image?",
+    "Is <sks> present in the picture?",
+    "Look at the photo: is <sks> there?",
+    "Can <sks> be found in this scene?",
+    "Would you say <sks> is in this image?",
+    "Is there <sks> in this picture?",
+    "Does the image contain <sks>?",
+    "Is <sks> shown in this photo?",
+    "Have a look: do you see <sks>?",
+    "Is <sks> one of the things in this image?",
+    "Tell me whether <sks> is in this photo.",
+    "Is the object in this picture <sks>?",
+    "Am I looking at <sks> here?",
+    "Does this scene include <sks>?",
+    "Can you find <sks> in this photograph?",
+    "Is <sks> pictured here?",
+]
+
+POSITIVE_ANSWERS = [
+    "Yes, <sks> is in this photo.",
+    "Yes, I can see <sks> in this image.",
+    "Yes, this picture shows <sks>.",
+    "Yes, <sks> is visible here.",
+    "Yes, I spot <sks> in the photo.",
+    "Yes, this is a photo of <sks>.",
+    "Yes, <sks> appears in this image.",
+    "Yes, <sks> is present in the picture.",
+    "Yes, <sks> is there.",
+    "Yes, <sks> can be found in this scene.",
+    "Yes, I would say <sks> is in this image.",
+    "Yes, there is <sks> in this picture.",
+    "Yes, the image contains <sks>.",
+    "Yes, <sks> is shown in this photo.",
+    "Yes, I see <sks>.",
+    "Yes, <sks> is one of the things in this image.",
+    "Yes, <sks> is in the photo.",
+    "Yes, the object in this picture is <sks>.",
+    "Yes, you are looking at <sks>.",
+    "Yes, this scene includes <sks>.",
+    "Yes, <sks> is in this photograph.",
+    "Yes, <sks> is pictured here.",
+]
+
+NEGATIVE_ANSWERS = [
+    "No, <sks> is not in this photo.",
+    "No, I cannot see <sks> in this image.",
+    "No, this picture does not show <sks>.",
+    "No, <sks> is not visible here.",
+    "No, I do not spot <sks> in the photo.",
+    "No, this is not a photo of <sks>.",
+    "No, <sks> does not appear in this image.",
+    "No, <sks> is not present in the picture.",
+    "No, <sks> is not there.",
+    "No, <sks> cannot be found in this scene.",
+    "No, I would not say <sks> is in this image.",
+    "No, there is no <sks> in this picture.",
+    "No, the image does not contain <sks>.",
+    "No, <sks> is not shown in this photo.",
+    "No, I do not see <sks>.",
+    "No, <sks> is not one of the things in this image.",
+    "No, <sks> is not in the photo.",
+    "No, the object in this picture is not <sks>.",
+    "No, you are not looking at <sks>.",
+    "No, this scene does not include <sks>.",
+    "No, <sks> is not in this photograph.",
+    "No, <sks> is not pictured here.",
+]
+
+CAPTION_REQUEST = "Describe this photo."
+GENERATION_REQUEST = "A photo of <sks>."
+
+# Attribute questions the default text-QA answerer asks about each photo.
+ATTRIBUTE_QUESTIONS = [
+    "What kind of thing is <sks>?",
+    "What is the main colour of <sks>?",
+    "What shape is <sks>?",
+    "What pattern does <sks> have?",
+    "How big is <sks>?",
+]
+
+
+def recognition_question(i: int) -> str:
+    """The ``i``-th recognition question (cycled), with ``<sks>`` as the identifier."""
+    return RECOGNITION_QUESTIONS[i % len(RECOGNITION_QUESTIONS)]
+
+
+def recognition_answer(i: int, positive: bool) -> str:
+    """The ``i``-th "Yes, …" / "No, …" answer (cycled)."""
+    pool = POSITIVE_ANSWERS if positive else NEGATIVE_ANSWERS
+    return pool[i % len(pool)]
+
+
+def personalized_prompt(sks: str, g_tokens: list[str], u_tokens: list[str]) -> str:
+    """``<sks> is <g1>…<gN><u1>…<uM>.``: prepended to every prompt about the concept."""
+    return f"{sks} is {''.join(list(g_tokens) + list(u_tokens))}."
+
+
+def soft_positive_prompt(sks: str, g_prefix: list[str], form: str = "paper") -> str:
+    """The prompt of a soft positive described by the first ``m`` g-tokens.
+
+    ``paper``: ``<sks> is <g1..gm>. A photo of <sks>.`` (the paper's figure); ``code``:
+    ``A photo of <g1..gm>.`` (the original code's default).
+    """
+    if form == "paper":
+        return f"{sks} is {''.join(g_prefix)}. A photo of {sks}."
+    if form == "code":
+        return f"A photo of {''.join(g_prefix)}."
+    raise ValueError(f"soft prompt form must be 'paper' or 'code', got {form!r}")
+
+
+def real_generation_request(sks: str) -> str:
+    """The request paired with a real photo: ``A photo of <sks>.``."""
+    return GENERATION_REQUEST.replace(SKS, sks)
+
+
+def substitute_identifier(text: str, sks_token: str) -> str:
+    """Replace the ``<sks>`` placeholder with a concept's real token string."""
+    return text.replace(SKS, sks_token)
