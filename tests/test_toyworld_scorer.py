@@ -1,0 +1,201 @@
+"""Tests for the toy-world attribute/mark scorer."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from yochameleon.errors import YoChameleonError
+from yochameleon.eval.toyworld.scorer import (
+    Scorer,
+    ScorerConfig,
+    ScorerError,
+    evaluate_scorer,
+    train_scorer,
+)
+from yochameleon.eval.toyworld.world import Identity, Mark, ToyWorld, WorldConfig
+
+REDUCED = ScorerConfig(batch_size=48, width=12, hidden=128)
+
+
+@pytest.fixture(scope="module")
+def world() -> ToyWorld:
+    return ToyWorld(0, WorldConfig(n_pretrain=0))
+
+
+@pytest.fixture(scope="module")
+def reduced(world):
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    # One thread is much faster than two on a busy 2-core machine.
+    scorer = train_scorer(seed=0, steps=150, config=REDUCED, world=world, progress=False, num_threads=1)
+    assert torch.get_num_threads() == threads  # restored
+    return scorer, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def heldout_photos(world):
+    rng = np.random.default_rng(11)
+    identities = [i for i in world.splits["heldout"] for _ in range(4)]
+    return [world.render(i, rng, distractors=int(rng.integers(0, 3))) for i in identities], identities
+
+
+def test_reduced_scorer_learns_quickly(reduced, heldout_photos):
+    scorer, seconds = reduced
+    photos, identities = heldout_photos
+    assert seconds < 60  # about 20 s on an idle machine; the bound leaves room for a busy one
+    per_image = [
+        {"shape": i.shape, "colour": i.colour, "pattern": i.pattern, "size": i.size} for i in identities
+    ]
+    accuracy = scorer.attribute_accuracy(photos, per_image)
+    colour = scorer.attribute_accuracy(photos, [{"colour": i.colour} for i in identities])
+    size = scorer.attribute_accuracy(photos, [{"size": i.size} for i in identities])
+    # Chance: 1/6 shape, 1/8 colour, 1/4 pattern, 1/3 size (mean about 0.22).
+    assert accuracy > 0.5 and colour > 0.6 and size > 0.6
+    assert scorer.meta["steps"] == 150 and scorer.meta["seed"] == 0
+
+
+def test_predict_shapes_and_identities(reduced, heldout_photos):
+    scorer, _ = reduced
+    photos, _ = heldout_photos
+    preds = scorer.predict(photos[:5])
+    assert len(preds) == 5
+    assert set(preds[0]) == {"shape", "colour", "pattern", "size", "marks"}
+    assert all(isinstance(cell, tuple) and len(cell) == 2 for p in preds for cell in p["marks"])
+    # Arrays and (resized) larger images give the same answers as PIL photos.
+    arrays = np.stack([np.asarray(p) for p in photos[:5]])
+    assert scorer.predict(arrays) == preds
+    big = [p.resize((64, 64), Image.NEAREST) for p in photos[:5]]
+    assert [p["colour"] for p in scorer.predict(big)] == [p["colour"] for p in preds]
+    assert scorer.predict([]) == []
+
+
+def test_identity_correct_requires_every_head(reduced, heldout_photos):
+    scorer, _ = reduced
+    photos, _ = heldout_photos
+    pred = scorer.predict(photos[:1])[0]
+    marks = tuple(Mark(r, c, colour) for (r, c), colour in pred["marks"].items()) or (Mark(0, 0, "white"),)
+    if len(marks) > 2:
+        pytest.skip("reduced scorer predicted more than two marks on this photo")
+    exact = Identity(pred["shape"], pred["colour"], pred["pattern"], pred["size"], marks)
+    if pred["marks"]:
+        assert scorer.identity_correct(photos[:1], exact) == [True]
+    other_colour = "blue" if exact.colour != "blue" else "red"
+    wrong = Identity(exact.shape, other_colour, exact.pattern, exact.size, exact.marks)
+    assert scorer.identity_correct(photos[:1], wrong) == [False]
+    moved = Identity(
+        exact.shape, exact.colour, exact.pattern, exact.size, exact.marks + (Mark(9, 9, "white"),)
+    )
+    assert scorer.identity_correct(photos[:1], moved) == [False]
+
+
+def test_save_load_round_trip(tmp_path, reduced, heldout_photos):
+    scorer, _ = reduced
+    photos, _ = heldout_photos
+    weights, meta = scorer.save(tmp_path / "scorer")
+    assert weights.name == "scorer.safetensors" and meta.name == "scorer.json"
+    loaded = Scorer.load(tmp_path / "scorer.safetensors")
+    assert loaded.config == scorer.config and loaded.meta == scorer.meta
+    assert loaded.predict(photos) == scorer.predict(photos)
+
+
+def test_load_rejects_bad_files(tmp_path, reduced):
+    scorer, _ = reduced
+    with pytest.raises(ScorerError, match="not found"):
+        Scorer.load(tmp_path / "missing")
+    _, meta = scorer.save(tmp_path / "s")
+    info = json.loads(meta.read_text())
+    info["factor_values"]["shape"] = ["blob"]
+    meta.write_text(json.dumps(info))
+    with pytest.raises(ScorerError, match="vocabulary"):
+        Scorer.load(tmp_path / "s")
+    info["format_version"] = 99
+    meta.write_text(json.dumps(info))
+    with pytest.raises(ScorerError, match="format"):
+        Scorer.load(tmp_path / "s")
+    meta.write_text("{not json")
+    with pytest.raises(ScorerError):
+        Scorer.load(tmp_path / "s")
+    scorer.save(tmp_path / "t")
+    info = json.loads((tmp_path / "t.json").read_text())
+    info["config"]["width"] = 20
+    (tmp_path / "t.json").write_text(json.dumps(info))
+    with pytest.raises(ScorerError, match="does not match"):
+        Scorer.load(tmp_path / "t")
+
+
+def test_bad_inputs_raise_scorer_errors(reduced, heldout_photos):
+    scorer, _ = reduced
+    photos, identities = heldout_photos
+    with pytest.raises(ScorerError):
+        scorer.predict(["not an image"])
+    with pytest.raises(ScorerError):
+        scorer.predict(np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(ScorerError):
+        scorer.identity_correct(photos[:1], "toy-123")
+    with pytest.raises(ScorerError, match="unknown factor"):
+        scorer.attribute_accuracy(photos[:1], {"texture": "smooth"})
+    with pytest.raises(ScorerError, match="unknown colour"):
+        scorer.attribute_accuracy(photos[:1], {"colour": "cyan"})
+    with pytest.raises(ScorerError):
+        scorer.attribute_accuracy(photos[:2], [{"colour": "red"}])
+    with pytest.raises(ScorerError):
+        scorer.attribute_accuracy([], {"colour": "red"})
+    with pytest.raises(ScorerError):
+        scorer.attribute_accuracy(photos[:1], {})
+    assert issubclass(ScorerError, YoChameleonError)
+
+
+def test_train_scorer_rejects_bad_settings(world):
+    with pytest.raises(ScorerError):
+        train_scorer(steps=0, world=world)
+    with pytest.raises(ScorerError):
+        train_scorer(steps=1, world=world, num_threads=0)
+    with pytest.raises(ScorerError, match="expects"):
+        train_scorer(steps=1, world=ToyWorld(0, WorldConfig(mark_grid=6, n_pretrain=0)))
+    with pytest.raises(ScorerError):
+        evaluate_scorer(Scorer(ScorerConfig()), world, split="nope")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"image_size": 30}, {"mark_grid": 1}, {"width": 0}, {"lr": 0.0}, {"crop_size": 10}, {"box_jitter": 0.5}],
+)
+def test_scorer_config_validates(kwargs):
+    with pytest.raises(ScorerError):
+        ScorerConfig(**kwargs)
+
+
+@pytest.mark.slow
+def test_full_scorer_meets_the_gates(tmp_path):
+    world = ToyWorld(0)
+    scorer = train_scorer(seed=0, world=world, progress=False, num_threads=1)
+    gates = evaluate_scorer(scorer, world, split="heldout", photos_per_identity=10)
+    print("scorer gates:", gates, "train seconds:", scorer.meta["train_seconds"])
+    assert gates["identity_acc"] >= 0.95
+    assert gates["random_scene_rate"] <= 0.01
+    assert gates["twin_rate"] <= 0.05
+    scorer.save(tmp_path / "scorer")
+    assert (
+        Scorer.load(tmp_path / "scorer").predict(world.concept_photos(world.splits["heldout"][0])) is not None
+    )
+
+
+def test_refinement_moves_rough_boxes_towards_the_truth(reduced, world):
+    scorer, _ = reduced
+    rng = np.random.default_rng(4)
+    images, boxes = [], []
+    for identity in world.splits["heldout"][:16]:
+        image, _, box = world.render_annotated(identity, rng)
+        images.append(image)
+        boxes.append(box)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    truth = torch.tensor(boxes)
+    rough = truth.clone()
+    rough[:, 0] += 0.12 * truth[:, 2]  # a box shifted by an eighth of the object
+    with torch.no_grad():
+        refined = scorer.model.refine(rough, scorer.model.classify(x, rough)["box_delta"])
+    assert (refined[:, 0] - truth[:, 0]).abs().mean() < 0.6 * (rough[:, 0] - truth[:, 0]).abs().mean()

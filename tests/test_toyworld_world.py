@@ -1,0 +1,389 @@
+"""Tests for the procedural toy world: identities, rendering, splits, benchmark items, concept folders."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from yochameleon.errors import YoChameleonError
+from yochameleon.eval.toyworld.world import (
+    BACKGROUND_KINDS,
+    MARK_COLOURS,
+    OBJECT_COLOURS,
+    PATTERN_ADJECTIVES,
+    SHAPES,
+    Identity,
+    Mark,
+    ToyWorld,
+    ToyWorldError,
+    WorldConfig,
+    attribute_qa,
+    caption,
+    concept_photos,
+    pool_images,
+    render,
+    split_identities,
+    test_set,
+    text_qa,
+    twin,
+    write_concept_folder,
+)
+
+MARK_WORDS = set(MARK_COLOURS) | {"mark", "marks", "marked", "spot", "sticker"}
+
+
+@pytest.fixture(scope="module")
+def world() -> ToyWorld:
+    return ToyWorld(0, WorldConfig(n_pretrain=500))
+
+
+@pytest.fixture(scope="module")
+def concept(world: ToyWorld) -> Identity:
+    return world.splits["heldout"][0]
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def _has_mark_pixels(array: np.ndarray) -> bool:
+    palette = np.asarray(list(MARK_COLOURS.values()))
+    return bool((np.abs(array[:, :, None, :].astype(int) - palette[None, None]).max(-1) <= 3).any())
+
+
+# ---- identities ----------------------------------------------------------------------------------------
+def test_identity_is_canonical_hashable_and_round_trips():
+    a = Identity("circle", "red", "stripes", "large", (Mark(2, 2, "white"), Mark(1, 1, "black")))
+    b = Identity("circle", "red", "stripes", "large", (Mark(1, 1, "black"), Mark(2, 2, "white")))
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a.marks[0] == Mark(1, 1, "black")
+    assert Identity.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    assert a.name.startswith("toy-") and len(a.name) == 12 and a.name == b.name
+    assert a.mirrored(4).mark_map == {(1, 2): "black", (2, 1): "white"}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"shape": "hexagon"},
+        {"colour": "cyan"},  # a mark colour is never an object colour
+        {"pattern": "plaid"},
+        {"size": "huge"},
+        {"marks": ()},
+        {"marks": (Mark(0, 1, "white"), Mark(1, 0, "white"), Mark(1, 1, "white"))},
+        {"marks": (Mark(1, 1, "white"), Mark(1, 1, "black"))},
+    ],
+)
+def test_identity_rejects_bad_fields(kwargs):
+    fields = {
+        "shape": "circle",
+        "colour": "red",
+        "pattern": "solid",
+        "size": "small",
+        "marks": (Mark(1, 1, "white"),),
+    }
+    fields.update(kwargs)
+    with pytest.raises(ToyWorldError):
+        Identity(**fields)
+
+
+def test_mark_and_dict_validation():
+    with pytest.raises(ToyWorldError):
+        Mark(-1, 0, "white")
+    with pytest.raises(ToyWorldError):
+        Mark(0, 0, "red")
+    with pytest.raises(ToyWorldError):
+        Identity.from_dict({"shape": "circle"})
+    assert issubclass(ToyWorldError, YoChameleonError)
+
+
+def test_check_identity_rejects_marks_off_the_object(world):
+    hole = Identity("ring", "blue", "solid", "large", (Mark(1, 1, "white"),))  # the ring's hole
+    with pytest.raises(ToyWorldError, match="not on a ring"):
+        world.render(hole, np.random.default_rng(0))
+    with pytest.raises(ToyWorldError):
+        world.check_identity("circle")  # type: ignore[arg-type]
+    assert (1, 1) not in world.valid_cells("ring") and (1, 1) in world.valid_cells("circle")
+
+
+# ---- text ----------------------------------------------------------------------------------------------
+def test_captions_and_questions_name_factors_but_never_marks(world):
+    for identity in world.splits["pretrain"][:200] + world.splits["heldout"]:
+        text = caption(identity)
+        assert (
+            text
+            == f"a {identity.size} {identity.colour} {PATTERN_ADJECTIVES[identity.pattern]} {identity.shape}"
+        )
+        pairs = attribute_qa(identity, np.random.default_rng(0))
+        items = text_qa(identity, np.random.default_rng(0))
+        everything = " ".join([text, *(p.question + " " + p.answer for p in pairs)])
+        everything += " ".join(i.question + " " + " ".join(i.options.values()) for i in items)
+        assert not _words(everything) & MARK_WORDS
+
+
+def test_attribute_qa_answers_are_right():
+    identity = Identity("triangle", "green", "dots", "medium", (Mark(3, 0, "cyan"),))
+    pairs = {p.factor: p for p in attribute_qa(identity)}
+    assert pairs["shape"].value == "triangle" and "triangle" in pairs["shape"].answer
+    assert pairs["colour"].value == "green"
+    assert pairs["pattern"].value == "dotted"
+    assert pairs["size"].value == "medium"
+
+
+def test_text_qa_letters_point_at_the_right_value():
+    identity = Identity("cross", "purple", "checker", "small", (Mark(0, 1, "black"),))
+    for seed in range(5):
+        items = text_qa(identity, np.random.default_rng(seed))
+        truth = {"shape": "cross", "colour": "purple", "pattern": "checkered", "size": "small"}
+        for item in items:
+            assert item.options[item.answer] == truth[item.factor]
+            assert len(set(item.options.values())) == len(item.options) >= 2
+            assert "<sks>" in item.question
+    with pytest.raises(ToyWorldError):
+        text_qa(identity, np.random.default_rng(0), n_options=1)
+
+
+# ---- rendering -----------------------------------------------------------------------------------------
+def test_render_is_seeded_and_varies(concept):
+    a = np.asarray(render(concept, np.random.default_rng(7), distractors=2))
+    b = np.asarray(render(concept, np.random.default_rng(7), distractors=2))
+    c = np.asarray(render(concept, np.random.default_rng(8), distractors=2))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_marks_are_drawn_where_the_identity_says(world):
+    identity = Identity("square", "orange", "stripes", "large", (Mark(0, 3, "cyan"), Mark(2, 1, "black")))
+    image = np.asarray(
+        world.render(identity, np.random.default_rng(0), position=(16, 16), scale=1.0, background="plain")
+    )
+    side = world.config.size_px("large")
+    x0 = y0 = 16 - side / 2
+    for mark in identity.marks:
+        cx = int(x0 + (mark.col + 0.5) * side / 4)
+        cy = int(y0 + (mark.row + 0.5) * side / 4)
+        assert np.abs(image[cy, cx].astype(int) - MARK_COLOURS[mark.colour]).max() <= 3
+    # The other cells carry no mark colour.
+    empty = image[int(y0 + 1.5 * side / 4), int(x0 + 2.5 * side / 4)]
+    assert not _has_mark_pixels(empty[None, None])
+
+
+def test_mark_colours_appear_only_on_marks(world):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        clutter = world.render_array(None, rng, distractors=4)
+        assert not _has_mark_pixels(clutter)
+
+
+def test_flip_mirrors_the_photo_and_the_marks(world):
+    identity = Identity("triangle", "blue", "checker", "large", (Mark(3, 0, "white"),))
+    kwargs = {"position": (13.0, 15.0), "scale": 1.0, "background": "plain"}
+    flipped = np.asarray(world.render(identity, np.random.default_rng(3), flip=True, **kwargs)).astype(int)
+    plain = np.asarray(world.render(identity, np.random.default_rng(3), **kwargs)).astype(int)
+    assert np.array_equal(flipped, plain[:, ::-1])
+    mirrored = world.render(
+        identity.mirrored(4), np.random.default_rng(3), **{**kwargs, "position": (19.0, 15.0)}
+    )
+    assert np.abs(np.asarray(mirrored).astype(int) - flipped).mean() < 1.0
+
+
+def test_sizes_stay_apart_and_boxes_are_exact(world):
+    rng = np.random.default_rng(2)
+    sides = {}
+    for size in ("small", "medium", "large"):
+        identity = Identity("square", "red", "solid", size, (Mark(0, 0, "white"),))
+        measured = []
+        for _ in range(30):
+            _, mask, (cx, cy, side) = world.render_annotated(identity, rng, distractors=2)
+            cols = mask.max(axis=0)
+            assert abs(cols.sum() - side) < 0.6  # the mask spans the reported box
+            assert abs((cols * (np.arange(32) + 0.5)).sum() / cols.sum() - cx) < 0.6
+            assert (
+                side / 2 - 1e-6 <= cx <= 32 - side / 2 + 1e-6
+                and side / 2 - 1e-6 <= cy <= 32 - side / 2 + 1e-6
+            )
+            measured.append(side)
+        sides[size] = (min(measured), max(measured))
+    assert sides["small"][1] < sides["medium"][0] and sides["medium"][1] < sides["large"][0]
+
+
+def test_every_background_renders(world, concept):
+    rng = np.random.default_rng(0)
+    images = [np.asarray(world.render(concept, rng, background=kind)) for kind in BACKGROUND_KINDS]
+    assert len({img.tobytes() for img in images}) == len(BACKGROUND_KINDS)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"background": "space"},
+        {"scale": 2.0},
+        {"position": (50, 3)},
+        {"position": "middle"},
+        {"distractors": -1},
+    ],
+)
+def test_render_rejects_bad_arguments(world, concept, kwargs):
+    with pytest.raises(ToyWorldError):
+        world.render(concept, np.random.default_rng(0), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"image_size": 8}, {"mark_grid": 1}, {"supersample": 0}, {"scale_jitter": 0.3}, {"n_dev": -1}]
+)
+def test_world_config_validates(kwargs):
+    with pytest.raises(ToyWorldError):
+        WorldConfig(**kwargs)
+
+
+def test_world_rejects_bad_seed():
+    with pytest.raises(ToyWorldError):
+        ToyWorld(-1)
+
+
+def test_rendering_is_fast(world, concept):
+    import time
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(300):
+        world.render_array(concept, rng, distractors=2)
+    # Thousands per second on an idle core; a loose bound keeps this stable on a busy machine.
+    assert 300 / (time.perf_counter() - start) > 250
+
+
+def test_48px_world_with_finer_grid():
+    world = ToyWorld(0, WorldConfig(image_size=48, mark_grid=6, n_pretrain=10, n_dev=2, n_heldout=2))
+    identity = world.splits["heldout"][0]
+    assert all(m.row < 6 and m.col < 6 for m in identity.marks)
+    assert world.render(identity, np.random.default_rng(0)).size == (48, 48)
+
+
+# ---- identities across splits ---------------------------------------------------------------------------
+def test_twins_share_everything_nameable_but_not_marks(world, concept):
+    rng = np.random.default_rng(0)
+    twins = [twin(concept, rng) for _ in range(50)]
+    for other in twins:
+        assert other.base == concept.base and other != concept
+        assert caption(other) == caption(concept)
+        world.check_identity(other)
+    assert len(set(twins)) > 5
+
+
+def test_splits_are_disjoint_deterministic_and_seeded():
+    splits = split_identities(0)
+    assert {k: len(v) for k, v in splits.items()} == {"pretrain": 4096, "dev": 16, "heldout": 32}
+    sets = {k: set(v) for k, v in splits.items()}
+    assert all(len(sets[k]) == len(splits[k]) for k in splits)
+    assert not sets["pretrain"] & sets["heldout"]
+    assert not sets["pretrain"] & sets["dev"]
+    assert not sets["dev"] & sets["heldout"]
+    assert ToyWorld(0).splits == splits
+    assert set(ToyWorld(1).splits["heldout"]) != sets["heldout"]
+    # Held-out identities do not depend on how many pretraining identities a world draws.
+    assert ToyWorld(0, WorldConfig(n_pretrain=10)).splits["heldout"] == splits["heldout"]
+
+
+def test_pool_and_random_scenes_never_show_held_out_identities(world):
+    pretrain, heldout = set(world.splits["pretrain"]), set(world.splits["heldout"]) | set(world.splits["dev"])
+    pool = world.pool_images(400, seed=3)
+    shown = {item.identity for item in pool if item.identity is not None}
+    assert shown and shown <= pretrain and not shown & heldout
+    assert any(item.identity is None for item in pool)
+    assert all(item.image.size == (32, 32) for item in pool)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        assert world.random_identity(rng) not in heldout
+        _, identity = world.random_scene(rng)
+        assert identity not in heldout
+    assert len(pool_images(3, 0)) == 3
+    with pytest.raises(ToyWorldError):
+        world.pool_images(-1, 0)
+    with pytest.raises(ToyWorldError):
+        world.pool_images(1, 0, clutter_fraction=2.0)
+
+
+# ---- benchmark items -----------------------------------------------------------------------------------
+def test_concept_photos_are_seeded_and_differ_from_test_photos(concept):
+    photos = concept_photos(concept, n=4, seed=0)
+    assert len(photos) == 4 and all(p.size == (32, 32) for p in photos)
+    again = concept_photos(concept, n=4, seed=0)
+    assert [p.tobytes() for p in photos] == [p.tobytes() for p in again]
+    assert len({p.tobytes() for p in photos}) == 4
+    positives = test_set(concept, seed=0).positives
+    assert not {p.tobytes() for p in photos} & {p.tobytes() for p in positives}
+    with pytest.raises(ToyWorldError):
+        concept_photos(concept, n=0)
+
+
+def test_test_set_contents(world, concept):
+    items = world.test_set(concept, seed=1, n_positives=5, n_hard=6, n_easy=7, n_vqa=4)
+    assert len(items.positives) == 5 and len(items.hard_negatives) == 6 and len(items.easy_negatives) == 7
+    assert all(t.base == concept.base and t != concept for t in items.hard_negative_identities)
+    assert concept not in items.easy_negative_identities
+    assert len(items.vqa) == 4 and {v.kind for v in items.vqa} == {"twin_location", "other_shape"}
+    for vqa in items.vqa:
+        assert vqa.image.size == (32, 32) and set(vqa.options) == {"A", "B"} and vqa.answer in vqa.options
+        assert "<sks>" in vqa.question and vqa.options["A"] != vqa.options["B"]
+        if vqa.kind == "other_shape":
+            assert vqa.options[vqa.answer] != f"a {concept.shape}"
+    assert len(items.text_qa) == 4
+    with pytest.raises(ToyWorldError):
+        world.test_set(concept, n_hard=-1)
+
+
+def test_pair_scene_puts_the_concept_where_it_says(world):
+    concept = Identity("square", "green", "solid", "large", (Mark(0, 0, "magenta"),))
+    other = Identity("square", "green", "solid", "large", (Mark(3, 3, "cyan"),))
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        image, (where, other_where) = world.render_pair_scene(concept, other, rng, "horizontal")
+        array = np.asarray(image).astype(int)
+        magenta = np.abs(array - MARK_COLOURS["magenta"]).max(-1) <= 3
+        cyan = np.abs(array - MARK_COLOURS["cyan"]).max(-1) <= 3
+        assert magenta.any() and cyan.any() and {where, other_where} == {"left", "right"}
+        left_is_concept = np.nonzero(magenta)[1].mean() < np.nonzero(cyan)[1].mean()
+        assert left_is_concept == (where == "left")
+    with pytest.raises(ToyWorldError):
+        world.render_pair_scene(concept, other, rng, "diagonal")
+
+
+def test_same_object_pairs(world):
+    pairs = world.same_object_pairs(world.splits["pretrain"][:50], np.random.default_rng(0), 60)
+    kinds = {p.kind for p in pairs}
+    assert kinds == {"same", "twin", "other"}
+    for pair in pairs:
+        assert pair.same == (pair.kind == "same") and pair.answer == ("Yes" if pair.same else "No")
+        assert pair.image_a.size == pair.image_b.size == (32, 32)
+    with pytest.raises(ToyWorldError):
+        world.same_object_pairs([], np.random.default_rng(0), 1)
+    with pytest.raises(ToyWorldError):
+        world.same_object_pairs(
+            world.splits["pretrain"][:2], np.random.default_rng(0), 1, p_same=0.9, p_twin=0.5
+        )
+
+
+def test_write_concept_folder(tmp_path, concept):
+    folder = write_concept_folder(concept, tmp_path / "c", n_photos=5, seed=2)
+    photos = sorted((folder / "photos").glob("*.png"))
+    assert len(photos) == 5
+    assert Image.open(photos[0]).size == (32, 32)
+    meta = yaml.safe_load((folder / "concept.yaml").read_text())
+    assert meta["name"] == concept.name and meta["is_person"] is False and meta["category"] == "toy"
+    assert meta["description"] == caption(concept) and len(meta["facts"]) == 4
+    rows = [json.loads(line) for line in (folder / "qa.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(set(r) == {"question", "answer"} for r in rows)
+    text = (folder / "concept.yaml").read_text() + (folder / "qa.jsonl").read_text()
+    assert not _words(text) & MARK_WORDS
+    assert concept.colour in text and concept.shape in text
+    stored = json.loads((folder / "toyworld_identity.json").read_text())
+    assert Identity.from_dict(stored) == concept
+
+
+def test_palettes_are_disjoint():
+    assert not set(MARK_COLOURS) & set(OBJECT_COLOURS)
+    assert not set(MARK_COLOURS.values()) & set(OBJECT_COLOURS.values())
+    assert len(SHAPES) == 6
