@@ -145,8 +145,23 @@ class PersonalizedModel:
         out = generate(self.backend, torch.tensor([ids]), constraint, max_new_tokens)[0].tolist()
         concept_ids = {i for c in self.concepts.values() for i in c.ids}
         prompt_part = u_ids if force_tokens else [t for t in out if t in concept_ids]
-        answer_ids = [t for t in out if t not in concept_ids and t != sp.pad]
-        return Answer(self.backend.decode_text(answer_ids).strip(), prompt_part, force_tokens)
+        return Answer(self._render_answer(out), prompt_part, force_tokens)
+
+    def _render_answer(self, ids: list[int]) -> str:
+        """Text of generated ids: a concept's identifier reads as ``<name>``, its other tokens vanish."""
+        names = {c.sks_id: f"<{name}>" for name, c in self.concepts.items()}
+        latent = {i for c in self.concepts.values() for i in c.ids} - set(names)
+        parts, run = [], []
+        for t in ids:
+            if t == self.backend.special.pad or t in latent:
+                continue
+            if t in names:
+                parts += [self.backend.decode_text(run), names[t]]
+                run = []
+            else:
+                run.append(t)
+        parts.append(self.backend.decode_text(run))
+        return "".join(parts).strip()
 
     def ask(self, question: str, image: Image.Image | str | None = None, force_tokens: bool = False,
             max_new_tokens: int = 48) -> str:
