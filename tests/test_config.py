@@ -75,3 +75,7 @@ def test_parse_override_values():
     assert parse_override("a.b=1e-3") == (["a", "b"], 1e-3)
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])
     assert parse_override("a=null") == (["a"], None)
+
+
+def test_yaml_bool_words_map_back_to_choices():
+    assert load_config(TrainConfig, None, ["mixed_precision=no"]).mixed_precision == "no"

@@ -298,6 +298,8 @@ class Trainer:
                     if self.is_main and (self.step % cfg.save_every == 0 or self.step == total):
                         self._save(optimizer)
             bar.close()
+            if self.is_main:
+                self._log_samples(log)
             files = self._write_concepts() if self.is_main else {}
             log.close()
             return TrainResult(self.run_dir, files, self.step, self.losses, self.best)
@@ -327,6 +329,23 @@ class Trainer:
             self.best = {"step": self.step, **scores}
             if self.is_main:
                 self._save(optimizer, tag="best")
+
+    def _log_samples(self, log) -> None:
+        """Generate a few images per concept and hand them to the loggers (W&B shows them)."""
+        from yochameleon.errors import BackendError
+        from yochameleon.infer import PersonalizedModel
+
+        n = self.cfg.logging.sample_images
+        if n <= 0 or "generation_real" not in self.cfg.data.tasks:
+            return
+        pm = PersonalizedModel(self.backend)
+        for name in self.concepts:
+            try:
+                images = pm.generate_image(f"A photo of <{name}>.", n=n, seed=self.cfg.seed)
+            except BackendError as exc:  # no VQ decoder: nothing to show
+                logger.info("no sample images: %s", exc)
+                return
+            log.log_images(f"samples_{name}", images, self.step)
 
     def _write_concepts(self) -> dict[str, Path]:
         out = self.run_dir / "concepts"
