@@ -120,8 +120,8 @@ def _register_optional(sub) -> None:
     """Subcommands owned by the retrieval / eval / toy-world packages."""
     from importlib import import_module
 
-    for module in ("yochameleon.retrieval.cli", "yochameleon.eval.report", "yochameleon.eval.toyworld.cli",
-                   "yochameleon.eval.bench.cli"):
+    for module in ("yochameleon.retrieval.cli", "yochameleon.eval.report", "yochameleon.eval.harness",
+                   "yochameleon.eval.toyworld.cli", "yochameleon.eval.bench.cli"):
         try:
             mod = import_module(module)
         except ModuleNotFoundError as exc:

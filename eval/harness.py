@@ -1,0 +1,160 @@
+"""The evaluation harness: one method, one concept, one test directory -> a :class:`ConceptResult`.
+
+Test directory layout::
+
+    TEST_DIR/
+      positives/*.png         the concept in new photos
+      negatives_hard/*.png    look-alikes (optional)
+      negatives_easy/*.png    anything else (optional)
+      vqa.json                [{"image": "positives/a.png", "question": "...", "options": [...], "answer": "..."}]
+      text_qa.json            [{"question": "... <sks> ...", "options": [...], "answer": "..."}]
+
+``answer`` is an option key or the option's text. Every method is scored the same way: recognition
+by Yes-vs-No likelihood after the method's own prompt, multiple choice by a greedy answer scored on
+option text (order shuffled per seed), generation by CLIP-I through the retrieval embedder and,
+optionally, a fidelity scorer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from yochameleon.baselines.base import Method
+from yochameleon.data.photos import IMAGE_SUFFIXES, load_rgb
+from yochameleon.errors import DataError
+from yochameleon.eval.metrics import clip_i, mc_prompt, recognition_scores, score_choice, shuffle_options
+from yochameleon.eval.schema import ConceptResult
+from yochameleon.prompts import recognition_question
+
+
+@dataclass
+class TestSet:
+    """A loaded test directory."""
+
+    root: Path
+    recognition: list[tuple[Path, str]]
+    vqa: list[dict]
+    text_qa: list[dict]
+
+    @classmethod
+    def load(cls, root: str | Path) -> TestSet:
+        """Read and check a test directory.
+
+        Raises:
+            DataError: missing or empty directory, a malformed QA file, or QA items that reference
+                images the directory does not have (they are named).
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"test directory {root} does not exist")
+        rec = []
+        for sub, label in (("positives", "pos"), ("negatives_hard", "neg_hard"), ("negatives_easy", "neg_easy")):
+            folder = root / sub
+            if folder.is_dir():
+                rec += [(p, label) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        vqa, text_qa = _read_items(root / "vqa.json"), _read_items(root / "text_qa.json")
+        if not rec and not vqa and not text_qa:
+            raise DataError(f"test directory {root} is empty: expected positives/, negatives_*/, vqa.json or text_qa.json")
+        missing = sorted({it["image"] for it in vqa if not (root / it.get("image", "")).is_file()})
+        if missing:
+            raise DataError(f"{root / 'vqa.json'} references images that do not exist: {', '.join(missing[:5])}")
+        return cls(root, rec, vqa, text_qa)
+
+
+def _read_items(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(items, list) or not all(isinstance(i, dict) and {"question", "options", "answer"} <= set(i)
+                                              for i in items):
+        raise DataError(f"{path} must be a list of {{question, options, answer}} items")
+    return items
+
+
+def evaluate(method: Method, test: TestSet, concept: str, seed: int = 0, real_photos: list[Path] | None = None,
+             embedder=None, n_images: int = 4, fidelity: Callable[[list], float] | None = None) -> ConceptResult:
+    """Score a fitted method on a test set.
+
+    Args:
+        method: a fitted :class:`Method`.
+        test: the test set.
+        concept: the concept's name (recorded in the result).
+        seed: option-shuffling and sampling seed.
+        real_photos: the concept's training photos, the CLIP-I reference (generation is skipped without them).
+        embedder: a retrieval embedder for CLIP-I.
+        n_images: images to generate.
+        fidelity: optional scorer ``images -> fraction correct`` (the toy world's identity scorer).
+    """
+    result = {"method": method.name, "concept": concept, "seed": seed, "prompt_tokens": method.prompt_tokens()}
+    if test.recognition:
+        preds = []
+        for i, (path, _) in enumerate(test.recognition):
+            yes, no = method.yes_no(f"<image>{recognition_question(i)}", load_rgb(path))
+            preds.append(yes > no)
+        scores = recognition_scores(preds, [lab for _, lab in test.recognition])
+        result.update({k: v for k, v in scores.items() if k != "recognition_unparsed"})
+    for key, items in (("vqa", test.vqa), ("text_qa", test.text_qa)):
+        if not items:
+            continue
+        right = 0
+        for item in items:
+            mc = shuffle_options(item, seed)
+            image = load_rgb(test.root / item["image"]) if item.get("image") else None
+            text = mc_prompt(mc) if image is None else "<image>" + mc_prompt(mc)
+            right += score_choice(method.answer(text, image), mc["options"], mc["correct"])
+        result[key] = right / len(items)
+    if real_photos and (embedder is not None or fidelity is not None):
+        images = method.generate_images("A photo of <sks>.", n=n_images, seed=seed)
+        if embedder is not None:
+            result["clip_i"] = clip_i(embedder.embed_images(images, progress=False),
+                                      embedder.embed_images([load_rgb(p) for p in real_photos], progress=False))
+        if fidelity is not None:
+            result["gen_fidelity"] = float(fidelity(images))
+    return ConceptResult(**result)
+
+
+def _cmd_eval(args) -> None:
+    from yochameleon.backends import LoadOptions, load_backend
+    from yochameleon.baselines import ConceptData, build_method
+    from yochameleon.data.concept_folder import ConceptFolder
+    from yochameleon.eval.report import markdown_table, write_report
+    from yochameleon.eval.schema import summarize
+    from yochameleon.retrieval import TestEmbedder
+
+    backend = load_backend(args.model, LoadOptions(device=args.device))
+    test = TestSet.load(args.test_dir)
+    folder = ConceptFolder.load(args.concept)
+    data = ConceptData(folder.name, folder.root, [p.path for p in folder.photos], folder.description,
+                       Path(args.data_dir) if args.data_dir else None, Path(args.index) if args.index else None)
+    records = []
+    for name in args.method:
+        options = {"train": {"optim": {"epochs": args.epochs}}} if name.startswith(("yochameleon", "yollava")) else {}
+        method = build_method(name, backend, **options)
+        method.fit(data, Path(args.out) / "work")
+        records.append(evaluate(method, test, folder.name, args.seed, data.photos, TestEmbedder()))
+        method.close()
+    summary = summarize(records, {"model": args.model, "test_dir": str(args.test_dir)})
+    write_report(summary, args.out)
+    print(markdown_table(summary))
+
+
+def register(subparsers) -> None:
+    """``yochameleon eval --model M --method METHOD [...] --concept DIR --test-dir DIR --out DIR``."""
+    p = subparsers.add_parser("eval", help="evaluate methods on a concept's test directory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", action="append", required=True, help="method name (repeatable)")
+    p.add_argument("--concept", required=True, help="concept folder")
+    p.add_argument("--data-dir", default=None, help="prepared data of the concept (yochameleon prepare)")
+    p.add_argument("--index", default=None, help="retrieval index for trained methods")
+    p.add_argument("--test-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_eval)

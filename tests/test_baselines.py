@@ -1,0 +1,132 @@
+"""Every method end to end on the tiny model behind one interface; MyVLM's head and identity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from yochameleon.baselines import ConceptData, build_method, method_names
+from yochameleon.baselines.myvlm import LinearProbeHead
+from yochameleon.errors import ConfigError, DataError
+from yochameleon.eval.harness import TestSet, evaluate
+from yochameleon.retrieval import TestEmbedder
+
+TRAIN = {"optim": {"epochs": 1, "lr": 3e-2, "batch_size": 4}, "concept": {"n_g": 4, "n_u": 4},
+         "logging": {"loggers": []}, "model": {"device": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from yochameleon.data.pipeline import PrepareOptions, prepare_concept
+    from yochameleon.demo import make_concept_folder, make_pool
+    from yochameleon.retrieval import build_index
+
+    root = tmp_path_factory.mktemp("baselines")
+    concept = make_concept_folder(root)
+    pool = make_pool(root, per_photo=1)
+    build_index(pool, root / "index", TestEmbedder(), progress=False)
+    prepare_concept(concept, root / "data", root / "index",
+                    PrepareOptions(n_g=4, n_recognition=8, n_hard_negatives=4, n_easy_negatives=4, n_soft_positives=6))
+    test = root / "test"
+    photos = sorted((concept / "photos").glob("*.png"))
+    for sub, files in (("positives", photos[:2]), ("negatives_easy", sorted(pool.glob("*.png"))[:2])):
+        (test / sub).mkdir(parents=True)
+        for f in files:
+            (test / sub / f.name).write_bytes(f.read_bytes())
+    (test / "vqa.json").write_text(json.dumps([{"image": f"positives/{photos[0].name}", "question": "What is <sks>?",
+                                                "options": ["a cat", "a dog"], "answer": "a cat"}]))
+    (test / "text_qa.json").write_text(json.dumps([{"question": "Is <sks> a cat or a dog?",
+                                                    "options": {"A": "cat", "B": "dog"}, "answer": "A"}]))
+    data = ConceptData("sks", concept, photos, "<sks> is a tabby cat.", root / "data", root / "index")
+    return root, data, TestSet.load(test)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_runs_end_to_end(backend, setup, name, tmp_path):
+    root, data, test = setup
+    options = {"train": TRAIN} if name.startswith(("yochameleon", "yollava")) else {}
+    if name == "myvlm":
+        options = {"steps": 5}
+    before = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    method = build_method(name, backend, **options)
+    assert method.name == name
+    method.fit(data, tmp_path)
+    result = evaluate(method, test, "sks", seed=0, real_photos=data.photos, embedder=TestEmbedder(), n_images=1)
+    assert result.method == name and result.recognition_weighted is not None and result.text_qa is not None
+    assert result.clip_i is not None and -1 <= result.clip_i <= 1
+    method.close()
+    after = backend.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    tokens = method.prompt_tokens()
+    if name == "none":
+        assert tokens == 0
+    elif name == "image_prompt":
+        assert tokens > backend.image_seq_len
+
+
+def test_unknown_method_and_bad_test_dirs(backend, tmp_path):
+    with pytest.raises(ConfigError, match="unknown method"):
+        build_method("gpt5", backend)
+    with pytest.raises(DataError, match="does not exist"):
+        TestSet.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        TestSet.load(tmp_path / "empty")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "vqa.json").write_text(json.dumps([{"image": "positives/ghost.png", "question": "q",
+                                                          "options": ["a", "b"], "answer": "a"}]))
+    with pytest.raises(DataError, match="ghost.png"):
+        TestSet.load(tmp_path / "t")
+
+
+def test_image_prompt_warns_past_context(backend, setup, tmp_path):
+    _, data, _ = setup
+    method = build_method("image_prompt", backend, k=40)
+    many = ConceptData(data.name, data.concept_dir, data.photos * 10, data.description)
+    with pytest.warns(UserWarning, match="context length"):
+        method.fit(many, tmp_path)
+
+
+def test_myvlm_head_separates_synthetic_embeddings():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(0, 0.1, (8, 16)) + np.eye(16)[0] * 2
+    neg = rng.normal(0, 0.1, (40, 16)) - np.eye(16)[0] * 2
+    head = LinearProbeHead(16).fit(pos, neg, steps=200)
+    new_pos = rng.normal(0, 0.1, (20, 16)) + np.eye(16)[0] * 2
+    new_neg = rng.normal(0, 0.1, (20, 16)) - np.eye(16)[0] * 2
+    assert head.fires(new_pos).all() and not head.fires(new_neg).any()
+
+
+def test_myvlm_is_the_base_model_when_the_head_does_not_fire(backend, setup, tmp_path, photos):
+    _, data, _ = setup
+    myvlm = build_method("myvlm", backend, steps=3)
+    none = build_method("none", backend)
+    myvlm.fit(data, tmp_path)
+    stranger = photos[0]  # the astronaut: not the cat
+    for c in myvlm.concepts:  # make the head refuse everything for this check
+        torch.nn.init.constant_(c.head.linear.bias, 0.0)
+        c.head.threshold = 1.1
+    assert myvlm.firing(stranger) == []
+    p_m, p_n = myvlm.prompt("<image>Is <sks> here?", stranger), none.prompt("<image>Is <sks> here?", stranger)
+    assert p_m.ids == p_n.ids
+    ids = torch.tensor([p_m.ids])
+    h, _ = backend.hidden_states(ids)
+    with_concept = backend.logits(h[0, -1]).detach()
+    banned = myvlm._banned()  # its ids never reach an answer
+    myvlm.close()
+    h, _ = backend.hidden_states(ids)
+    keep = torch.ones(backend.vocab_size, dtype=torch.bool)
+    keep[banned] = False
+    assert torch.equal(with_concept[keep], backend.logits(h[0, -1])[keep])
+    assert myvlm.answer("Is <sks> here?") == none.answer("Is <sks> here?")
+    # When it fires, one concept token is inserted right after the image span.
+    myvlm.fit(data, tmp_path)
+    for c in myvlm.concepts:
+        c.head.threshold = -1.0
+    fired = myvlm.prompt("<image>Is <sks> here?", stranger).ids
+    at = fired.index(backend.special.eoi)
+    assert fired[at + 1] == myvlm.concepts[0].token_id and len(fired) == len(p_n.ids) + 1
+    myvlm.close()

@@ -1,0 +1,71 @@
+"""Prompting baselines: no personalization, a text description, reference photos in context."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from yochameleon.baselines.base import ConceptData, Method, Prompted
+from yochameleon.data.photos import load_rgb
+
+# With no learned identifier, the concept is called by a plain word, as the paper's prompting rows do.
+PLAIN_NAME = "sks"
+
+
+class NoPersonalization(Method):
+    """``none``: the base model, with the identifier as a plain, meaningless word."""
+
+    name = "none"
+
+    def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
+        return Prompted(self._ids(text.replace("<sks>", PLAIN_NAME), image))
+
+
+class TextPrompt(Method):
+    """``text_prompt``: the concept's description is prepended to every prompt."""
+
+    name = "text_prompt"
+
+    def fit(self, concept: ConceptData, workdir: Path) -> None:
+        super().fit(concept, workdir)
+        self.description = (concept.description or f"<sks> is a {concept.name}.").replace("<sks>", PLAIN_NAME)
+
+    def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
+        return Prompted(self._ids(f"{self.description} {text.replace('<sks>', PLAIN_NAME)}", image))
+
+    def prompt_tokens(self) -> int:
+        return len(self.backend.tokenize(self.description))
+
+
+class ImagePrompt(Method):
+    """``image_prompt``: ``k`` reference photos in context ("This is sks: <image>…").
+
+    Warns when the prompt no longer fits the model's context length.
+    """
+
+    name = "image_prompt"
+
+    def __init__(self, backend, k: int = 1) -> None:
+        super().__init__(backend)
+        self.k = k
+
+    def fit(self, concept: ConceptData, workdir: Path) -> None:
+        super().fit(concept, workdir)
+        self.references = [load_rgb(p) for p in concept.photos[: self.k]]
+        limit = getattr(self.backend.model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and self.prompt_tokens() + 64 > limit:
+            warnings.warn(f"image_prompt with k={self.k} uses {self.prompt_tokens()} tokens, past the model's context "
+                          f"length {limit}; answers will be truncated or meaningless", stacklevel=2)
+
+    def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
+        prefix = f"This is {PLAIN_NAME}: " + "<image>" * len(self.references) + ". "
+        body = prefix + text.replace("<sks>", PLAIN_NAME)
+        if image is not None and "<image>" not in text:
+            body = prefix + "<image>" + text.replace("<sks>", PLAIN_NAME)
+        return Prompted(self._ids(body, None, extra_images=self.references + ([image] if image is not None else [])))
+
+    def prompt_tokens(self) -> int:
+        span = len(self.backend.image_span([0] * self.backend.image_seq_len))
+        return self.k * span + len(self.backend.tokenize(f"This is {PLAIN_NAME}: ."))
