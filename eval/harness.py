@@ -51,16 +51,24 @@ class TestSet:
         if not root.is_dir():
             raise DataError(f"test directory {root} does not exist")
         rec = []
-        for sub, label in (("positives", "pos"), ("negatives_hard", "neg_hard"), ("negatives_easy", "neg_easy")):
+        for sub, label in (
+            ("positives", "pos"),
+            ("negatives_hard", "neg_hard"),
+            ("negatives_easy", "neg_easy"),
+        ):
             folder = root / sub
             if folder.is_dir():
                 rec += [(p, label) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         vqa, text_qa = _read_items(root / "vqa.json"), _read_items(root / "text_qa.json")
         if not rec and not vqa and not text_qa:
-            raise DataError(f"test directory {root} is empty: expected positives/, negatives_*/, vqa.json or text_qa.json")
+            raise DataError(
+                f"test directory {root} is empty: expected positives/, negatives_*/, vqa.json or text_qa.json"
+            )
         missing = sorted({it["image"] for it in vqa if not (root / it.get("image", "")).is_file()})
         if missing:
-            raise DataError(f"{root / 'vqa.json'} references images that do not exist: {', '.join(missing[:5])}")
+            raise DataError(
+                f"{root / 'vqa.json'} references images that do not exist: {', '.join(missing[:5])}"
+            )
         return cls(root, rec, vqa, text_qa)
 
 
@@ -71,14 +79,23 @@ def _read_items(path: Path) -> list[dict]:
         items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(items, list) or not all(isinstance(i, dict) and {"question", "options", "answer"} <= set(i)
-                                              for i in items):
+    if not isinstance(items, list) or not all(
+        isinstance(i, dict) and {"question", "options", "answer"} <= set(i) for i in items
+    ):
         raise DataError(f"{path} must be a list of {{question, options, answer}} items")
     return items
 
 
-def evaluate(method: Method, test: TestSet, concept: str, seed: int = 0, real_photos: list[Path] | None = None,
-             embedder=None, n_images: int = 4, fidelity: Callable[[list], float] | None = None) -> ConceptResult:
+def evaluate(
+    method: Method,
+    test: TestSet,
+    concept: str,
+    seed: int = 0,
+    real_photos: list[Path] | None = None,
+    embedder=None,
+    n_images: int = 4,
+    fidelity: Callable[[list], float] | None = None,
+) -> ConceptResult:
     """Score a fitted method on a test set.
 
     Args:
@@ -91,7 +108,12 @@ def evaluate(method: Method, test: TestSet, concept: str, seed: int = 0, real_ph
         n_images: images to generate.
         fidelity: optional scorer ``images -> fraction correct`` (the toy world's identity scorer).
     """
-    result = {"method": method.name, "concept": concept, "seed": seed, "prompt_tokens": method.prompt_tokens()}
+    result = {
+        "method": method.name,
+        "concept": concept,
+        "seed": seed,
+        "prompt_tokens": method.prompt_tokens(),
+    }
     if test.recognition:
         preds = []
         for i, (path, _) in enumerate(test.recognition):
@@ -112,8 +134,10 @@ def evaluate(method: Method, test: TestSet, concept: str, seed: int = 0, real_ph
     if real_photos and (embedder is not None or fidelity is not None):
         images = method.generate_images("A photo of <sks>.", n=n_images, seed=seed)
         if embedder is not None:
-            result["clip_i"] = clip_i(embedder.embed_images(images, progress=False),
-                                      embedder.embed_images([load_rgb(p) for p in real_photos], progress=False))
+            result["clip_i"] = clip_i(
+                embedder.embed_images(images, progress=False),
+                embedder.embed_images([load_rgb(p) for p in real_photos], progress=False),
+            )
         if fidelity is not None:
             result["gen_fidelity"] = float(fidelity(images))
     return ConceptResult(**result)
@@ -130,11 +154,21 @@ def _cmd_eval(args) -> None:
     backend = load_backend(args.model, LoadOptions(device=args.device))
     test = TestSet.load(args.test_dir)
     folder = ConceptFolder.load(args.concept)
-    data = ConceptData(folder.name, folder.root, [p.path for p in folder.photos], folder.description,
-                       Path(args.data_dir) if args.data_dir else None, Path(args.index) if args.index else None)
+    data = ConceptData(
+        folder.name,
+        folder.root,
+        [p.path for p in folder.photos],
+        folder.description,
+        Path(args.data_dir) if args.data_dir else None,
+        Path(args.index) if args.index else None,
+    )
     records = []
     for name in args.method:
-        options = {"train": {"optim": {"epochs": args.epochs}}} if name.startswith(("yochameleon", "yollava")) else {}
+        options = (
+            {"train": {"optim": {"epochs": args.epochs}}}
+            if name.startswith(("yochameleon", "yollava"))
+            else {}
+        )
         method = build_method(name, backend, **options)
         method.fit(data, Path(args.out) / "work")
         records.append(evaluate(method, test, folder.name, args.seed, data.photos, TestEmbedder()))

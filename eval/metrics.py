@@ -50,8 +50,13 @@ def recognition_scores(preds: Sequence[bool | None], labels: Sequence[str]) -> d
 
     pos, hard, easy, neg = acc({"pos"}), acc({"neg_hard"}), acc({"neg_easy"}), acc({"neg_hard", "neg_easy"})
     weighted = None if pos is None or neg is None else (pos + neg) / 2
-    return {"recognition_pos": pos, "recognition_neg_hard": hard, "recognition_neg_easy": easy,
-            "recognition_weighted": weighted, "recognition_unparsed": sum(p is None for p in preds)}
+    return {
+        "recognition_pos": pos,
+        "recognition_neg_hard": hard,
+        "recognition_neg_easy": easy,
+        "recognition_weighted": weighted,
+        "recognition_unparsed": sum(p is None for p in preds),
+    }
 
 
 def shuffle_options(item: dict, seed: int) -> dict:
@@ -109,7 +114,9 @@ def clip_t(gen_emb: np.ndarray, text_emb: np.ndarray) -> float:
 
 def clip_i_with(embedder, generated: list, real: list) -> float:
     """:func:`clip_i` through a retrieval embedder (``embed_images``)."""
-    return clip_i(embedder.embed_images(generated, progress=False), embedder.embed_images(real, progress=False))
+    return clip_i(
+        embedder.embed_images(generated, progress=False), embedder.embed_images(real, progress=False)
+    )
 
 
 def face_similarity(generated: list, real: list) -> dict | None:
@@ -141,7 +148,9 @@ def face_similarity(generated: list, real: list) -> dict | None:
     return {"face_sim": float(np.mean(sims)) if sims else 0.0, "no_face_count": sum(g is None for g in gens)}
 
 
-def logits_identical_except(base: np.ndarray, new: np.ndarray, excluded_ids: Sequence[int]) -> tuple[bool, float]:
+def logits_identical_except(
+    base: np.ndarray, new: np.ndarray, excluded_ids: Sequence[int]
+) -> tuple[bool, float]:
     """Forgetting check: are all logits outside ``excluded_ids`` bit-identical? Also the max |diff|."""
     base, new = np.asarray(base), np.asarray(new)
     keep = np.ones(base.shape[-1], dtype=bool)
@@ -150,7 +159,9 @@ def logits_identical_except(base: np.ndarray, new: np.ndarray, excluded_ids: Seq
     return bool(np.array_equal(base[..., keep], new[..., keep])), float(diff.max() if diff.size else 0.0)
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean."""
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     if v.size == 0:
@@ -160,8 +171,9 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, alp
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
-def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
-                          alpha: float = 0.05) -> dict:
+def paired_bootstrap_diff(
+    a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> dict:
     """Mean of ``a - b`` over paired units with a bootstrap CI; ``crosses_zero`` flags an unresolved claim."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     lo, hi = bootstrap_ci(d, n_boot, seed, alpha)

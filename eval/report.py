@@ -7,8 +7,17 @@ from pathlib import Path
 
 from yochameleon.eval.schema import METRICS, ConceptResult, load_summary, summarize, write_summary
 
-TABLE_METRICS = ("recognition_weighted", "recognition_pos", "recognition_neg_hard", "recognition_neg_easy", "vqa",
-                 "text_qa", "clip_i", "gen_fidelity", "face_sim")
+TABLE_METRICS = (
+    "recognition_weighted",
+    "recognition_pos",
+    "recognition_neg_hard",
+    "recognition_neg_easy",
+    "vqa",
+    "text_qa",
+    "clip_i",
+    "gen_fidelity",
+    "face_sim",
+)
 
 
 def _cell(stats: dict, metric: str) -> str:
@@ -24,17 +33,27 @@ def markdown_table(summary: dict) -> str:
     cols = [m for m in TABLE_METRICS if any(s.get(m) is not None for s in summary["methods"].values())]
     lines = ["| method | tokens | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for method, stats in summary["methods"].items():
-        lines.append(f"| {method} | {stats.get('prompt_tokens', 0):.0f} | "
-                     + " | ".join(_cell(stats, m) for m in cols) + " |")
+        lines.append(
+            f"| {method} | {stats.get('prompt_tokens', 0):.0f} | "
+            + " | ".join(_cell(stats, m) for m in cols)
+            + " |"
+        )
     if summary.get("differences"):
         ref = summary.get("reference", "yochameleon")
-        lines += ["", f"Paired differences vs `{ref}` (reference − method; 95% bootstrap CI):", "",
-                  "| method | metric | mean | CI | resolved |", "|---|---|---:|---|---|"]
+        lines += [
+            "",
+            f"Paired differences vs `{ref}` (reference − method; 95% bootstrap CI):",
+            "",
+            "| method | metric | mean | CI | resolved |",
+            "|---|---|---:|---|---|",
+        ]
         for method, diffs in summary["differences"].items():
             for metric, d in diffs.items():
                 if metric in TABLE_METRICS:
-                    lines.append(f"| {method} | {metric} | {d['mean']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | "
-                                 f"{'no (crosses 0)' if d['crosses_zero'] else 'yes'} |")
+                    lines.append(
+                        f"| {method} | {metric} | {d['mean']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | "
+                        f"{'no (crosses 0)' if d['crosses_zero'] else 'yes'} |"
+                    )
     return "\n".join(lines)
 
 
@@ -59,9 +78,13 @@ def write_report(summary: dict, out_dir: str | Path) -> dict[str, Path]:
         for i, method in enumerate(methods):
             st = summary["methods"][method]
             vals = [st.get(m) or 0.0 for m in metrics]
-            err = [[(st.get(m) or 0) - (st.get(m + "_ci") or [st.get(m) or 0] * 2)[0] for m in metrics],
-                   [(st.get(m + "_ci") or [st.get(m) or 0] * 2)[1] - (st.get(m) or 0) for m in metrics]]
-            ax.bar([j + i * width for j in range(len(metrics))], vals, width, yerr=err, capsize=2, label=method)
+            err = [
+                [(st.get(m) or 0) - (st.get(m + "_ci") or [st.get(m) or 0] * 2)[0] for m in metrics],
+                [(st.get(m + "_ci") or [st.get(m) or 0] * 2)[1] - (st.get(m) or 0) for m in metrics],
+            ]
+            ax.bar(
+                [j + i * width for j in range(len(metrics))], vals, width, yerr=err, capsize=2, label=method
+            )
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(metrics))])
         ax.set_xticklabels(metrics, rotation=30, ha="right")
         ax.set_ylabel("score")

@@ -33,8 +33,18 @@ from pathlib import Path
 from yochameleon.errors import ConfigError
 
 SCHEMA_VERSION = 1
-METRICS = ("recognition_pos", "recognition_neg_hard", "recognition_neg_easy", "recognition_weighted", "vqa", "text_qa",
-           "clip_i", "clip_t", "face_sim", "gen_fidelity")
+METRICS = (
+    "recognition_pos",
+    "recognition_neg_hard",
+    "recognition_neg_easy",
+    "recognition_weighted",
+    "vqa",
+    "text_qa",
+    "clip_i",
+    "clip_t",
+    "face_sim",
+    "gen_fidelity",
+)
 COSINES = ("clip_i", "clip_t", "face_sim")
 
 
@@ -69,8 +79,13 @@ class ConceptResult:
                 raise ConfigError(f"{self.method}/{self.concept}: {name}={v!r} is outside [{lo}, 1]")
 
 
-def summarize(records: list[ConceptResult], config: dict | None = None, reference: str = "yochameleon",
-              n_boot: int = 2000, seed: int = 0) -> dict:
+def summarize(
+    records: list[ConceptResult],
+    config: dict | None = None,
+    reference: str = "yochameleon",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Means, bootstrap CIs and paired differences vs ``reference`` (see the module docstring)."""
     from yochameleon.eval.metrics import bootstrap_ci, paired_bootstrap_diff
 
@@ -93,13 +108,25 @@ def summarize(records: list[ConceptResult], config: dict | None = None, referenc
                 continue
             diffs = {}
             for m in METRICS:
-                pairs = [(getattr(ref[(r.concept, r.seed)], m), getattr(r, m)) for r in rows if (r.concept, r.seed) in ref]
+                pairs = [
+                    (getattr(ref[(r.concept, r.seed)], m), getattr(r, m))
+                    for r in rows
+                    if (r.concept, r.seed) in ref
+                ]
                 pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
                 if pairs:
-                    diffs[m] = paired_bootstrap_diff([a for a, _ in pairs], [b for _, b in pairs], n_boot, seed)
+                    diffs[m] = paired_bootstrap_diff(
+                        [a for a, _ in pairs], [b for _, b in pairs], n_boot, seed
+                    )
             differences[method] = diffs
-    return {"schema_version": SCHEMA_VERSION, "methods": methods, "differences": differences, "reference": reference,
-            "per_concept": [asdict(r) for r in records], "config": config or {}}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "methods": methods,
+        "differences": differences,
+        "reference": reference,
+        "per_concept": [asdict(r) for r in records],
+        "config": config or {},
+    }
 
 
 def write_summary(path: str | Path, summary: dict) -> Path:

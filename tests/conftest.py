@@ -47,4 +47,7 @@ def photos():
     from PIL import Image
     from skimage import data
 
-    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    return [
+        Image.fromarray(getattr(data, name)()).convert("RGB")
+        for name in ("astronaut", "chelsea", "coffee", "rocket")
+    ]

@@ -14,8 +14,12 @@ from yochameleon.errors import ConfigError, DataError
 from yochameleon.eval.harness import TestSet, evaluate
 from yochameleon.retrieval import TestEmbedder
 
-TRAIN = {"optim": {"epochs": 1, "lr": 3e-2, "batch_size": 4}, "concept": {"n_g": 4, "n_u": 4},
-         "logging": {"loggers": []}, "model": {"device": "cpu"}}
+TRAIN = {
+    "optim": {"epochs": 1, "lr": 3e-2, "batch_size": 4},
+    "concept": {"n_g": 4, "n_u": 4},
+    "logging": {"loggers": []},
+    "model": {"device": "cpu"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +32,35 @@ def setup(tmp_path_factory):
     concept = make_concept_folder(root)
     pool = make_pool(root, per_photo=1)
     build_index(pool, root / "index", TestEmbedder(), progress=False)
-    prepare_concept(concept, root / "data", root / "index",
-                    PrepareOptions(n_g=4, n_recognition=8, n_hard_negatives=4, n_easy_negatives=4, n_soft_positives=6))
+    prepare_concept(
+        concept,
+        root / "data",
+        root / "index",
+        PrepareOptions(n_g=4, n_recognition=8, n_hard_negatives=4, n_easy_negatives=4, n_soft_positives=6),
+    )
     test = root / "test"
     photos = sorted((concept / "photos").glob("*.png"))
     for sub, files in (("positives", photos[:2]), ("negatives_easy", sorted(pool.glob("*.png"))[:2])):
         (test / sub).mkdir(parents=True)
         for f in files:
             (test / sub / f.name).write_bytes(f.read_bytes())
-    (test / "vqa.json").write_text(json.dumps([{"image": f"positives/{photos[0].name}", "question": "What is <sks>?",
-                                                "options": ["a cat", "a dog"], "answer": "a cat"}]))
-    (test / "text_qa.json").write_text(json.dumps([{"question": "Is <sks> a cat or a dog?",
-                                                    "options": {"A": "cat", "B": "dog"}, "answer": "A"}]))
+    (test / "vqa.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": f"positives/{photos[0].name}",
+                    "question": "What is <sks>?",
+                    "options": ["a cat", "a dog"],
+                    "answer": "a cat",
+                }
+            ]
+        )
+    )
+    (test / "text_qa.json").write_text(
+        json.dumps(
+            [{"question": "Is <sks> a cat or a dog?", "options": {"A": "cat", "B": "dog"}, "answer": "A"}]
+        )
+    )
     data = ConceptData("sks", concept, photos, "<sks> is a tabby cat.", root / "data", root / "index")
     return root, data, TestSet.load(test)
 
@@ -54,7 +75,9 @@ def test_every_method_runs_end_to_end(backend, setup, name, tmp_path):
     method = build_method(name, backend, **options)
     assert method.name == name
     method.fit(data, tmp_path)
-    result = evaluate(method, test, "sks", seed=0, real_photos=data.photos, embedder=TestEmbedder(), n_images=1)
+    result = evaluate(
+        method, test, "sks", seed=0, real_photos=data.photos, embedder=TestEmbedder(), n_images=1
+    )
     assert result.method == name and result.recognition_weighted is not None and result.text_qa is not None
     assert result.clip_i is not None and -1 <= result.clip_i <= 1
     method.close()
@@ -76,8 +99,9 @@ def test_unknown_method_and_bad_test_dirs(backend, tmp_path):
     with pytest.raises(DataError, match="is empty"):
         TestSet.load(tmp_path / "empty")
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "vqa.json").write_text(json.dumps([{"image": "positives/ghost.png", "question": "q",
-                                                          "options": ["a", "b"], "answer": "a"}]))
+    (tmp_path / "t" / "vqa.json").write_text(
+        json.dumps([{"image": "positives/ghost.png", "question": "q", "options": ["a", "b"], "answer": "a"}])
+    )
     with pytest.raises(DataError, match="ghost.png"):
         TestSet.load(tmp_path / "t")
 

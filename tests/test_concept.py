@@ -147,7 +147,7 @@ from yochameleon.concept import load_concept
 b = load_backend({str(tiny_dir)!r})
 load_concept(b, {str(st)!r})
 h, _ = b.hidden_states(torch.tensor([{ids}]))
-assert torch.equal(b.logits(h)[0], torch.load({str(tmp_path / 'expected.pt')!r})), "logits differ"
+assert torch.equal(b.logits(h)[0], torch.load({str(tmp_path / "expected.pt")!r})), "logits differ"
 print("identical")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -186,7 +186,13 @@ def test_wrong_shape_dtype_extra_and_nan_refused(backend, saved):
         ({"embed": good["embed"][:, :-1].contiguous(), "head": good["head"]}, "shape"),
         ({"embed": good["embed"].half(), "head": good["head"]}, "dtype"),
         ({**good, "extra": torch.zeros(1)}, "exactly the tensors"),
-        ({"embed": good["embed"].clone().index_fill_(0, torch.tensor([1]), float("nan")), "head": good["head"]}, "NaN"),
+        (
+            {
+                "embed": good["embed"].clone().index_fill_(0, torch.tensor([1]), float("nan")),
+                "head": good["head"],
+            },
+            "NaN",
+        ),
     ]
     for tensors, match in cases:
         save_file(tensors, str(st))

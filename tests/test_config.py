@@ -28,23 +28,35 @@ def test_recipes_exist():
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(TrainConfig, RECIPES[0], ["optim.lr=1e-4", "concept.n_g=8", "method.self_prompting=false",
-                                                 "data.tasks=[recognition, text_qa]", "model.quantization=4bit"])
+    cfg = load_config(
+        TrainConfig,
+        RECIPES[0],
+        [
+            "optim.lr=1e-4",
+            "concept.n_g=8",
+            "method.self_prompting=false",
+            "data.tasks=[recognition, text_qa]",
+            "model.quantization=4bit",
+        ],
+    )
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.concept.n_g == 8 and cfg.method.self_prompting is False
     assert cfg.data.tasks == ["recognition", "text_qa"] and cfg.model.quantization == "4bit"
 
 
-@pytest.mark.parametrize("override, match", [
-    ("optim.lrr=1e-3", "did you mean 'lr'"),
-    ("optm.lr=1e-3", "did you mean 'optim'"),
-    ("concept.n_g=many", "expected an integer"),
-    ("method.self_prompting=maybe", "expected true/false"),
-    ("data.soft_prompt_form=poem", "not one of"),
-    ("data.tasks=[dancing]", "subset of"),
-    ("optim.lr=-1", "positive"),
-    ("--lr=3", "key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.lrr=1e-3", "did you mean 'lr'"),
+        ("optm.lr=1e-3", "did you mean 'optim'"),
+        ("concept.n_g=many", "expected an integer"),
+        ("method.self_prompting=maybe", "expected true/false"),
+        ("data.soft_prompt_form=poem", "not one of"),
+        ("data.tasks=[dancing]", "subset of"),
+        ("optim.lr=-1", "positive"),
+        ("--lr=3", "key.sub=value"),
+    ],
+)
 def test_bad_overrides_fail_clearly(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(TrainConfig, None, [override])

@@ -24,16 +24,30 @@ RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 
 
 def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
-               TQDM_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 def _cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "yochameleon.cli", *args], capture_output=True, text=True,
-                         timeout=timeout, env=_env(), cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "yochameleon.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=REPO,
+    )
     if check and out.returncode != 0:
-        raise AssertionError(f"yochameleon {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        raise AssertionError(
+            f"yochameleon {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        )
     return out
 
 
@@ -51,9 +65,16 @@ def world(tmp_path_factory):
 
 
 def _train_args(model, world, out, *extra):
-    return ["train", str(RECIPE), f"output_dir={out}", f"model.name_or_path={model}",
-            f"concept.concept_dir={world['concept']}", f"concept.data_dir={world['root'] / 'data'}",
-            f"data.index_dir={world['index']}", *extra]
+    return [
+        "train",
+        str(RECIPE),
+        f"output_dir={out}",
+        f"model.name_or_path={model}",
+        f"concept.concept_dir={world['concept']}",
+        f"concept.data_dir={world['root'] / 'data'}",
+        f"data.index_dir={world['index']}",
+        *extra,
+    ]
 
 
 def test_train_ask_generate_through_the_cli(tiny_dir, world, tmp_path):
@@ -66,10 +87,31 @@ def test_train_ask_generate_through_the_cli(tiny_dir, world, tmp_path):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics)
     photo = sorted((world["concept"] / "photos").glob("*.png"))[0]
-    ask = _cli("ask", "--model", str(tiny_dir), "--concept", str(concept), "--image", str(photo), "Is <sks> in this photo?")
+    ask = _cli(
+        "ask",
+        "--model",
+        str(tiny_dir),
+        "--concept",
+        str(concept),
+        "--image",
+        str(photo),
+        "Is <sks> in this photo?",
+    )
     assert ask.stdout.strip()
-    gen = _cli("generate", "--model", str(tiny_dir), "--concept", str(concept), "A photo of <sks>.", "--out",
-               str(tmp_path / "gen"), "--n", "2", "--seed", "0")
+    gen = _cli(
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--concept",
+        str(concept),
+        "A photo of <sks>.",
+        "--out",
+        str(tmp_path / "gen"),
+        "--n",
+        "2",
+        "--seed",
+        "0",
+    )
     files = sorted((tmp_path / "gen").glob("*.png"))
     assert len(files) == 2 and all(str(f) in gen.stdout for f in files)
     # A bad override fails with one clear line and exit status 2.
@@ -83,8 +125,13 @@ def test_resume_after_sigkill_gives_identical_rows(tiny_dir, world, tmp_path):
     want = load_file(str(tmp_path / "straight" / "concepts" / "sks.safetensors"))
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "yochameleon.cli", *_train_args(tiny_dir, world, out, *common)],
-                            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "yochameleon.cli", *_train_args(tiny_dir, world, out, *common)],
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -106,22 +153,43 @@ def test_resume_after_sigkill_gives_identical_rows(tiny_dir, world, tmp_path):
 
 def test_two_process_ddp_writes_one_concept_file(tiny_dir, world, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "yochameleon.cli", *_train_args(tiny_dir, world, out, "optim.epochs=1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "yochameleon.cli",
+        *_train_args(tiny_dir, world, out, "optim.epochs=1"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("concept sks:") == 1  # only rank 0 writes
     rows = load_file(str(out / "concepts" / "sks.safetensors"))
     assert torch.isfinite(rows["embed"]).all()
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [
+        json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
     assert len(losses) >= 2
 
 
 def test_wandb_offline_writes_run_with_losses_and_images(tiny_dir, world, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "wb"
-    _cli(*_train_args(tiny_dir, world, out, "optim.epochs=1", "logging.loggers=[jsonl, wandb]",
-                      "logging.wandb_project=yoc-test", "logging.sample_images=2"))
+    _cli(
+        *_train_args(
+            tiny_dir,
+            world,
+            out,
+            "optim.epochs=1",
+            "logging.loggers=[jsonl, wandb]",
+            "logging.wandb_project=yoc-test",
+            "logging.sample_images=2",
+        )
+    )
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run = runs[0]
@@ -136,9 +204,26 @@ def test_other_families_train_end_to_end(family, world, tmp_path):
     _cli("make-tiny", str(model), "--family", family)
     recipe = REPO / "recipes" / f"yochameleon-{family}.yaml"
     out = tmp_path / "run"
-    _cli("train", str(recipe), f"output_dir={out}", f"model.name_or_path={model}", "model.dtype=float32",
-         "model.device=cpu", "mixed_precision=no", f"concept.concept_dir={world['concept']}",
-         f"concept.data_dir={tmp_path / 'data'}", f"data.index_dir={world['index']}", "concept.n_g=4", "concept.n_u=4",
-         "data.n_recognition=8", "data.n_hard_negatives=4", "data.n_easy_negatives=4", "data.n_soft_positives=6",
-         "optim.epochs=1", "optim.lr=1e-2", "logging.loggers=[jsonl]", "method.gradient_checkpointing=false")
+    _cli(
+        "train",
+        str(recipe),
+        f"output_dir={out}",
+        f"model.name_or_path={model}",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "mixed_precision=no",
+        f"concept.concept_dir={world['concept']}",
+        f"concept.data_dir={tmp_path / 'data'}",
+        f"data.index_dir={world['index']}",
+        "concept.n_g=4",
+        "concept.n_u=4",
+        "data.n_recognition=8",
+        "data.n_hard_negatives=4",
+        "data.n_easy_negatives=4",
+        "data.n_soft_positives=6",
+        "optim.epochs=1",
+        "optim.lr=1e-2",
+        "logging.loggers=[jsonl]",
+        "method.gradient_checkpointing=false",
+    )
     assert (out / "concepts" / "sks.safetensors").is_file()

@@ -26,8 +26,13 @@ def _fit(backend, tokens, records, image_ids, steps=40, lr=3e-2):
 
 def test_forced_and_emitted_self_prompt(backend):
     tokens = attach(backend, ConceptSpec("bo", n_g=4, n_u=4))
-    rec = {"task": "understanding", "kind": "text_qa", "question": "What is <sks>?", "answer": "a red dog",
-           "image": None}
+    rec = {
+        "task": "understanding",
+        "kind": "text_qa",
+        "question": "What is <sks>?",
+        "answer": "a red dog",
+        "image": None,
+    }
     _fit(backend, tokens, [rec], None, steps=60)
     pm = PersonalizedModel(backend)
     forced = pm.ask_detailed("What is <bo>?", force_tokens=True)
@@ -68,7 +73,13 @@ def test_two_concepts_in_one_prompt(backend):
 def test_generate_image_forced_and_emitted(backend, photos, tmp_path):
     tokens = attach(backend, ConceptSpec("cat", n_g=4, n_u=4))
     img = backend.encode_images(photos[1:2])[0].tolist()
-    rec = {"task": "generation", "kind": "generation_real", "question": "A photo of <sks>.", "image": "x", "n_g": 4}
+    rec = {
+        "task": "generation",
+        "kind": "generation_real",
+        "question": "A photo of <sks>.",
+        "image": "x",
+        "n_g": 4,
+    }
     _fit(backend, tokens, [rec], img, steps=60)
     pm = PersonalizedModel(backend)
     forced = pm.generate_image("A photo of <cat>.", n=2, seed=0, temperature=0)

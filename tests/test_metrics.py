@@ -30,7 +30,9 @@ def test_recognition_scores_by_hand():
     preds = [True, True, True, None, True, False, False, False]
     s = recognition_scores(preds, labels)
     # pos: 3/4 (None is wrong); hard: 1/2; easy: 2/2; negatives pooled 3/4; weighted (0.75 + 0.75) / 2.
-    assert s["recognition_pos"] == 0.75 and s["recognition_neg_hard"] == 0.5 and s["recognition_neg_easy"] == 1.0
+    assert (
+        s["recognition_pos"] == 0.75 and s["recognition_neg_hard"] == 0.5 and s["recognition_neg_easy"] == 1.0
+    )
     assert s["recognition_weighted"] == 0.75 and s["recognition_unparsed"] == 1
     always_no = recognition_scores([False] * 8, labels)
     assert always_no["recognition_weighted"] == 0.5  # a constant answer cannot beat chance
@@ -38,8 +40,17 @@ def test_recognition_scores_by_hand():
         recognition_scores([True], ["maybe"])
 
 
-@pytest.mark.parametrize("text, want", [("Yes, it is.", True), ("no.", False), ("<u1><u2> Yes", True),
-                                        ("I think not", None), ("", None), ("Nope, yes", True)])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Yes, it is.", True),
+        ("no.", False),
+        ("<u1><u2> Yes", True),
+        ("I think not", None),
+        ("", None),
+        ("Nope, yes", True),
+    ],
+)
 def test_parse_yes_no(text, want):
     assert parse_yes_no(text) is want
 
@@ -61,7 +72,9 @@ def test_clip_scores_by_hand():
     real = np.array([[1.0, 0.0], [0.0, 1.0]])  # mean direction (1, 1)/sqrt(2)
     gen = np.array([[1.0, 0.0], [1.0, 1.0]])
     assert clip_i(gen, real) == pytest.approx((1 / np.sqrt(2) + 1.0) / 2)
-    assert clip_t(np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.5)
+    assert clip_t(np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(
+        0.5
+    )
 
 
 def test_face_similarity_skips_cleanly_without_insightface():
@@ -94,9 +107,21 @@ def _records():
     out = []
     for seed in (0, 1):
         for c, base in (("a", 0.8), ("b", 0.6)):
-            out.append(ConceptResult("yochameleon", c, seed, recognition_weighted=base + 0.1 * seed, clip_i=0.7,
-                                     prompt_tokens=33))
-            out.append(ConceptResult("text_prompt", c, seed, recognition_weighted=base - 0.2, clip_i=0.5, prompt_tokens=12))
+            out.append(
+                ConceptResult(
+                    "yochameleon",
+                    c,
+                    seed,
+                    recognition_weighted=base + 0.1 * seed,
+                    clip_i=0.7,
+                    prompt_tokens=33,
+                )
+            )
+            out.append(
+                ConceptResult(
+                    "text_prompt", c, seed, recognition_weighted=base - 0.2, clip_i=0.5, prompt_tokens=12
+                )
+            )
     return out
 
 

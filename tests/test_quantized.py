@@ -24,9 +24,22 @@ def test_quantized_base_trains_concept_rows_only(tiny_dir, photos, quant):
     tokens = attach(backend, ConceptSpec("q", n_g=4, n_u=4))
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
     img = backend.encode_images(photos[:1])[0].tolist()
-    recs = [{"task": "generation", "kind": "generation_real", "question": "A photo of <sks>.", "image": "x", "n_g": 4},
-            {"task": "understanding", "kind": "recognition", "question": "Is <sks> here?<image>",
-             "answer": "Yes, it is <sks>.", "image": "x"}]
+    recs = [
+        {
+            "task": "generation",
+            "kind": "generation_real",
+            "question": "A photo of <sks>.",
+            "image": "x",
+            "n_g": 4,
+        },
+        {
+            "task": "understanding",
+            "kind": "recognition",
+            "question": "Is <sks> here?<image>",
+            "answer": "Yes, it is <sks>.",
+            "image": "x",
+        },
+    ]
     batch = collate([build_sequence(backend, r, tokens, img) for r in recs], backend.special.pad)
     opt = torch.optim.AdamW(get_bank(backend).parameters(), lr=3e-2)
     losses = []

@@ -19,17 +19,67 @@ from yochameleon.train.trainer import Trainer
 def _records(n_images: int = 2) -> list[dict]:
     recs = []
     for i in range(n_images):
-        recs.append({"id": f"rec{i}", "task": "understanding", "kind": "recognition", "question": "Is <sks> in this photo?<image>",
-                     "answer": "Yes, it is <sks>.", "image": f"img{i}", "flip": False, "label": "pos"})
-        recs.append({"id": f"neg{i}", "task": "understanding", "kind": "recognition",
-                     "question": "Can you see <sks> here?<image>", "answer": "No, <sks> is not here.",
-                     "image": f"neg{i}", "flip": False, "label": "neg_easy"})
-        recs.append({"id": f"gen{i}", "task": "generation", "kind": "generation_real", "question": "A photo of <sks>.",
-                     "answer": None, "image": f"img{i}", "flip": False, "n_g": 4})
-    recs.append({"id": "qa", "task": "understanding", "kind": "text_qa", "question": "What is <sks>?",
-                 "answer": "<sks> is a cat.", "image": None, "flip": False})
-    recs.append({"id": "soft", "task": "generation", "kind": "generation_soft", "question": "A photo of <sks>.",
-                 "answer": None, "image": "neg0", "flip": False, "n_g": 2, "prompt_form": "paper", "score": 0.5})
+        recs.append(
+            {
+                "id": f"rec{i}",
+                "task": "understanding",
+                "kind": "recognition",
+                "question": "Is <sks> in this photo?<image>",
+                "answer": "Yes, it is <sks>.",
+                "image": f"img{i}",
+                "flip": False,
+                "label": "pos",
+            }
+        )
+        recs.append(
+            {
+                "id": f"neg{i}",
+                "task": "understanding",
+                "kind": "recognition",
+                "question": "Can you see <sks> here?<image>",
+                "answer": "No, <sks> is not here.",
+                "image": f"neg{i}",
+                "flip": False,
+                "label": "neg_easy",
+            }
+        )
+        recs.append(
+            {
+                "id": f"gen{i}",
+                "task": "generation",
+                "kind": "generation_real",
+                "question": "A photo of <sks>.",
+                "answer": None,
+                "image": f"img{i}",
+                "flip": False,
+                "n_g": 4,
+            }
+        )
+    recs.append(
+        {
+            "id": "qa",
+            "task": "understanding",
+            "kind": "text_qa",
+            "question": "What is <sks>?",
+            "answer": "<sks> is a cat.",
+            "image": None,
+            "flip": False,
+        }
+    )
+    recs.append(
+        {
+            "id": "soft",
+            "task": "generation",
+            "kind": "generation_soft",
+            "question": "A photo of <sks>.",
+            "answer": None,
+            "image": "neg0",
+            "flip": False,
+            "n_g": 2,
+            "prompt_form": "paper",
+            "score": 0.5,
+        }
+    )
     return recs
 
 
@@ -41,9 +91,14 @@ def image_lookup(backend, photos):
 
 
 def _config(tmp_path, **over) -> TrainConfig:
-    data = {"output_dir": str(tmp_path / "run"), "model": {"name_or_path": "unused", "dtype": "float32", "device": "cpu"},
-            "concept": {"name": "cat", "n_g": 4, "n_u": 4},
-            "optim": {"lr": 1e-2, "batch_size": 2, "epochs": 2}, "save_every": 3, "logging": {"loggers": ["jsonl"]}}
+    data = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": "unused", "dtype": "float32", "device": "cpu"},
+        "concept": {"name": "cat", "n_g": 4, "n_u": 4},
+        "optim": {"lr": 1e-2, "batch_size": 2, "epochs": 2},
+        "save_every": 3,
+        "logging": {"loggers": ["jsonl"]},
+    }
     for key, value in over.items():
         section, _, leaf = key.partition(".")
         if leaf:
@@ -63,7 +118,10 @@ def test_sequence_layout_self_prompting(backend, image_lookup):
     gen = build_sequence(backend, recs[2], tokens, image_lookup(recs[2]))
     glab = [t for t in gen.labels if t != IGNORE]
     assert glab[:4] == tokens.g_ids and glab[4] == backend.special.boi
-    assert glab[5 : 5 + backend.image_seq_len] == image_lookup(recs[2]) and glab[-2:] == [backend.special.eoi, backend.special.eot]
+    assert glab[5 : 5 + backend.image_seq_len] == image_lookup(recs[2]) and glab[-2:] == [
+        backend.special.eoi,
+        backend.special.eot,
+    ]
     soft = build_sequence(backend, recs[-1], tokens, image_lookup(recs[-1]))
     slab = [t for t in soft.labels if t != IGNORE]
     assert slab[:2] == tokens.g_ids[:2] and slab[2] == backend.special.boi
@@ -89,8 +147,18 @@ def test_fast_loss_equals_full_logits_with_padding(backend, image_lookup):
 def test_concept_learns_one_photo_and_base_stays_frozen(backend, image_lookup, tmp_path):
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
     # 16 + 16 prompt rows are enough capacity to steer a random 4-layer model onto one image.
-    cfg = _config(tmp_path, **{"optim.epochs": 60, "optim.batch_size": 1, "data.tasks": ["generation_real"],
-                               "optim.lr": 3e-2, "save_every": 1000, "concept.n_g": 16, "concept.n_u": 16})
+    cfg = _config(
+        tmp_path,
+        **{
+            "optim.epochs": 60,
+            "optim.batch_size": 1,
+            "data.tasks": ["generation_real"],
+            "optim.lr": 3e-2,
+            "save_every": 1000,
+            "concept.n_g": 16,
+            "concept.n_u": 16,
+        },
+    )
     gen = [dict(r, n_g=16) for r in _records(1) if r["kind"] == "generation_real"]
     trainer = Trainer(cfg, backend=backend)
     trainer.setup(records={"cat": gen}, image_ids=image_lookup)

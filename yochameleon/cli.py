@@ -37,7 +37,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg)
     trainer.setup()
     result = trainer.train(resume=args.resume)
-    print(f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else "nothing to do")
+    print(
+        f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}"
+        if result.losses
+        else "nothing to do"
+    )
     for name, path in result.concept_files.items():
         print(f"concept {name}: {path} (+ {path.with_suffix('.json').name})")
 
@@ -77,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
 
-    p = sub.add_parser("train", help="train concept tokens from a recipe: train RECIPE.yaml [key.sub=value ...]")
+    p = sub.add_parser(
+        "train", help="train concept tokens from a recipe: train RECIPE.yaml [key.sub=value ...]"
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir after an interruption")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir after an interruption"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="build training records and the token cache for a concept folder")
@@ -98,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--concept", action="append", default=[], help="concept file (repeatable)")
     p.add_argument("--image", default=None)
-    p.add_argument("--force-tokens", action="store_true", help="force the u-tokens instead of letting the model emit them")
+    p.add_argument(
+        "--force-tokens",
+        action="store_true",
+        help="force the u-tokens instead of letting the model emit them",
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_ask)
 
@@ -120,8 +132,13 @@ def _register_optional(sub) -> None:
     """Subcommands owned by the retrieval / eval / toy-world packages."""
     from importlib import import_module
 
-    for module in ("yochameleon.retrieval.cli", "yochameleon.eval.report", "yochameleon.eval.harness",
-                   "yochameleon.eval.toyworld.cli", "yochameleon.eval.bench.cli"):
+    for module in (
+        "yochameleon.retrieval.cli",
+        "yochameleon.eval.report",
+        "yochameleon.eval.harness",
+        "yochameleon.eval.toyworld.cli",
+        "yochameleon.eval.bench.cli",
+    ):
         try:
             mod = import_module(module)
         except ModuleNotFoundError as exc:
@@ -136,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one clear line and exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     try:
         args.func(args)
     except YoChameleonError as exc:

@@ -43,11 +43,15 @@ def validate_concept_name(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise ConceptError("a concept name must be a non-empty string")
     if _FORBIDDEN.search(name) or name in (".", ".."):
-        raise ConceptError(f"invalid concept name {name!r}: spaces, angle brackets and path separators are not allowed")
+        raise ConceptError(
+            f"invalid concept name {name!r}: spaces, angle brackets and path separators are not allowed"
+        )
     for ch in name:
         cat = unicodedata.category(ch)
         if not (cat.startswith("L") or cat.startswith("N") or ch in "-_."):
-            raise ConceptError(f"invalid concept name {name!r}: character {ch!r} is not a letter, digit, '-', '_' or '.'")
+            raise ConceptError(
+                f"invalid concept name {name!r}: character {ch!r} is not a letter, digit, '-', '_' or '.'"
+            )
     if len(name) > 64:
         raise ConceptError(f"concept name {name!r} is longer than 64 characters")
     return name
@@ -150,7 +154,9 @@ class _ConceptRows(nn.Module):
         self.register_buffer("slot_of_id", torch.full((vocab_size,), -1, dtype=torch.long), persistent=False)
 
     def add(self, name: str, ids: list[int], rows: torch.Tensor) -> None:
-        self.rows[name] = nn.Parameter(rows.detach().to(device=self.slot_of_id.device, dtype=torch.float32).clone())
+        self.rows[name] = nn.Parameter(
+            rows.detach().to(device=self.slot_of_id.device, dtype=torch.float32).clone()
+        )
         self.concept_ids[name] = torch.tensor(ids, dtype=torch.long)
         self._reindex()
 
@@ -267,8 +273,9 @@ def allocate_ids(backend: Backend, spec: ConceptSpec) -> ConceptTokens:
     return ConceptTokens(spec, ids, [backend.id_to_token(i) for i in ids])
 
 
-def attach(backend: Backend, concept: ConceptSpec | ConceptTokens,
-           rows: dict[str, torch.Tensor] | None = None) -> ConceptTokens:
+def attach(
+    backend: Backend, concept: ConceptSpec | ConceptTokens, rows: dict[str, torch.Tensor] | None = None
+) -> ConceptTokens:
     """Attach a concept to ``backend``; only its embedding and head rows become trainable.
 
     Args:
@@ -292,20 +299,26 @@ def attach(backend: Backend, concept: ConceptSpec | ConceptTokens,
         clash = set(tokens.ids) & bank.used_ids()
         if clash:
             owner = [n for n, c in bank.concepts.items() if clash & set(c.ids)]
-            raise ConceptError(f"token ids {sorted(clash)[:5]} of {tokens.spec.name!r} are used by attached "
-                               f"concept(s) {owner}")
+            raise ConceptError(
+                f"token ids {sorted(clash)[:5]} of {tokens.spec.name!r} are used by attached "
+                f"concept(s) {owner}"
+            )
     free = set(backend.free_token_ids())
     if not set(tokens.ids) <= free:
         bad = sorted(set(tokens.ids) - free)[:5]
-        raise ConceptError(f"ids {bad} of {tokens.spec.name!r} are not free reserved ids of {backend.name_or_path}")
+        raise ConceptError(
+            f"ids {bad} of {tokens.spec.name!r} are not free reserved ids of {backend.name_or_path}"
+        )
     ids = torch.tensor(tokens.ids, dtype=torch.long)
     if rows is None:
         from yochameleon.backends.base import _base_weight
 
         emb_w = _base_weight(backend.input_embeddings())
         head_w = _base_weight(backend.output_head())
-        rows = {"embed": emb_w.detach()[ids.to(emb_w.device)].float(),
-                "head": head_w.detach()[ids.to(head_w.device)].float()}
+        rows = {
+            "embed": emb_w.detach()[ids.to(emb_w.device)].float(),
+            "head": head_w.detach()[ids.to(head_w.device)].float(),
+        }
     if bank is None:
         bank = ConceptBank(backend)
         backend._concept_bank = bank
@@ -334,8 +347,10 @@ def concept_rows(backend: Backend, name: str) -> dict[str, torch.Tensor]:
     bank = get_bank(backend)
     if bank is None or name not in bank.concepts:
         raise ConceptError(f"no concept named {name!r} is attached")
-    return {"embed": bank.embedding.rows[name].detach().cpu().clone(),
-            "head": bank.head.rows[name].detach().cpu().clone()}
+    return {
+        "embed": bank.embedding.rows[name].detach().cpu().clone(),
+        "head": bank.head.rows[name].detach().cpu().clone(),
+    }
 
 
 def _name(concept: ConceptSpec | ConceptTokens) -> str:
@@ -374,8 +389,9 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def save_concept(backend: Backend, name: str, path: str | Path,
-                 training_config: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def save_concept(
+    backend: Backend, name: str, path: str | Path, training_config: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
     """Write ``NAME.safetensors`` (the rows only, fp32) and ``NAME.json`` next to each other.
 
     Both files are written to temporary names and renamed, so an interrupted save never leaves a
@@ -394,9 +410,17 @@ def save_concept(backend: Backend, name: str, path: str | Path,
     st_path, json_path = _paths(path)
     st_path.parent.mkdir(parents=True, exist_ok=True)
     meta = ConceptFileMeta(
-        name=name, n_g=tokens.spec.n_g, n_u=tokens.spec.n_u, shared=tokens.spec.shared, token_ids=tokens.ids,
-        token_strings=tokens.strings, hidden_size=backend.hidden_size, base_model=backend.name_or_path,
-        base_family=backend.family, base_fingerprint=backend.fingerprint(), training_config=training_config or {},
+        name=name,
+        n_g=tokens.spec.n_g,
+        n_u=tokens.spec.n_u,
+        shared=tokens.spec.shared,
+        token_ids=tokens.ids,
+        token_strings=tokens.strings,
+        hidden_size=backend.hidden_size,
+        base_model=backend.name_or_path,
+        base_family=backend.family,
+        base_fingerprint=backend.fingerprint(),
+        training_config=training_config or {},
     )
     tmp_st, tmp_json = st_path.with_suffix(".safetensors.tmp"), json_path.with_suffix(".json.tmp")
     save_file({k: v.contiguous() for k, v in rows.items()}, str(tmp_st), metadata={"concept": name})
@@ -431,7 +455,9 @@ def read_concept_file(path: str | Path) -> tuple[ConceptFileMeta, dict[str, torc
     except (SafetensorError, OSError, ValueError) as exc:
         raise ConceptError(f"{st_path} is truncated or not a safetensors file: {exc}") from exc
     if set(tensors) != set(ROW_TENSORS):
-        raise ConceptError(f"{st_path} must hold exactly the tensors {list(ROW_TENSORS)}, found {sorted(tensors)}")
+        raise ConceptError(
+            f"{st_path} must hold exactly the tensors {list(ROW_TENSORS)}, found {sorted(tensors)}"
+        )
     k = len(meta.token_ids)
     if k != meta.spec.n_tokens or len(meta.token_strings) != k:
         raise ConceptError(f"{json_path}: {k} token ids do not match n_g={meta.n_g}, n_u={meta.n_u}")
@@ -439,7 +465,9 @@ def read_concept_file(path: str | Path) -> tuple[ConceptFileMeta, dict[str, torc
         if t.dtype != torch.float32:
             raise ConceptError(f"{st_path}: tensor {key!r} has dtype {t.dtype}, expected float32")
         if tuple(t.shape) != (k, meta.hidden_size):
-            raise ConceptError(f"{st_path}: tensor {key!r} has shape {tuple(t.shape)}, expected {(k, meta.hidden_size)}")
+            raise ConceptError(
+                f"{st_path}: tensor {key!r} has shape {tuple(t.shape)}, expected {(k, meta.hidden_size)}"
+            )
         if not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).any(dim=1).nonzero().flatten().tolist()
             raise ConceptError(f"{st_path}: tensor {key!r} has NaN/inf in rows {bad[:5]}")
@@ -463,7 +491,9 @@ def load_concept(backend: Backend, path: str | Path) -> ConceptTokens:
         )
     strings = [backend.id_to_token(i) if 0 <= i < backend.vocab_size else None for i in meta.token_ids]
     if strings != meta.token_strings:
-        raise IncompatibleBaseModelError(f"token strings of {meta.name!r} do not match this base model's vocabulary")
+        raise IncompatibleBaseModelError(
+            f"token strings of {meta.name!r} do not match this base model's vocabulary"
+        )
     tokens = ConceptTokens(meta.spec, list(meta.token_ids), list(meta.token_strings))
     return attach(backend, tokens, rows=tensors)
 

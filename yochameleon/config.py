@@ -48,7 +48,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if isinstance(value, bool):
             # YAML 1.1 reads an unquoted no/off/yes/on as a bool; take the word back if it is a choice.
-            words = [w for w in (("no", "off", "false") if not value else ("yes", "on", "true")) if w in get_args(tp)]
+            words = [
+                w
+                for w in (("no", "off", "false") if not value else ("yes", "on", "true"))
+                if w in get_args(tp)
+            ]
             value = words[0] if words else value
         if value not in get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")

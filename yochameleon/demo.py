@@ -19,8 +19,26 @@ from PIL import Image, ImageEnhance, ImageOps
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny-cpu.yaml"
 # skimage.data photos: the concept is the cat; the others make the pool of negatives.
 CONCEPT_PHOTO = "chelsea"
-POOL_PHOTOS = ["astronaut", "coffee", "rocket", "camera", "coins", "moon", "page", "text", "horse", "hubble_deep_field",
-               "immunohistochemistry", "retina", "cell", "clock", "grass", "gravel", "brick", "colorwheel"]
+POOL_PHOTOS = [
+    "astronaut",
+    "coffee",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "cell",
+    "clock",
+    "grass",
+    "gravel",
+    "brick",
+    "colorwheel",
+]
 
 
 def _skimage(name: str) -> Image.Image:
@@ -58,8 +76,10 @@ def make_concept_folder(root: Path, seed: int = 0) -> Path:
         "description: a tabby cat with green eyes and white whiskers\n"
         "facts:\n  - it is a tabby cat\n  - its eyes are green\n"
     )
-    qa = [{"question": "What kind of animal is <sks>?", "answer": "<sks> is a cat."},
-          {"question": "What colour are the eyes of <sks>?", "answer": "The eyes of <sks> are green."}]
+    qa = [
+        {"question": "What kind of animal is <sks>?", "answer": "<sks> is a cat."},
+        {"question": "What colour are the eyes of <sks>?", "answer": "The eyes of <sks> are green."},
+    ]
     (folder / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
     return folder
 
@@ -102,22 +122,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[1/6] base model: {model_dir}")
     concept_dir = make_concept_folder(root)
     pool = make_pool(root)
-    print(f"[2/6] concept folder {concept_dir} ({len(list((concept_dir / 'photos').glob('*.png')))} photos), "
-          f"pool {pool} ({len(list(pool.glob('*.png')))} images)")
+    print(
+        f"[2/6] concept folder {concept_dir} ({len(list((concept_dir / 'photos').glob('*.png')))} photos), "
+        f"pool {pool} ({len(list(pool.glob('*.png')))} images)"
+    )
     index_dir = root / "index"
     build_index(pool, index_dir, TestEmbedder(), progress=False)
     print(f"[3/6] FAISS index of the pool: {index_dir}")
 
     run_dir = root / "run"
-    overrides = [f"output_dir={run_dir}", f"model.name_or_path={model_dir}", f"concept.concept_dir={concept_dir}",
-                 f"concept.data_dir={root / 'data'}", f"data.index_dir={index_dir}"]
+    overrides = [
+        f"output_dir={run_dir}",
+        f"model.name_or_path={model_dir}",
+        f"concept.concept_dir={concept_dir}",
+        f"concept.data_dir={root / 'data'}",
+        f"data.index_dir={index_dir}",
+    ]
     cfg = load_config(TrainConfig, RECIPE, overrides)
     print(f"[4/6] training with {RECIPE.name} -> {run_dir}")
     trainer = Trainer(cfg)
     trainer.setup()
     result = trainer.train(resume=(run_dir / "checkpoints" / "latest").exists())
     concept_file = result.concept_files["sks"]
-    print(f"      {result.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; concept file {concept_file}")
+    print(
+        f"      {result.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; concept file {concept_file}"
+    )
 
     pm = PersonalizedModel(trainer.backend)
     print("[5/6] recognition (Yes-vs-No likelihood):")

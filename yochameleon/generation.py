@@ -48,8 +48,13 @@ class ImageSpanConstraint(SpanConstraint):
 class TextConstraint(SpanConstraint):
     """Text only: no image tokens, no image delimiters and no banned (absent-concept) ids."""
 
-    def __init__(self, special: SpecialIds, vocab_size: int, banned: list[int] | None = None,
-                 stop_ids: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        special: SpecialIds,
+        vocab_size: int,
+        banned: list[int] | None = None,
+        stop_ids: tuple[int, ...] | None = None,
+    ) -> None:
         mask = torch.ones(vocab_size, dtype=torch.bool)
         mask[list(special.image_token_ids) + list(special.extra_image_ids)] = False
         mask[[special.boi, special.eoi, special.pad, special.bos]] = False
@@ -74,7 +79,9 @@ class Sampling:
     seed: int | None = None
 
 
-def _pick(logits: torch.Tensor, allowed: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, allowed: torch.Tensor, sampling: Sampling, gen: torch.Generator | None
+) -> torch.Tensor:
     masked = torch.full_like(logits, float("-inf"))
     idx = allowed.to(logits.device)
     masked[:, idx] = logits[:, idx]
@@ -89,8 +96,14 @@ def _pick(logits: torch.Tensor, allowed: torch.Tensor, sampling: Sampling, gen: 
 
 
 @torch.no_grad()
-def generate(backend: Backend, input_ids: torch.Tensor, constraint: SpanConstraint, max_new_tokens: int,
-             sampling: Sampling | None = None, progress: bool = False) -> torch.Tensor:
+def generate(
+    backend: Backend,
+    input_ids: torch.Tensor,
+    constraint: SpanConstraint,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` ids after ``input_ids`` ``[B, T]`` (equal-length prompts).
 
     Args:
@@ -126,8 +139,9 @@ def generate(backend: Backend, input_ids: torch.Tensor, constraint: SpanConstrai
         if not any(active):
             break
         position_ids = torch.full((batch, 1), pos, dtype=torch.long, device=device)
-        hidden, cache = backend.hidden_states(nxt[:, None], position_ids=position_ids, past_key_values=cache,
-                                              use_cache=True)
+        hidden, cache = backend.hidden_states(
+            nxt[:, None], position_ids=position_ids, past_key_values=cache, use_cache=True
+        )
         pos += 1
     width = max(len(o) for o in out)
     result = torch.full((batch, width), backend.special.pad, dtype=torch.long)
@@ -137,8 +151,12 @@ def generate(backend: Backend, input_ids: torch.Tensor, constraint: SpanConstrai
 
 
 @torch.no_grad()
-def teacher_forced_argmax(backend: Backend, prompt_ids: torch.Tensor, continuation: torch.Tensor,
-                          allowed: torch.Tensor | None = None) -> torch.Tensor:
+def teacher_forced_argmax(
+    backend: Backend,
+    prompt_ids: torch.Tensor,
+    continuation: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Argmax prediction at each continuation position given the true prefix (one forward pass).
 
     Used to check that greedy generation is exactly the model's argmax chain, and to measure how

@@ -75,8 +75,13 @@ class PersonalizedModel:
         self.backend = backend
 
     @classmethod
-    def load(cls, model: str, concept_files: list[str | Path], device: str = "auto",
-             options: LoadOptions | None = None) -> PersonalizedModel:
+    def load(
+        cls,
+        model: str,
+        concept_files: list[str | Path],
+        device: str = "auto",
+        options: LoadOptions | None = None,
+    ) -> PersonalizedModel:
         """Load a base model and attach concept files."""
         if options is None:
             dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -110,7 +115,9 @@ class PersonalizedModel:
 
         return _NAME.sub(sub, text), used
 
-    def _prompt_ids(self, text: str, image: Image.Image | str | None) -> tuple[list[int], list[ConceptTokens]]:
+    def _prompt_ids(
+        self, text: str, image: Image.Image | str | None
+    ) -> tuple[list[int], list[ConceptTokens]]:
         resolved, used = self._resolve(text)
         images = []
         if image is not None:
@@ -120,7 +127,11 @@ class PersonalizedModel:
                 resolved = "<image>" + resolved
         prefix = " ".join(c.personalized_prompt() for c in used)
         body = f"{prefix} {resolved}" if prefix else resolved
-        ids = [self.backend.special.bos] + encode_text(self.backend, body, used, images) + [self.backend.special.eot]
+        ids = (
+            [self.backend.special.bos]
+            + encode_text(self.backend, body, used, images)
+            + [self.backend.special.eot]
+        )
         return ids, used
 
     def _banned(self, used: list[ConceptTokens]) -> list[int]:
@@ -128,8 +139,13 @@ class PersonalizedModel:
         return [i for c in self.concepts.values() for i in c.ids if i not in keep]
 
     # ----- understanding ----------------------------------------------------------------------
-    def ask_detailed(self, question: str, image: Image.Image | str | None = None, force_tokens: bool = False,
-                     max_new_tokens: int = 48) -> Answer:
+    def ask_detailed(
+        self,
+        question: str,
+        image: Image.Image | str | None = None,
+        force_tokens: bool = False,
+        max_new_tokens: int = 48,
+    ) -> Answer:
         """Answer ``question`` (optionally about ``image``), reporting the self-prompt."""
         ids, used = self._prompt_ids(question, image)
         sp = self.backend.special
@@ -163,8 +179,13 @@ class PersonalizedModel:
         parts.append(self.backend.decode_text(run))
         return "".join(parts).strip()
 
-    def ask(self, question: str, image: Image.Image | str | None = None, force_tokens: bool = False,
-            max_new_tokens: int = 48) -> str:
+    def ask(
+        self,
+        question: str,
+        image: Image.Image | str | None = None,
+        force_tokens: bool = False,
+        max_new_tokens: int = 48,
+    ) -> str:
         """Answer a question; ``<NAME>`` (or ``<sks>``) in the text refers to an attached concept."""
         return self.ask_detailed(question, image, force_tokens, max_new_tokens).text
 
@@ -173,7 +194,9 @@ class PersonalizedModel:
         name = concept or self._single()
         return self.ask(f"<{name}> Describe this photo.<image>", image=image)
 
-    def recognize(self, image: Image.Image | str, concept: str | None = None, mode: str = "likelihood") -> bool:
+    def recognize(
+        self, image: Image.Image | str, concept: str | None = None, mode: str = "likelihood"
+    ) -> bool:
         """Is the concept in ``image``? ``mode`` is ``likelihood`` (Yes vs No) or ``generate``."""
         name = concept or self._single()
         question = recognition_question(0).replace("<sks>", f"<{name}>")
@@ -194,8 +217,16 @@ class PersonalizedModel:
         return float(logp[yes]), float(logp[no])
 
     # ----- generation -------------------------------------------------------------------------
-    def generate_image(self, prompt: str, n: int = 1, seed: int | None = 0, force_tokens: bool = True,
-                       temperature: float = 1.0, top_k: int = 0, progress: bool = False) -> list[Image.Image]:
+    def generate_image(
+        self,
+        prompt: str,
+        n: int = 1,
+        seed: int | None = 0,
+        force_tokens: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        progress: bool = False,
+    ) -> list[Image.Image]:
         """Generate ``n`` images for ``prompt`` (e.g. ``"A photo of <sks>."``).
 
         Sampling is seeded (deterministic for a seed); ``temperature=0`` is greedy.
@@ -234,7 +265,9 @@ class PersonalizedModel:
 
     def _single(self) -> str:
         if len(self.concepts) != 1:
-            raise ConceptError(f"name a concept: {len(self.concepts)} are attached ({', '.join(self.concepts)})")
+            raise ConceptError(
+                f"name a concept: {len(self.concepts)} are attached ({', '.join(self.concepts)})"
+            )
         return next(iter(self.concepts))
 
 

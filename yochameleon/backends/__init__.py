@@ -47,4 +47,12 @@ def load_backend(name_or_path: str | Path, options: LoadOptions | None = None) -
     return getattr(importlib.import_module(module), cls).load(name_or_path, options)
 
 
-__all__ = ["Backend", "BackendError", "LoadOptions", "SpecialIds", "detect_family", "load_backend", "FAMILIES"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "LoadOptions",
+    "SpecialIds",
+    "detect_family",
+    "load_backend",
+    "FAMILIES",
+]

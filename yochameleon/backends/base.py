@@ -95,8 +95,15 @@ class Backend:
 
     family: str = "base"
 
-    def __init__(self, name_or_path: str, model: nn.Module, tokenizer: Any, special: SpecialIds,
-                 image_seq_len: int, image_size: int) -> None:
+    def __init__(
+        self,
+        name_or_path: str,
+        model: nn.Module,
+        tokenizer: Any,
+        special: SpecialIds,
+        image_seq_len: int,
+        image_size: int,
+    ) -> None:
         self.name_or_path = name_or_path
         self.model = model
         self.tokenizer = tokenizer
@@ -113,8 +120,14 @@ class Backend:
     def decode_text(self, ids: list[int], skip_special: bool = True) -> str:
         """Text of ``ids``; image spans and special ids are dropped when ``skip_special``."""
         if skip_special:
-            drop = set(self.special.image_token_ids) | {self.special.boi, self.special.eoi, self.special.pad,
-                                                        self.special.bos, self.special.eos, self.special.eot}
+            drop = set(self.special.image_token_ids) | {
+                self.special.boi,
+                self.special.eoi,
+                self.special.pad,
+                self.special.bos,
+                self.special.eos,
+                self.special.eot,
+            }
             ids = [i for i in ids if i not in drop]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -205,16 +218,26 @@ class Backend:
     def device(self) -> torch.device:
         return self.input_embeddings().weight.device
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, past_key_values: Any = None,
-                      use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
         """Final (normed) hidden states ``[B, T, H]`` and the KV cache.
 
         Logits are deliberately not computed here: callers apply :meth:`logits` only where they need
         them (labelled positions in training, the last position in generation).
         """
-        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache)
+        out = self.model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         return out.last_hidden_state, out.past_key_values
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,14 @@ class ChameleonBackend(Backend):
         vmap = model.model.vocabulary_mapping
         image_ids = tuple(int(i) for i in vmap.image_tokens)
         special = SpecialIds(
-            bos=int(tok.bos_token_id), eos=int(tok.eos_token_id),
+            bos=int(tok.bos_token_id),
+            eos=int(tok.eos_token_id),
             pad=int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
             eot=int(tok.convert_tokens_to_ids(tok.sep_token)),
-            boi=int(processor.image_start_token_id), eoi=int(processor.image_end_token_id),
-            image_token_ids=image_ids, image_placeholder=int(processor.image_token_id),
+            boi=int(processor.image_start_token_id),
+            eoi=int(processor.image_end_token_id),
+            image_token_ids=image_ids,
+            image_placeholder=int(processor.image_token_id),
         )
         image_size = int(processor.image_processor.crop_size["height"])
         super().__init__(name_or_path, model, tok, special, int(processor.image_seq_length), image_size)
@@ -91,8 +94,11 @@ class ChameleonBackend(Backend):
             protected.add(self.special.image_placeholder)
         protected.update(self.tokenizer.all_special_ids)
         vocab = self.tokenizer.get_vocab()
-        ids = sorted(i for name, i in vocab.items() if _RESERVED.match(name) and i not in protected
-                     and i < self.vocab_size)
+        ids = sorted(
+            i
+            for name, i in vocab.items()
+            if _RESERVED.match(name) and i not in protected and i < self.vocab_size
+        )
         return ids
 
     # ----- images -----------------------------------------------------------------------------
@@ -142,8 +148,12 @@ def _bnb_config(options: LoadOptions):
     # there and image tokenization must stay exact.
     skip = ["lm_head", "vqmodel", "embed_tokens"]
     if options.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=options.torch_dtype,
-                                  bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=options.torch_dtype,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=skip,
+        )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 

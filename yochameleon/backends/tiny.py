@@ -46,10 +46,17 @@ class TinySize:
     vocab_size: int = 1536
     n_reserved: int = 256
     image_size: int = 64
-    vq: dict = field(default_factory=lambda: {
-        "embed_dim": 16, "num_embeddings": 256, "latent_channels": 16, "base_channels": 32,
-        "channel_multiplier": [1, 1, 2, 4], "num_res_blocks": 1, "resolution": 64,
-    })
+    vq: dict = field(
+        default_factory=lambda: {
+            "embed_dim": 16,
+            "num_embeddings": 256,
+            "latent_channels": 16,
+            "base_channels": 32,
+            "channel_multiplier": [1, 1, 2, 4],
+            "num_res_blocks": 1,
+            "resolution": 64,
+        }
+    )
 
     @property
     def image_seq_len(self) -> int:
@@ -61,11 +68,24 @@ SIZES = {
     "tiny": TinySize(),
     # About 100M parameters: Anole's 65,536-entry vocabulary and 1,024 image tokens per image.
     "small": TinySize(
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=4096, vocab_size=65536, n_reserved=7673,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        vocab_size=65536,
+        n_reserved=7673,
         image_size=256,
-        vq={"embed_dim": 32, "num_embeddings": 8192, "latent_channels": 32, "base_channels": 32,
-            "channel_multiplier": [1, 1, 2, 4], "num_res_blocks": 1, "resolution": 256},
+        vq={
+            "embed_dim": 32,
+            "num_embeddings": 8192,
+            "latent_channels": 32,
+            "base_channels": 32,
+            "channel_multiplier": [1, 1, 2, 4],
+            "num_res_blocks": 1,
+            "resolution": 256,
+        },
     ),
 }
 
@@ -81,9 +101,19 @@ def _vocabulary(size: TinySize) -> tuple[list[str], dict[str, str]]:
     image_tokens = [image_token_name(c) for c in range(n_codes)]
     # The reserved block mimics Anole: the first entry is the end-of-turn separator, the second is
     # the processor's <image> placeholder, everything after is free for concept tokens.
-    reserved = ["<reserved08706>", "<image>"] + [f"<reserved{8708 + i:05d}>" for i in range(size.n_reserved - 2)]
-    roles = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "sep": "<reserved08706>",
-             "image": "<image>", "boi": "<racm3:break>", "eoi": "<eoss>"}
+    reserved = ["<reserved08706>", "<image>"] + [
+        f"<reserved{8708 + i:05d}>" for i in range(size.n_reserved - 2)
+    ]
+    roles = {
+        "pad": "<pad>",
+        "bos": "<s>",
+        "eos": "</s>",
+        "unk": "<unk>",
+        "sep": "<reserved08706>",
+        "image": "<image>",
+        "boi": "<racm3:break>",
+        "eoi": "<eoss>",
+    }
     ordered = specials + image_tokens + ["<eoss>", "<racm3:break>"] + reserved
     if len(ordered) + 256 > size.vocab_size:
         raise ConfigError(f"vocab_size {size.vocab_size} is too small for {len(ordered)} special entries")
@@ -100,7 +130,9 @@ def build_tokenizer(size: TinySize):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=size.vocab_size, special_tokens=ordered, show_progress=False,
+        vocab_size=size.vocab_size,
+        special_tokens=ordered,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = [line for line in _CORPUS.splitlines() if line.strip()] * 50
@@ -116,9 +148,17 @@ def build_tokenizer(size: TinySize):
     if missing > 0:
         tok.add_special_tokens([f"<extra{i:05d}>" for i in range(missing)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=roles["bos"], eos_token=roles["eos"], pad_token=roles["pad"],
-        unk_token=roles["unk"], sep_token=roles["sep"],
-        extra_special_tokens={"image_token": roles["image"], "boi_token": roles["boi"], "eoi_token": roles["eoi"]},
+        tokenizer_object=tok,
+        bos_token=roles["bos"],
+        eos_token=roles["eos"],
+        pad_token=roles["pad"],
+        unk_token=roles["unk"],
+        sep_token=roles["sep"],
+        extra_special_tokens={
+            "image_token": roles["image"],
+            "boi_token": roles["boi"],
+            "eoi_token": roles["eoi"],
+        },
     )
     fast.add_bos_token = True
     return fast, ordered
@@ -154,11 +194,19 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     vocab_map = {name: i for i, name in enumerate(ordered)}
     vocab_map.update(tokenizer.get_vocab())
     config = ChameleonConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
-        vocabulary_map=vocab_map, vq_config=dict(spec.vq), tie_word_embeddings=False,
-        bos_token_id=vocab_map["<s>"], eos_token_id=vocab_map["</s>"], pad_token_id=vocab_map["<pad>"],
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        vocabulary_map=vocab_map,
+        vq_config=dict(spec.vq),
+        tie_word_embeddings=False,
+        bos_token_id=vocab_map["<s>"],
+        eos_token_id=vocab_map["</s>"],
+        pad_token_id=vocab_map["<pad>"],
     )
     torch.manual_seed(seed)
     model = ChameleonForConditionalGeneration(config).eval()
@@ -166,10 +214,14 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     decoder = ChameleonVQDecoder(model.config.vq_config)
     save_vq_decoder_state(decoder, out / "vq_decoder.safetensors")
     image_processor = ChameleonImageProcessor(
-        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
     )
-    processor = ChameleonProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   image_seq_length=spec.image_seq_len)
+    processor = ChameleonProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=spec.image_seq_len
+    )
     processor.save_pretrained(out)
-    (out / "yochameleon_tiny.json").write_text(json.dumps({"size": size, "seed": seed, **asdict(spec)}, indent=2))
+    (out / "yochameleon_tiny.json").write_text(
+        json.dumps({"size": size, "seed": seed, **asdict(spec)}, indent=2)
+    )
     return out

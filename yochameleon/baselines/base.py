@@ -97,15 +97,21 @@ class Method:
         return self.backend.decode_text([t for t in out.tolist() if t not in self._banned()]).strip()
 
     @torch.no_grad()
-    def generate_images(self, request: str, n: int = 1, seed: int = 0, temperature: float = 1.0) -> list[Image.Image]:
+    def generate_images(
+        self, request: str, n: int = 1, seed: int = 0, temperature: float = 1.0
+    ) -> list[Image.Image]:
         """Images for ``request`` through the family's image-span constraint."""
         p = self.prompt(request, None, task="generation")
         ids = torch.tensor([p.ids + p.answer_prefix] * n)
         span = self.backend.image_span_constraint()
         max_new = self.backend.image_seq_len + 2 + 64 * len(self.backend.special.extra_image_ids)
         out = generate(self.backend, ids, span, max_new, Sampling(temperature=temperature, seed=seed))
-        rows = [self.backend.span_to_image_ids(r[: len(self.backend.image_span([0] * self.backend.image_seq_len))])
-                for r in out.tolist()]
+        rows = [
+            self.backend.span_to_image_ids(
+                r[: len(self.backend.image_span([0] * self.backend.image_seq_len))]
+            )
+            for r in out.tolist()
+        ]
         return self.backend.decode_images(torch.tensor(rows))
 
     def _banned(self) -> list[int]:

@@ -44,7 +44,9 @@ class LinearProbeHead(nn.Module):
         self.linear = nn.Linear(dim, 2)
         self.threshold = threshold
 
-    def fit(self, pos: np.ndarray, neg: np.ndarray, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> LinearProbeHead:
+    def fit(
+        self, pos: np.ndarray, neg: np.ndarray, steps: int = 300, lr: float = 1e-2, seed: int = 0
+    ) -> LinearProbeHead:
         """Class-balanced cross-entropy with AdamW (MyVLM: lr 1e-3 for 500 steps on 1024-d features)."""
         torch.manual_seed(seed)
         x = torch.tensor(np.concatenate([pos, neg]), dtype=torch.float32)
@@ -99,8 +101,17 @@ class MyVLM(Method):
 
     name = "myvlm"
 
-    def __init__(self, backend, embedder=None, negatives: list[Path] | None = None, steps: int = 100,
-                 lr: float = 1.0, attn_reg: float = 0.0, batch_size: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self,
+        backend,
+        embedder=None,
+        negatives: list[Path] | None = None,
+        steps: int = 100,
+        lr: float = 1.0,
+        attn_reg: float = 0.0,
+        batch_size: int = 4,
+        seed: int = 0,
+    ) -> None:
         super().__init__(backend)
         from yochameleon.retrieval import TestEmbedder
 
@@ -118,14 +129,18 @@ class MyVLM(Method):
         from yochameleon.data.pipeline import read_manifest
 
         _, recs = read_manifest(concept.data_dir)
-        return sorted({concept.data_dir / r["image"] for r in recs if r.get("label") in ("neg_hard", "neg_easy")})
+        return sorted(
+            {concept.data_dir / r["image"] for r in recs if r.get("label") in ("neg_hard", "neg_easy")}
+        )
 
     def fit(self, concept: ConceptData, workdir: Path) -> None:
         super().fit(concept, workdir)
         pos_images = [load_rgb(p) for p in concept.photos]
         neg_paths = self._negatives(concept)
         if not neg_paths:
-            raise DataError(f"MyVLM needs negative images for {concept.name!r}: prepare the concept with an index")
+            raise DataError(
+                f"MyVLM needs negative images for {concept.name!r}: prepare the concept with an index"
+            )
         neg_images = [load_rgb(p) for p in neg_paths]
         pos = self.embedder.embed_images(pos_images, progress=False)
         neg = self.embedder.embed_images(neg_images, progress=False)
@@ -190,8 +205,12 @@ class MyVLM(Method):
         previous = model.config._attn_implementation
         model.set_attn_implementation("eager")
         try:
-            out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, output_attentions=True)
+            out = model.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                output_attentions=True,
+            )
         finally:
             model.set_attn_implementation(previous)
         col = batch.input_ids == token_id

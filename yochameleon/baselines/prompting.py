@@ -56,15 +56,20 @@ class ImagePrompt(Method):
         self.references = [load_rgb(p) for p in concept.photos[: self.k]]
         limit = getattr(self.backend.model.config.get_text_config(), "max_position_embeddings", None)
         if limit and self.prompt_tokens() + 64 > limit:
-            warnings.warn(f"image_prompt with k={self.k} uses {self.prompt_tokens()} tokens, past the model's context "
-                          f"length {limit}; answers will be truncated or meaningless", stacklevel=2)
+            warnings.warn(
+                f"image_prompt with k={self.k} uses {self.prompt_tokens()} tokens, past the model's context "
+                f"length {limit}; answers will be truncated or meaningless",
+                stacklevel=2,
+            )
 
     def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
         prefix = f"This is {PLAIN_NAME}: " + "<image>" * len(self.references) + ". "
         body = prefix + text.replace("<sks>", PLAIN_NAME)
         if image is not None and "<image>" not in text:
             body = prefix + "<image>" + text.replace("<sks>", PLAIN_NAME)
-        return Prompted(self._ids(body, None, extra_images=self.references + ([image] if image is not None else [])))
+        return Prompted(
+            self._ids(body, None, extra_images=self.references + ([image] if image is not None else []))
+        )
 
     def prompt_tokens(self) -> int:
         span = len(self.backend.image_span([0] * self.backend.image_seq_len))

@@ -51,8 +51,14 @@ class TrainedTokens(Method):
         over, tasks, self_prompting = VARIANTS[self.name]
         cfg = to_dict(from_dict(TrainConfig, self.train))
         cfg["output_dir"] = str(workdir / self.name)
-        cfg["concept"].update({"name": concept.name, "concept_dir": str(concept.concept_dir),
-                               "data_dir": str(concept.data_dir) if concept.data_dir else None, **over})
+        cfg["concept"].update(
+            {
+                "name": concept.name,
+                "concept_dir": str(concept.concept_dir),
+                "data_dir": str(concept.data_dir) if concept.data_dir else None,
+                **over,
+            }
+        )
         cfg["data"]["tasks"] = tasks
         cfg["data"]["index_dir"] = str(concept.index_dir) if concept.index_dir else cfg["data"]["index_dir"]
         cfg["method"]["self_prompting"] = self_prompting

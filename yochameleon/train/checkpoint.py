@@ -35,7 +35,9 @@ class RunLock:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.close()
-            raise TrainingError(f"another run is writing {self.path.parent}; wait for it or use another output_dir")
+            raise TrainingError(
+                f"another run is writing {self.path.parent}; wait for it or use another output_dir"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
@@ -75,8 +77,14 @@ def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
-                    keep: int = 2, tag: str | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
+    tag: str | None = None,
+) -> Path:
     """Atomically write a checkpoint and point ``latest`` (or ``tag``) at it; prune old ones."""
     from safetensors.torch import save_file
 
@@ -110,7 +118,9 @@ def _write_pointer(path: Path, value: str) -> None:
     tmp.replace(path)
 
 
-def load_checkpoint(run_dir: str | Path, tag: str = "latest") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_checkpoint(
+    run_dir: str | Path, tag: str = "latest"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The tensors and state of ``latest`` (or a named checkpoint), or ``None`` when there is none."""
     from safetensors.torch import load_file
 

@@ -80,14 +80,24 @@ class StdoutLogger(NoOpLogger):
 class WandbLogger(NoOpLogger):
     """Weights & Biases. ``mode`` is online/offline/disabled; ``WANDB_MODE`` in the environment wins."""
 
-    def __init__(self, project: str, entity: str | None, run_name: str | None, mode: str, run_dir: str | Path) -> None:
+    def __init__(
+        self, project: str, entity: str | None, run_name: str | None, mode: str, run_dir: str | Path
+    ) -> None:
         try:
             import wandb
         except ImportError as exc:  # pragma: no cover - wandb is a dependency
-            raise ConfigError("logging.loggers includes wandb but wandb is not installed: pip install wandb") from exc
+            raise ConfigError(
+                "logging.loggers includes wandb but wandb is not installed: pip install wandb"
+            ) from exc
         self._wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, name=run_name, dir=str(run_dir),
-                              mode=os.environ.get("WANDB_MODE", mode), reinit="finish_previous")
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=run_name,
+            dir=str(run_dir),
+            mode=os.environ.get("WANDB_MODE", mode),
+            reinit="finish_previous",
+        )
 
     def log(self, metrics, step):
         self.run.log(metrics, step=step)
@@ -136,5 +146,7 @@ def build_logger(cfg, run_dir: str | Path, is_main: bool = True) -> MetricLogger
         elif name == "stdout":
             made.append(StdoutLogger())
         elif name == "wandb":
-            made.append(WandbLogger(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name, cfg.wandb_mode, run_dir))
+            made.append(
+                WandbLogger(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name, cfg.wandb_mode, run_dir)
+            )
     return MultiLogger(made)

@@ -29,16 +29,18 @@ def token_weights(batch: Batch, task_weights: dict[str, float]) -> torch.Tensor:
     return w
 
 
-def label_only_loss(backend: Backend, batch: Batch, task_weights: dict[str, float] | None = None,
-                    chunk: int = 1024) -> tuple[torch.Tensor, dict[str, float]]:
+def label_only_loss(
+    backend: Backend, batch: Batch, task_weights: dict[str, float] | None = None, chunk: int = 1024
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean (optionally task-weighted) cross-entropy over labelled tokens, and per-kind means.
 
     Returns:
         ``(loss, {kind: mean CE})``; the loss is averaged over labelled tokens (weighted mean when
         task weights are set).
     """
-    hidden, _ = backend.hidden_states(batch.input_ids, attention_mask=batch.attention_mask,
-                                      position_ids=batch.position_ids)
+    hidden, _ = backend.hidden_states(
+        batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    )
     # Position t predicts label t+1.
     targets = batch.labels[:, 1:]
     sel = targets != IGNORE
@@ -59,7 +61,9 @@ def label_only_loss(backend: Backend, batch: Batch, task_weights: dict[str, floa
         row = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[sel]
         kinds = batch.kinds
         for kind in set(kinds):
-            m = torch.isin(row, torch.tensor([i for i, k in enumerate(kinds) if k == kind], device=row.device))
+            m = torch.isin(
+                row, torch.tensor([i for i, k in enumerate(kinds) if k == kind], device=row.device)
+            )
             if m.any():
                 per_kind[kind] = float(ce[m].mean())
     return loss, per_kind
@@ -70,8 +74,10 @@ def full_logits_loss(backend: Backend, batch: Batch) -> torch.Tensor:
 
     Kept as the reference the fast path is tested against.
     """
-    hidden, _ = backend.hidden_states(batch.input_ids, attention_mask=batch.attention_mask,
-                                      position_ids=batch.position_ids)
+    hidden, _ = backend.hidden_states(
+        batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    )
     logits = backend.logits(hidden)[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )

@@ -38,8 +38,13 @@ def recognition_accuracy(backend, concept: ConceptTokens, eval_set: EvalSet) -> 
     yes, no = backend.tokenize("Yes")[0], backend.tokenize("No")[0]
 
     def says_yes(image_ids: list[int]) -> bool:
-        rec = {"task": "understanding", "kind": "recognition", "question": recognition_question(0),
-               "answer": "Yes", "image": "x"}
+        rec = {
+            "task": "understanding",
+            "kind": "recognition",
+            "question": recognition_question(0),
+            "answer": "Yes",
+            "image": "x",
+        }
         seq = build_sequence(backend, rec, concept, image_ids)
         # Everything up to and including the u-tokens; the next token is the answer's first word.
         first = next(i for i, t in enumerate(seq.labels) if t != IGNORE) + len(concept.u_ids)
@@ -60,8 +65,13 @@ def image_token_accuracy(backend, concept: ConceptTokens, eval_set: EvalSet) -> 
     """Mean teacher-forced argmax accuracy over the image tokens of the positive photos."""
     accs = []
     for image_ids in eval_set.positives:
-        rec = {"task": "generation", "kind": "generation_real", "question": real_generation_request("<sks>"),
-               "image": "x", "n_g": concept.spec.n_g}
+        rec = {
+            "task": "generation",
+            "kind": "generation_real",
+            "question": real_generation_request("<sks>"),
+            "image": "x",
+            "n_g": concept.spec.n_g,
+        }
         seq = build_sequence(backend, rec, concept, image_ids)
         ids = torch.tensor([seq.input_ids], device=backend.device)
         hidden, _ = backend.hidden_states(ids)

@@ -23,7 +23,6 @@ from yochameleon.backends.base import Backend
 from yochameleon.concept import ConceptTokens
 from yochameleon.errors import DataError
 from yochameleon.prompts import (
-    personalized_prompt,
     real_generation_request,
     soft_positive_prompt,
     substitute_identifier,
@@ -46,8 +45,9 @@ class Sequence:
         return len(self.input_ids)
 
 
-def encode_text(backend: Backend, text: str, concepts: list[ConceptTokens],
-                images: list[list[int]] | None = None) -> list[int]:
+def encode_text(
+    backend: Backend, text: str, concepts: list[ConceptTokens], images: list[list[int]] | None = None
+) -> list[int]:
     """Ids of ``text``: concept token strings and ``<image>`` become ids directly, the rest is tokenized."""
     table = {s: i for c in concepts for s, i in zip(c.strings, c.ids, strict=True)}
     pieces = [re.escape(s) for s in sorted(table, key=len, reverse=True)] + [re.escape(IMAGE)]
@@ -70,8 +70,13 @@ def encode_text(backend: Backend, text: str, concepts: list[ConceptTokens],
     return ids
 
 
-def build_sequence(backend: Backend, record: dict, concept: ConceptTokens, image_ids: list[int] | None,
-                   self_prompting: bool = True) -> Sequence:
+def build_sequence(
+    backend: Backend,
+    record: dict,
+    concept: ConceptTokens,
+    image_ids: list[int] | None,
+    self_prompting: bool = True,
+) -> Sequence:
     """Render one manifest record for ``concept`` into ids and labels.
 
     Args:
@@ -122,8 +127,13 @@ class Batch:
     kinds: list[str]
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
-                     self.position_ids.to(device), self.kinds)
+        return Batch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.kinds,
+        )
 
 
 def collate(sequences: list[Sequence], pad_id: int, pad_to: int | None = None) -> Batch:
@@ -142,7 +152,9 @@ def collate(sequences: list[Sequence], pad_id: int, pad_to: int | None = None) -
     return Batch(ids, labels, mask, pos, [s.kind for s in sequences])
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, group: int = 32
+) -> list[list[int]]:
     """Shuffled batches whose members have similar lengths, so little compute goes to padding.
 
     Indices are shuffled, cut into mega-batches of ``group * batch_size``, sorted by length inside

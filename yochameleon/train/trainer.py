@@ -74,13 +74,16 @@ class Trainer:
         self.cfg = config
         self.run_dir = Path(config.output_dir)
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, cpu=resolve_device(config.model.device) == "cpu",
+            mixed_precision=config.mixed_precision,
+            cpu=resolve_device(config.model.device) == "cpu",
         )
         self.is_main = self.accelerator.is_main_process
         if backend is None:
             device = str(self.accelerator.device)
-            backend = load_backend(config.model.name_or_path, LoadOptions(
-                dtype=config.model.dtype, quantization=config.model.quantization, device=device))
+            backend = load_backend(
+                config.model.name_or_path,
+                LoadOptions(dtype=config.model.dtype, quantization=config.model.quantization, device=device),
+            )
         self.backend = backend
         self.concepts: dict[str, ConceptTokens] = {}
         self.sequences: list[Sequence] = []
@@ -124,11 +127,15 @@ class Trainer:
                 if rec["kind"] not in kinds:
                     continue
                 ids = lookup(rec) if rec.get("image") else None
-                self.sequences.append(build_sequence(self.backend, rec, tokens, ids, self.cfg.method.self_prompting))
+                self.sequences.append(
+                    build_sequence(self.backend, rec, tokens, ids, self.cfg.method.self_prompting)
+                )
         if not self.sequences:
             raise TrainingError("no training sequences: check data.tasks and the concept data")
         if self.cfg.method.gradient_checkpointing:
-            self.backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.backend.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             self.backend.model.train()  # HF only checkpoints in train mode; the model has no dropout
 
     def _eval_set(self, records: list[dict], lookup):
@@ -140,7 +147,9 @@ class Trainer:
         from PIL import Image
 
         def encode(folder: Path) -> list[list[int]]:
-            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            files = sorted(
+                p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+            )
             if not files:
                 return []
             return self.backend.encode_images([Image.open(f).convert("RGB") for f in files]).tolist()
@@ -203,16 +212,24 @@ class Trainer:
         if resume and meta_path.is_file():
             old = json.loads(meta_path.read_text())
             if old["config_hash"] != config_hash(resolved):
-                changes = diff_configs({k: v for k, v in old["config"].items() if k != "logging"},
-                                       {k: v for k, v in resolved.items() if k != "logging"})
-                raise TrainingError("cannot resume: the recipe changed since this run started:\n  "
-                                    + "\n  ".join(changes[:10]))
+                changes = diff_configs(
+                    {k: v for k, v in old["config"].items() if k != "logging"},
+                    {k: v for k, v in resolved.items() if k != "logging"},
+                )
+                raise TrainingError(
+                    "cannot resume: the recipe changed since this run started:\n  "
+                    + "\n  ".join(changes[:10])
+                )
         elif not resume and (self.run_dir / "checkpoints" / "latest").exists():
-            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
-                                "another output_dir")
+            raise TrainingError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                "another output_dir"
+            )
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            meta_path.write_text(json.dumps({"config_hash": config_hash(resolved), "config": resolved}, indent=2))
+            meta_path.write_text(
+                json.dumps({"config_hash": config_hash(resolved), "config": resolved}, indent=2)
+            )
         return ckpt
 
     # ----- the loop ---------------------------------------------------------------------------
@@ -226,7 +243,9 @@ class Trainer:
         try:
             ckpt = self._prepare_run_dir(resume)
             params = self._params()
-            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+            optimizer = torch.optim.AdamW(
+                params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
             lengths = [len(s) for s in self.sequences]
             world, rank = self.accelerator.num_processes, self.accelerator.process_index
             per_epoch = math.ceil(len(self.sequences) / (o.batch_size * world))
@@ -268,7 +287,9 @@ class Trainer:
                     for idx in group:
                         batch = collate([self.sequences[i] for i in idx], self.backend.special.pad).to(device)
                         with self.accelerator.autocast():
-                            loss, per_kind = label_only_loss(self.backend, batch, task_weights, cfg.method.logits_chunk)
+                            loss, per_kind = label_only_loss(
+                                self.backend, batch, task_weights, cfg.method.logits_chunk
+                            )
                         if not torch.isfinite(loss):
                             self._stop_non_finite(optimizer, loss, log)
                         (loss / len(group)).backward()
@@ -279,15 +300,23 @@ class Trainer:
                         for p in params:
                             if p.grad is not None:
                                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf")
+                    )
                     optimizer.step()
                     scheduler.step()
                     self.step += 1
                     self.losses.append(step_loss)
                     now = time.perf_counter()
-                    metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                               "epoch": epoch, "tokens": n_tokens, "sec_per_step": now - t_last,
-                               **{f"loss_{k}": v for k, v in kinds_loss.items()}}
+                    metrics = {
+                        "loss": step_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "epoch": epoch,
+                        "tokens": n_tokens,
+                        "sec_per_step": now - t_last,
+                        **{f"loss_{k}": v for k, v in kinds_loss.items()},
+                    }
                     t_last = now
                     bar.update(1)
                     bar.set_postfix_str(f"ep {epoch} loss {step_loss:.4f} lr {metrics['lr']:.1e}")
@@ -309,16 +338,24 @@ class Trainer:
 
     def _save(self, optimizer, tag: str | None = None) -> Path:
         state = {"losses": self.losses, "best": self.best, "concepts": list(self.concepts)}
-        return save_checkpoint(self.run_dir, self.step, self._state_tensors(optimizer), state,
-                               keep=self.cfg.keep_checkpoints, tag=tag)
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self._state_tensors(optimizer),
+            state,
+            keep=self.cfg.keep_checkpoints,
+            tag=tag,
+        )
 
     def _stop_non_finite(self, optimizer, loss: torch.Tensor, log) -> None:
         # The rows have not been touched by this step yet, so they are the last good state.
         path = self._save(optimizer, tag="last_good") if self.is_main else None
         log.log({"non_finite_loss": float(loss)}, self.step)
         log.close()
-        raise TrainingError(f"loss became {float(loss)} at step {self.step + 1}; stopped. The last good rows are "
-                            f"saved in {path}. Lower optim.lr or check the data.")
+        raise TrainingError(
+            f"loss became {float(loss)} at step {self.step + 1}; stopped. The last good rows are "
+            f"saved in {path}. Lower optim.lr or check the data."
+        )
 
     def _evaluate(self, optimizer, log) -> None:
         from yochameleon.train.selection import selection_score
