@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Keep the shared token cache of the tests out of the user's home.
+os.environ.setdefault("YOCHAMELEON_CACHE", tempfile.mkdtemp(prefix="yoc-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

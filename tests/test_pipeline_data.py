@@ -13,7 +13,8 @@ from PIL import Image
 from yochameleon.data.concept_folder import ConceptFolder, import_yollava
 from yochameleon.data.manifest import summary_table, write_manifest
 from yochameleon.data.photos import load_photos, load_rgb
-from yochameleon.data.pipeline import PrepareOptions, prepare_concept, read_manifest, token_lookup
+from yochameleon.data.manifest import read_manifest
+from yochameleon.data.pipeline import PrepareOptions, prepare_concept, token_lookup
 from yochameleon.data.records import RecordOptions, build_records
 from yochameleon.data.token_cache import TokenCache
 from yochameleon.errors import DataError
@@ -32,7 +33,9 @@ def concept_dir(tmp_path, photos):
     (root / "photos").mkdir(parents=True)
     for i, im in enumerate(photos[:4]):
         im.resize((80, 64)).save(root / "photos" / f"p{i}.png")
-    (root / "concept.yaml").write_text("name: cat\ncategory: cat\ndescription: a tabby\nfacts: [green eyes]\n")
+    (root / "concept.yaml").write_text(
+        "name: cat\ncategory: cat\ndescription: a tabby\nfacts: [green eyes]\n"
+    )
     (root / "qa.jsonl").write_text(json.dumps({"question": "What is <sks>?", "answer": "A cat."}) + "\n")
     return root
 
@@ -53,7 +56,9 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     report = load_photos(d)
     assert sorted(p.path.name for p in report.photos) == ["ok0.png", "ok1.png", "ok2.png"]
     assert report.skipped["empty file"] == 1 and report.skipped["duplicate photo"] == 1
-    assert report.skipped["not an image file"] == 1 and report.skipped["symlink outside the concept folder"] == 1
+    assert (
+        report.skipped["not an image file"] == 1 and report.skipped["symlink outside the concept folder"] == 1
+    )
     assert report.skipped["not a readable image"] == 2  # fake.jpg and truncated.png
 
 
@@ -104,7 +109,11 @@ def test_tiny_and_huge_images(tmp_path):
 
 def test_concept_folder_metadata_and_errors(concept_dir):
     folder = ConceptFolder.load(concept_dir)
-    assert folder.name == "cat" and folder.facts == ["green eyes"] and folder.qa == [("What is <sks>?", "A cat.")]
+    assert (
+        folder.name == "cat"
+        and folder.facts == ["green eyes"]
+        and folder.qa == [("What is <sks>?", "A cat.")]
+    )
     (concept_dir / "qa.jsonl").write_text('{"question": "q"}\n')
     with pytest.raises(DataError, match=r"qa.jsonl:1: each line needs"):
         ConceptFolder.load(concept_dir)
@@ -123,8 +132,19 @@ def test_import_yollava_layout(tmp_path):
     for i in range(3):
         _photo(src / f"{i}.png", i)
     qa = tmp_path / "text_qa.json"
-    qa.write_text(json.dumps({"bo": {"0": {"question": "Is sks a dog or a cat?", "option": {"A": "Dog", "B": "Cat"},
-                                           "correct_answer": "A"}}}))
+    qa.write_text(
+        json.dumps(
+            {
+                "bo": {
+                    "0": {
+                        "question": "Is sks a dog or a cat?",
+                        "option": {"A": "Dog", "B": "Cat"},
+                        "correct_answer": "A",
+                    }
+                }
+            }
+        )
+    )
     caps = tmp_path / "captions.json"
     caps.write_text(json.dumps({"bo": "sks is a corgi."}))
     out = import_yollava(src, tmp_path / "bo", "bo", qa, caps)
@@ -136,8 +156,16 @@ def test_records_balance_and_answers(tmp_path, concept_dir):
     photos = sorted((concept_dir / "photos").glob("*.png"))
     negs = [_photo(tmp_path / f"n{i}.png", 100 + i) for i in range(6)]
     soft = [(_photo(tmp_path / f"s{i}.png", 200 + i), 0.1 * i, 1 + i // 2) for i in range(6)]
-    recs = build_records("cat", photos, negs[:3], negs[3:], soft, [("What is <sks>?", "A cat.")], tmp_path / "data",
-                         RecordOptions(n_g=4, n_recognition=20))
+    recs = build_records(
+        "cat",
+        photos,
+        negs[:3],
+        negs[3:],
+        soft,
+        [("What is <sks>?", "A cat.")],
+        tmp_path / "data",
+        RecordOptions(n_g=4, n_recognition=20),
+    )
     rec = [r for r in recs if r["kind"] == "recognition"]
     pos = [r for r in rec if r["label"] == "pos"]
     assert len(pos) == 20 and len(rec) - len(pos) == 20
@@ -149,7 +177,9 @@ def test_records_balance_and_answers(tmp_path, concept_dir):
     real = [r for r in recs if r["kind"] == "generation_real"]
     assert all(r["n_g"] == 4 for r in real) and len(real) >= len(photos)
     gen_soft = [r for r in recs if r["kind"] == "generation_soft"]
-    assert [r["n_g"] for r in gen_soft] == [1, 1, 2, 2, 3, 3] and all(r["prompt_form"] == "paper" for r in gen_soft)
+    assert [r["n_g"] for r in gen_soft] == [1, 1, 2, 2, 3, 3] and all(
+        r["prompt_form"] == "paper" for r in gen_soft
+    )
     assert all((tmp_path / "data" / r["image"]).is_file() for r in recs if r["image"])
 
 
@@ -158,11 +188,17 @@ def test_manifest_round_trip_and_outside_paths(tmp_path, concept_dir):
     photos = sorted((concept_dir / "photos").glob("*.png"))
     recs = build_records("cat", photos, [], [], [], [], data, RecordOptions(n_g=4, n_recognition=4))
     header = write_manifest(data, "cat", 4, recs)
-    h2, r2 = read_manifest(data)
-    assert h2 == header and r2 == recs
-    assert "recognition/pos" in summary_table(h2, r2)
-    recs[0]["image"] = "../../etc/passwd"
-    write_manifest(data, "cat", 4, recs)
+    m = read_manifest(data)
+    assert m.header == header and m.record_dicts() == recs
+    assert "recognition" in summary_table(m)
+    bad = [dict(recs[0], image="../../etc/passwd")]
+    with pytest.raises(DataError, match="outside the data directory"):
+        write_manifest(data, "cat", 4, bad)
+    # A hand-edited manifest that escapes the data directory is refused on read too.
+    lines = (data / "manifest.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["image"] = "../../etc/passwd"
+    (data / "manifest.jsonl").write_text("\n".join([lines[0], json.dumps(rec), *lines[2:]]) + "\n")
     with pytest.raises(DataError, match="outside the data directory"):
         read_manifest(data)
 
@@ -212,12 +248,15 @@ def test_prepare_then_second_prepare_encodes_nothing(backend, concept_dir, tmp_p
     opts = PrepareOptions(n_g=4, n_recognition=8, n_hard_negatives=4, n_easy_negatives=4, n_soft_positives=6)
     header = prepare_concept(concept_dir, tmp_path / "data", tmp_path / "index", opts)
     assert header["counts"]["recognition/neg_hard"] == 4 and header["counts"]["generation_soft"] == 6
-    _, recs = read_manifest(tmp_path / "data")
-    first = token_lookup(backend, tmp_path / "data", recs, progress=False)
+    m = read_manifest(tmp_path / "data")
+    first = token_lookup(backend, m, progress=False, cache_dir=tmp_path / "cache")
     assert first.cache.stats["encoded"] > 0
-    assert len(first(recs[0])) == backend.image_seq_len
+    rec = next(r for r in m.record_dicts() if r["image"])
+    assert len(first(rec)) == backend.image_seq_len
     prepare_concept(concept_dir, tmp_path / "data", tmp_path / "index", opts)
-    second = token_lookup(backend, tmp_path / "data", read_manifest(tmp_path / "data")[1], progress=False)
+    second = token_lookup(
+        backend, read_manifest(tmp_path / "data"), progress=False, cache_dir=tmp_path / "cache"
+    )
     assert second.cache.stats["encoded"] == 0
 
 
@@ -229,7 +268,9 @@ def test_prepare_without_index_and_empty_pool_degrade(backend, concept_dir, tmp_
     (tmp_path / "empty").mkdir()
     build_index(tmp_path / "empty", tmp_path / "eidx", TestEmbedder(), progress=False)
     with pytest.warns(UserWarning):
-        header = prepare_concept(concept_dir, tmp_path / "d2", tmp_path / "eidx", PrepareOptions(n_g=4, n_recognition=4))
+        header = prepare_concept(
+            concept_dir, tmp_path / "d2", tmp_path / "eidx", PrepareOptions(n_g=4, n_recognition=4)
+        )
     assert "generation_soft" not in header["counts"]
 
 

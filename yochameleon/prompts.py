@@ -1,13 +1,22 @@
 """Every template string of yochameleon, and the functions that render them with real tokens.
 
 In record text the concept identifier is the literal placeholder ``<sks>`` and an image position is
-the literal ``<image>``; :func:`substitute_identifier` swaps in a concept's real token string.
+the literal ``<image>``; :func:`substitute_identifier` swaps in a concept's real token string and the
+trainer expands ``<image>`` into the image's token span.
+
+The wording is our own. Recognition answers always start with ``"Yes,"`` or ``"No,"`` so that
+answers can be scored by their first word.
 """
 
 from __future__ import annotations
 
+from yochameleon.errors import ConfigError
+
 SKS = "<sks>"
 IMAGE = "<image>"
+SOFT_PROMPT_FORMS = ("paper", "code")
+
+# ----- recognition -------------------------------------------------------------------------------
 
 RECOGNITION_QUESTIONS = [
     "Is <sks> in this photo?",
@@ -27,7 +36,7 @@ RECOGNITION_QUESTIONS = [
     "Have a look: do you see <sks>?",
     "Is <sks> one of the things in this image?",
     "Tell me whether <sks> is in this photo.",
-    "Is the object in this picture <sks>?",
+    "Is the subject of this picture <sks>?",
     "Am I looking at <sks> here?",
     "Does this scene include <sks>?",
     "Can you find <sks> in this photograph?",
@@ -52,7 +61,7 @@ POSITIVE_ANSWERS = [
     "Yes, I see <sks>.",
     "Yes, <sks> is one of the things in this image.",
     "Yes, <sks> is in the photo.",
-    "Yes, the object in this picture is <sks>.",
+    "Yes, the subject of this picture is <sks>.",
     "Yes, you are looking at <sks>.",
     "Yes, this scene includes <sks>.",
     "Yes, <sks> is in this photograph.",
@@ -77,24 +86,73 @@ NEGATIVE_ANSWERS = [
     "No, I do not see <sks>.",
     "No, <sks> is not one of the things in this image.",
     "No, <sks> is not in the photo.",
-    "No, the object in this picture is not <sks>.",
+    "No, the subject of this picture is not <sks>.",
     "No, you are not looking at <sks>.",
     "No, this scene does not include <sks>.",
     "No, <sks> is not in this photograph.",
     "No, <sks> is not pictured here.",
 ]
 
-CAPTION_REQUEST = "Describe this photo."
-GENERATION_REQUEST = "A photo of <sks>."
+# ----- captions, generation, text QA -------------------------------------------------------------
 
-# Attribute questions the default text-QA answerer asks about each photo.
+CAPTION_REQUEST = "Describe this photo."
+CAPTION_REQUESTS = [
+    "Describe this photo.",
+    "What is happening in this picture?",
+    "Write a short caption for this image.",
+    "Tell me what you see in this photo.",
+]
+GENERATION_REQUEST = "A photo of <sks>."
+GENERATION_REQUESTS = [
+    "A photo of <sks>.",
+    "A picture of <sks>.",
+    "An image of <sks>.",
+    "A snapshot of <sks>.",
+]
+
+# Attribute questions the default text-QA answerer asks about each photo (objects and pets).
 ATTRIBUTE_QUESTIONS = [
     "What kind of thing is <sks>?",
     "What is the main colour of <sks>?",
     "What shape is <sks>?",
-    "What pattern does <sks> have?",
+    "What is <sks> made of?",
     "How big is <sks>?",
+    "Does <sks> have a pattern or markings?",
+    "What is the surface of <sks> like?",
+    "What details make <sks> stand out?",
+    "What mood does <sks> give off?",
+    "How would you sum up the look of <sks>?",
 ]
+
+# The same for people.
+PERSON_ATTRIBUTE_QUESTIONS = [
+    "What colour is the hair of <sks>?",
+    "How is the hair of <sks> styled?",
+    "Does <sks> wear glasses or other accessories?",
+    "How does <sks> usually dress?",
+    "How tall does <sks> look?",
+    "What is the build of <sks>?",
+    "What is the skin tone of <sks>?",
+    "Does <sks> have any distinctive facial features?",
+    "What expression does <sks> usually have?",
+    "How would you sum up the look of <sks>?",
+]
+
+# Questions whose answer is one of the user's free-text facts from concept.yaml.
+FACT_QUESTIONS = [
+    "What do you know about <sks>?",
+    "Tell me something about <sks>.",
+    "What is worth knowing about <sks>?",
+    "Share a fact about <sks>.",
+]
+
+# How the base-model answerer is asked about a photo: it does not know <sks>, so the identifier is
+# replaced by a plain description of the subject, and it is told to answer as if it knew the subject.
+ANSWERER_PROMPT = (
+    "{image}Look at {subject} in this photo. Answer briefly, as if you know {subject} well, "
+    "without mentioning the photo. {question}"
+)
+DEFAULT_SUBJECT = "the main subject"
 
 
 def recognition_question(i: int) -> str:
@@ -108,6 +166,21 @@ def recognition_answer(i: int, positive: bool) -> str:
     return pool[i % len(pool)]
 
 
+def with_image(text: str) -> str:
+    """``text`` with the image placed first (``<image>`` + text), as inference places it."""
+    return text if IMAGE in text else f"{IMAGE}{text}"
+
+
+def attribute_questions(is_person: bool) -> list[str]:
+    """The default text-QA questions for a person or for an object/pet."""
+    return list(PERSON_ATTRIBUTE_QUESTIONS if is_person else ATTRIBUTE_QUESTIONS)
+
+
+def answerer_prompt(question: str, subject: str = DEFAULT_SUBJECT) -> str:
+    """The text a base-model answerer sees: ``<sks>`` becomes ``subject``; the image comes first."""
+    return ANSWERER_PROMPT.format(image=IMAGE, subject=subject, question=question.replace(SKS, subject))
+
+
 def personalized_prompt(sks: str, g_tokens: list[str], u_tokens: list[str]) -> str:
     """``<sks> is <g1>…<gN><u1>…<uM>.``: prepended to every prompt about the concept."""
     return f"{sks} is {''.join(list(g_tokens) + list(u_tokens))}."
@@ -118,12 +191,15 @@ def soft_positive_prompt(sks: str, g_prefix: list[str], form: str = "paper") -> 
 
     ``paper``: ``<sks> is <g1..gm>. A photo of <sks>.`` (the paper's figure); ``code``:
     ``A photo of <g1..gm>.`` (the original code's default).
+
+    Raises:
+        ConfigError: ``form`` is neither ``paper`` nor ``code``.
     """
     if form == "paper":
-        return f"{sks} is {''.join(g_prefix)}. A photo of {sks}."
+        return f"{sks} is {''.join(g_prefix)}. {real_generation_request(sks)}"
     if form == "code":
-        return f"A photo of {''.join(g_prefix)}."
-    raise ValueError(f"soft prompt form must be 'paper' or 'code', got {form!r}")
+        return GENERATION_REQUEST.replace(SKS, "".join(g_prefix))
+    raise ConfigError(f"soft prompt form must be one of {SOFT_PROMPT_FORMS}, got {form!r}")
 
 
 def real_generation_request(sks: str) -> str:

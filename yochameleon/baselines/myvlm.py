@@ -126,12 +126,10 @@ class MyVLM(Method):
             return list(self.negatives)
         if concept.data_dir is None:
             return []
-        from yochameleon.data.pipeline import read_manifest
+        from yochameleon.data.manifest import read_manifest
 
-        _, recs = read_manifest(concept.data_dir)
-        return sorted(
-            {concept.data_dir / r["image"] for r in recs if r.get("label") in ("neg_hard", "neg_easy")}
-        )
+        m = read_manifest(concept.data_dir)
+        return sorted({m.image_path(r) for r in m.records if r.label in ("neg_hard", "neg_easy")})
 
     def fit(self, concept: ConceptData, workdir: Path) -> None:
         super().fit(concept, workdir)

@@ -6,17 +6,14 @@ and caching each live in their own module; here they run in order.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yochameleon.data.manifest import MANIFEST
 from yochameleon.errors import DataError
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -37,10 +34,16 @@ class PrepareOptions:
     @classmethod
     def from_train_config(cls, cfg) -> PrepareOptions:
         d, c = cfg.data, cfg.concept
-        return cls(n_g=c.n_g if not c.shared else c.n_g, n_recognition=d.n_recognition,
-                   n_hard_negatives=d.n_hard_negatives, n_easy_negatives=d.n_easy_negatives,
-                   n_soft_positives=d.n_soft_positives, soft_prompt_form=d.soft_prompt_form, flip=d.flip,
-                   seed=d.seed)
+        return cls(
+            n_g=c.n_g if not c.shared else c.n_g,
+            n_recognition=d.n_recognition,
+            n_hard_negatives=d.n_hard_negatives,
+            n_easy_negatives=d.n_easy_negatives,
+            n_soft_positives=d.n_soft_positives,
+            soft_prompt_form=d.soft_prompt_form,
+            flip=d.flip,
+            seed=d.seed,
+        )
 
 
 def mine(concept_photos: list[Path], index_dir: str | Path | None, opts: PrepareOptions) -> dict[str, list]:
@@ -68,58 +71,28 @@ def mine(concept_photos: list[Path], index_dir: str | Path | None, opts: Prepare
     exclude = [sha256_file(p) for p in concept_photos]
     soft = soft_positives(index, query, L=opts.n_soft_positives, n_g=opts.n_g, exclude=exclude)
     hard = hard_negatives(index, query, k=opts.n_hard_negatives, exclude=exclude)
-    easy = random_negatives(index, k=opts.n_easy_negatives, seed=opts.seed, exclude=exclude + [m.sha256 for m in hard])
+    easy = random_negatives(
+        index, k=opts.n_easy_negatives, seed=opts.seed, exclude=exclude + [m.sha256 for m in hard]
+    )
     return {"hard": [Path(m.path) for m in hard], "easy": [Path(m.path) for m in easy], "soft": soft}
 
 
-def read_manifest(data_dir: str | Path) -> tuple[dict, list[dict]]:
-    """The header and records of ``DATA_DIR/manifest.jsonl``, validated.
-
-    Raises:
-        DataError: missing or malformed manifest, wrong version, or an image path that leaves the
-            data directory.
-    """
-    root = Path(data_dir).resolve()
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; run `yochameleon prepare` first")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        header = json.loads(lines[0])
-        records = [json.loads(line) for line in lines[1:] if line.strip()]
-    except (json.JSONDecodeError, IndexError) as exc:
-        raise DataError(f"{path} is not a valid manifest: {exc}") from exc
-    if header.get("manifest_version") != 1:
-        raise DataError(f"{path}: unsupported manifest_version {header.get('manifest_version')!r}")
-    for rec in records:
-        if rec.get("image"):
-            p = (root / rec["image"]).resolve()
-            if root not in p.parents:
-                raise DataError(f"{path}: record {rec.get('id')} points outside the data directory: {rec['image']}")
-    return header, records
-
-
-def token_lookup(backend, data_dir: str | Path, records: list[dict], progress: bool = True):
+def token_lookup(backend, manifest, progress: bool = True, cache_dir: str | Path | None = None):
     """Make sure every record image is in the token cache; return ``record -> VQ ids``.
 
-    The cache is keyed by image content, the backend's fingerprint and its preprocessing, so a
+    The cache is keyed by image content, the backend's fingerprint and its preprocessing, and lives
+    in :func:`~yochameleon.data.token_cache.default_cache_dir` (shared across runs and concepts), so a
     second ``prepare`` or ``train`` encodes nothing.
     """
-    from PIL import Image
+    from yochameleon.data.token_cache import TokenCache, default_cache_dir
 
-    from yochameleon.data.token_cache import TokenCache
-
-    root = Path(data_dir)
-    cache = TokenCache(root / "token_cache", backend.fingerprint(), backend.preprocess_id)
-    paths = sorted({rec["image"] for rec in records if rec.get("image")})
-
-    def encode(images: list[Image.Image]) -> list[list[int]]:
-        return backend.encode_images(images).tolist()
-
-    cache.ensure([root / p for p in paths], encode, progress=progress)
+    cache = TokenCache(cache_dir or default_cache_dir(), backend.fingerprint(), backend.preprocess_id)
+    paths = sorted({manifest.image_path(r) for r in manifest.records if r.image})
+    cache.ensure(paths, lambda images: backend.encode_images(images).tolist(), progress=progress)
 
     def lookup(rec: dict) -> list[int]:
-        ids = cache.get(root / rec["image"], bool(rec.get("flip")))
+        path = manifest.data_dir / rec["image"]
+        ids = cache.get(path, bool(rec.get("flip")))
         if ids is None:
             raise DataError(f"image {rec['image']} is missing from the token cache")
         return [int(i) for i in ids]
@@ -128,56 +101,118 @@ def token_lookup(backend, data_dir: str | Path, records: list[dict], progress: b
     return lookup
 
 
-def prepare_concept(concept_dir: str | Path, data_dir: str | Path, index_dir: str | Path | None = None,
-                    opts: PrepareOptions | None = None, name: str | None = None) -> dict:
-    """Build the manifest for one concept folder. Returns the header (with counts)."""
+def base_model_answerer(backend):
+    """The default text-QA answerer: the base model itself, asked about each photo."""
+    from yochameleon.data.qa import PromptedAnswerer
+    from yochameleon.infer import PersonalizedModel
+
+    pm = PersonalizedModel(backend)
+    return PromptedAnswerer(lambda text, image: pm.ask(text, image=image, max_new_tokens=24))
+
+
+def prepare_concept(
+    concept_dir: str | Path,
+    data_dir: str | Path,
+    index_dir: str | Path | None = None,
+    opts: PrepareOptions | None = None,
+    name: str | None = None,
+    answerer=None,
+) -> dict:
+    """Build the manifest for one concept folder. Returns the header (with counts).
+
+    Text QA comes from ``qa.jsonl``; without one, ``answerer`` (e.g. :func:`base_model_answerer`) is
+    asked the attribute questions about each photo and consistent answers are kept. Facts in
+    ``concept.yaml`` become QA pairs too.
+    """
     from yochameleon.data.concept_folder import ConceptFolder
     from yochameleon.data.manifest import write_manifest
+    from yochameleon.data.qa import facts_to_qa, generate_text_qa
     from yochameleon.data.records import RecordOptions, build_records
+    from yochameleon.prompts import attribute_questions
 
     opts = opts or PrepareOptions()
     folder = ConceptFolder.load(concept_dir, min_photos=opts.min_photos)
-    photos = [p.path for p in folder.photos]
+    logger.info("%s", folder.report.summary())
+    photos = folder.photo_paths
     mined = mine(photos, index_dir, opts)
+    qa = list(folder.qa)
+    if not qa and answerer is not None:
+        result = generate_text_qa(photos, attribute_questions(folder.is_person), answerer, progress=False)
+        qa = list(result.pairs)
+    qa += facts_to_qa(folder.facts)
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
     records = build_records(
-        concept=name or folder.name, photos=photos, hard_negatives=mined["hard"], easy_negatives=mined["easy"],
-        soft_positives=[(Path(s.path), s.score, s.n_tokens) for s in mined["soft"]], qa_pairs=folder.qa,
+        concept=name or folder.name,
+        photos=photos,
+        hard_negatives=mined["hard"],
+        easy_negatives=mined["easy"],
+        soft_positives=[(Path(s.path), s.score, s.n_tokens) for s in mined["soft"]],
+        qa_pairs=qa,
         data_dir=data,
-        options=RecordOptions(n_g=opts.n_g, n_recognition=opts.n_recognition, flip=opts.flip, seed=opts.seed,
-                              soft_prompt_form=opts.soft_prompt_form),
+        options=RecordOptions(
+            n_g=opts.n_g,
+            n_recognition=opts.n_recognition,
+            flip=opts.flip,
+            seed=opts.seed,
+            soft_prompt_form=opts.soft_prompt_form,
+        ),
     )
     return write_manifest(data, name or folder.name, opts.n_g, records)
 
 
 def load_training_data(backend, entry: dict, data_dir: str | Path, cfg) -> tuple[list[dict], Any]:
     """Records and a token lookup for one concept of a training run, preparing it if needed."""
+    from yochameleon.data.manifest import MANIFEST, read_manifest
+
     data = Path(data_dir)
     if not (data / MANIFEST).is_file():
         if not entry.get("concept_dir"):
-            raise DataError(f"concept {entry['name']!r} has neither prepared data in {data} nor a concept_dir")
-        prepare_concept(entry["concept_dir"], data, cfg.data.index_dir, PrepareOptions.from_train_config(cfg),
-                        name=entry["name"])
-    _, records = read_manifest(data)
-    return records, token_lookup(backend, data, records)
+            raise DataError(
+                f"concept {entry['name']!r} has neither prepared data in {data} nor a concept_dir"
+            )
+        prepare_concept(
+            entry["concept_dir"],
+            data,
+            cfg.data.index_dir,
+            PrepareOptions.from_train_config(cfg),
+            name=entry["name"],
+            answerer=base_model_answerer(backend),
+        )
+    manifest = read_manifest(data)
+    return manifest.record_dicts(), token_lookup(backend, manifest)
 
 
 def prepare_from_cli(args) -> None:
     """``yochameleon prepare CONCEPT_DIR --out DATA_DIR [--index INDEX_DIR] [--model MODEL]``."""
-    from yochameleon.data.manifest import summary_table
+    from yochameleon.data.manifest import read_manifest, summary_table
 
-    opts = PrepareOptions(n_g=args.n_g, soft_prompt_form=args.soft_prompt_form, seed=args.seed)
-    prepare_concept(args.concept_dir, args.out, args.index, opts)
-    header, records = read_manifest(args.out)
-    print(summary_table(header, records))
+    backend = None
     if args.model:
         from yochameleon.backends import load_backend
 
-        lookup = token_lookup(load_backend(args.model), args.out, records)
-        stats = lookup.cache.stats
+        backend = load_backend(args.model)
+    opts = PrepareOptions(n_g=args.n_g, soft_prompt_form=args.soft_prompt_form, seed=args.seed)
+    prepare_concept(
+        args.concept_dir,
+        args.out,
+        args.index,
+        opts,
+        answerer=base_model_answerer(backend) if backend is not None else None,
+    )
+    manifest = read_manifest(args.out)
+    print(summary_table(manifest))
+    if backend is not None:
+        stats = token_lookup(backend, manifest).cache.stats
         print(f"token cache: {stats['encoded']} images VQ-encoded now, {stats['hits']} already cached")
 
 
-__all__ = ["PrepareOptions", "prepare_concept", "load_training_data", "read_manifest", "token_lookup", "mine",
-           "prepare_from_cli"]
+__all__ = [
+    "PrepareOptions",
+    "prepare_concept",
+    "load_training_data",
+    "base_model_answerer",
+    "token_lookup",
+    "mine",
+    "prepare_from_cli",
+]

@@ -1,24 +1,158 @@
 """Training records for one concept: recognition, text QA, real and soft-positive generation.
 
 Record text uses the placeholders ``<sks>`` (the concept identifier) and ``<image>`` (where the
-record's image goes); the trainer substitutes real tokens. Images are copied into
-``DATA_DIR/images/`` under content-hash names so a data directory is self-contained.
+record's image goes); the trainer substitutes real tokens. Images are copied (hard-linked when
+possible) into ``DATA_DIR/images/`` under content-hash names so a data directory is self-contained.
+
+What is built (defaults follow the spec's per-concept recipe of ~1.5k samples):
+
+* **recognition** — ``n_recognition`` positives cycled over the photos (each pass alternates the
+  flip), and as many negatives, split ``hard_fraction`` : rest between hard (retrieved) and easy
+  (random) negatives (one kind takes all when the other is missing), each cycled the same way. The
+  question and the "Yes, …"/"No, …" answer are drawn independently from the paraphrase lists.
+* **text QA** — every question is asked ``min(#photos, text_qa_photos)`` times (the original asked
+  each question about each of 5 photos); the answers of a question are cycled, so a file with one
+  answer per question repeats it and a file with one answer per photo keeps them all.
+* **generation_real** — the photos, cycled to the size of the largest soft-positive bin (at least
+  one per photo and ``n_real_min``), with all ``n_g`` g-tokens.
+* **generation_soft** — one record per soft positive, with the number of g-tokens of its bin.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
+import os
 import random
 import shutil
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
+from yochameleon.data.photos import file_sha256
+from yochameleon.errors import DataError
 from yochameleon.prompts import (
     GENERATION_REQUEST,
     IMAGE,
-    recognition_answer,
-    recognition_question,
+    NEGATIVE_ANSWERS,
+    POSITIVE_ANSWERS,
+    RECOGNITION_QUESTIONS,
+    SKS,
+    SOFT_PROMPT_FORMS,
+    with_image,
 )
+
+logger = logging.getLogger(__name__)
+
+IMAGES_DIR = "images"
+TASK_OF_KIND = {
+    "recognition": "understanding",
+    "text_qa": "understanding",
+    "generation_real": "generation",
+    "generation_soft": "generation",
+}
+KINDS = tuple(TASK_OF_KIND)
+LABELS = ("pos", "neg_hard", "neg_easy")
+
+
+@dataclass
+class Record:
+    """One training sample (one manifest line). See ``data.manifest`` for the schema.
+
+    Raises:
+        DataError: (from ``__post_init__``) inconsistent fields, e.g. a generation record with an
+            answer, a recognition record without a label, or an absolute image path.
+    """
+
+    id: str
+    concept: str
+    task: str
+    kind: str
+    question: str
+    answer: str | None = None
+    image: str | None = None
+    flip: bool = False
+    label: str | None = None
+    n_g: int | None = None
+    prompt_form: str | None = None
+    score: float | None = None
+
+    def __post_init__(self) -> None:
+        where = f"record {self.id!r}"
+        if not isinstance(self.id, str) or not self.id:
+            raise DataError("a record needs a non-empty string id")
+        if self.kind not in TASK_OF_KIND:
+            raise DataError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.task != TASK_OF_KIND[self.kind]:
+            raise DataError(
+                f"{where}: kind {self.kind} belongs to task {TASK_OF_KIND[self.kind]}, not {self.task!r}"
+            )
+        if not isinstance(self.question, str) or not self.question:
+            raise DataError(f"{where}: question must be a non-empty string")
+        if not isinstance(self.flip, bool):
+            raise DataError(f"{where}: flip must be true or false")
+        if self.image is not None:
+            if not isinstance(self.image, str) or not self.image or Path(self.image).is_absolute():
+                raise DataError(
+                    f"{where}: image must be a path relative to the data directory, got {self.image!r}"
+                )
+        generation = self.task == "generation"
+        if generation:
+            if self.answer is not None:
+                raise DataError(f"{where}: generation records have no answer (the image is the target)")
+            if self.image is None:
+                raise DataError(f"{where}: generation records need an image")
+            if isinstance(self.n_g, bool) or not isinstance(self.n_g, int) or self.n_g < 1:
+                raise DataError(f"{where}: n_g must be a positive integer for generation, got {self.n_g!r}")
+        else:
+            if not isinstance(self.answer, str) or not self.answer:
+                raise DataError(f"{where}: understanding records need a non-empty answer")
+            if self.n_g is not None:
+                raise DataError(f"{where}: n_g is only for generation records")
+        if self.kind == "recognition":
+            if self.label not in LABELS:
+                raise DataError(f"{where}: recognition label must be one of {LABELS}, got {self.label!r}")
+            if self.image is None or IMAGE not in self.question:
+                raise DataError(f"{where}: recognition records need an image and {IMAGE} in the question")
+            if not self.answer.startswith("Yes," if self.label == "pos" else "No,"):
+                raise DataError(
+                    f"{where}: a {self.label} answer must start with "
+                    f"{'Yes,' if self.label == 'pos' else 'No,'}"
+                )
+        elif self.label is not None:
+            raise DataError(f"{where}: label is only for recognition records")
+        if self.kind == "generation_soft":
+            if self.prompt_form not in SOFT_PROMPT_FORMS:
+                raise DataError(
+                    f"{where}: prompt_form must be one of {SOFT_PROMPT_FORMS}, got {self.prompt_form!r}"
+                )
+            if not isinstance(self.score, (int, float)) or isinstance(self.score, bool):
+                raise DataError(f"{where}: soft positives need a numeric score")
+            self.score = float(self.score)
+        elif self.prompt_form is not None or self.score is not None:
+            raise DataError(f"{where}: prompt_form and score are only for soft positives")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-serialisable dict (every field present)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        """Build and validate a record from a dict.
+
+        Raises:
+            DataError: missing or unknown fields, or inconsistent values.
+        """
+        if not isinstance(data, dict):
+            raise DataError(f"a record must be an object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise DataError(f"record {data.get('id')!r}: unknown fields {sorted(unknown)}")
+        missing = {"id", "concept", "task", "kind", "question"} - set(data)
+        if missing:
+            raise DataError(f"record {data.get('id')!r}: missing fields {sorted(missing)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -27,85 +161,263 @@ class RecordOptions:
 
     Args:
         n_g: generation tokens of the concept (real photos use all of them).
-        n_recognition: recognition samples per class (positive, negative).
-        flip: add horizontally flipped copies (the image is flipped at encode time).
+        n_recognition: recognition positives; negatives get the same number in all.
+        hard_fraction: share of the negatives taken from hard (retrieved) negatives.
+        text_qa_photos: each QA question is repeated once per photo, for at most this many photos.
+        n_real_min: fewest real-photo generation records.
+        flip: add horizontally flipped variants (the image is flipped at encode time).
         seed: sampling seed.
         soft_prompt_form: ``paper`` or ``code`` (see ``prompts.soft_positive_prompt``).
+        link_images: hard-link images into the data directory when possible (else copy).
     """
 
     n_g: int = 16
     n_recognition: int = 200
+    hard_fraction: float = 0.5
+    text_qa_photos: int = 5
+    n_real_min: int = 0
     flip: bool = True
     seed: int = 0
     soft_prompt_form: str = "paper"
+    link_images: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_g < 1:
+            raise DataError(f"n_g must be at least 1, got {self.n_g}")
+        if self.n_recognition < 0 or self.text_qa_photos < 1 or self.n_real_min < 0:
+            raise DataError("n_recognition and n_real_min must be >= 0 and text_qa_photos >= 1")
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise DataError(f"hard_fraction must be in [0, 1], got {self.hard_fraction}")
+        if self.soft_prompt_form not in SOFT_PROMPT_FORMS:
+            raise DataError(
+                f"soft_prompt_form must be one of {SOFT_PROMPT_FORMS}, got {self.soft_prompt_form!r}"
+            )
 
 
-def _stage_image(path: Path, data_dir: Path) -> str:
-    """Copy ``path`` into ``DATA_DIR/images`` under its content hash; return the relative path."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
-    rel = Path("images") / f"{digest}{path.suffix.lower()}"
-    dest = data_dir / rel
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(dest.suffix + ".tmp")
-        shutil.copyfile(path, tmp)
-        tmp.replace(dest)
-    return rel.as_posix()
+@dataclass(frozen=True)
+class SoftPositive:
+    """A retrieved image described by the first ``n_tokens`` g-tokens; ``score`` is its similarity."""
+
+    path: Path
+    score: float
+    n_tokens: int
 
 
-def build_records(concept: str, photos: list[Path], hard_negatives: list[Path], easy_negatives: list[Path],
-                  soft_positives: list[tuple[Path, float, int]], qa_pairs: list[tuple[str, str]], data_dir: Path,
-                  options: RecordOptions) -> list[dict]:
-    """All training records of one concept (see the module docstring).
-
-    Recognition positives and negatives are balanced to ``n_recognition`` each; hard and easy
-    negatives contribute equally when both exist. Real photos are replicated to the size of one
-    soft-positive bin (the paper's balance), or used once without soft positives.
-    """
-    rng = random.Random(options.seed)
-    rel = {p: _stage_image(Path(p), data_dir) for p in {*photos, *hard_negatives, *easy_negatives,
-                                                        *(s[0] for s in soft_positives)}}
-    flips = [False, True] if options.flip else [False]
-    records: list[dict] = []
-
-    def add(**rec) -> None:
-        rec.setdefault("answer", None)
-        rec.setdefault("label", None)
-        rec.setdefault("n_g", None)
-        rec.setdefault("prompt_form", None)
-        rec.setdefault("score", None)
-        records.append({"id": f"{concept}-{len(records):05d}", "concept": concept, **rec})
-
-    def recognition(paths: list[Path], label: str, n: int) -> None:
-        if not paths:
-            return
-        for i in range(n):
-            p = paths[i % len(paths)]
-            q = rng.randrange(10_000)
-            add(task="understanding", kind="recognition", question=f"{IMAGE}{recognition_question(q)}",
-                answer=recognition_answer(rng.randrange(10_000), label == "pos"), image=rel[p],
-                flip=flips[(i // len(paths)) % len(flips)], label=label)
-
-    n = options.n_recognition
-    recognition(list(photos), "pos", n)
-    if hard_negatives and easy_negatives:
-        recognition(list(hard_negatives), "neg_hard", n // 2)
-        recognition(list(easy_negatives), "neg_easy", n - n // 2)
+def as_soft_positive(item: Any) -> SoftPositive:
+    """Accept ``(path, score, n_tokens)`` tuples or any object with those attributes."""
+    if isinstance(item, SoftPositive):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 3:
+        path, score, n_tokens = item
+    elif all(hasattr(item, a) for a in ("path", "score", "n_tokens")):
+        path, score, n_tokens = item.path, item.score, item.n_tokens
     else:
-        recognition(list(hard_negatives), "neg_hard", n)
-        recognition(list(easy_negatives), "neg_easy", n)
+        raise DataError(f"a soft positive must be (path, score, n_tokens), got {item!r}")
+    return SoftPositive(Path(path), float(score), int(n_tokens))
 
-    for question, answer in qa_pairs:
-        add(task="understanding", kind="text_qa", question=question, answer=answer, image=None, flip=False)
 
-    n_bins = max(1, options.n_g - 1)
-    per_bin = max(1, round(len(soft_positives) / n_bins)) if soft_positives else 1
-    for i in range(max(per_bin, len(photos))):
-        p = photos[i % len(photos)]
-        add(task="generation", kind="generation_real", question=GENERATION_REQUEST, image=rel[p],
-            flip=flips[(i // len(photos)) % len(flips)], n_g=options.n_g)
-    for path, score, n_tokens in soft_positives:
-        add(task="generation", kind="generation_soft", question=GENERATION_REQUEST, image=rel[path],
-            flip=rng.random() < 0.5 if options.flip else False, n_g=int(n_tokens),
-            prompt_form=options.soft_prompt_form, score=float(score))
+class ImageStager:
+    """Copies images into ``DATA_DIR/images/<sha256[:32]><suffix>`` once per distinct content."""
+
+    def __init__(self, data_dir: str | Path, link: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.link = link
+        self._done: dict[Path, tuple[str, str]] = {}
+        self._hashes: dict[Path, str] = {}
+
+    def sha256(self, path: str | Path) -> str:
+        """File hash of ``path`` (memoised: pools are hashed once per build)."""
+        src = Path(path)
+        if src not in self._hashes:
+            if not src.is_file() or src.stat().st_size == 0:
+                raise DataError(f"image {src} is missing or empty")
+            self._hashes[src] = file_sha256(src)
+        return self._hashes[src]
+
+    def stage(self, path: str | Path) -> tuple[str, str]:
+        """``(relative path, file sha256)`` of ``path`` inside the data directory.
+
+        Raises:
+            DataError: the file is missing or empty.
+        """
+        src = Path(path)
+        if src in self._done:
+            return self._done[src]
+        digest = self.sha256(src)
+        rel = Path(IMAGES_DIR) / f"{digest[:32]}{src.suffix.lower() or '.img'}"
+        dest = self.data_dir / rel
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            try:
+                if self.link:
+                    try:
+                        os.link(src.resolve(), tmp)
+                    except OSError:  # another file system, or links not allowed
+                        shutil.copyfile(src, tmp)
+                else:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self._done[src] = (rel.as_posix(), digest)
+        return self._done[src]
+
+
+def _drop_concept_photos(
+    paths: list[Path], photo_hashes: set[str], stager: ImageStager, what: str
+) -> list[Path]:
+    """Leave out pool images that are the concept's own photos (a pool may contain them)."""
+    kept = [p for p in paths if stager.sha256(p) not in photo_hashes]
+    if len(kept) < len(paths):
+        logger.warning(
+            "dropped %d %s that are copies of the concept's own photos", len(paths) - len(kept), what
+        )
+    return kept
+
+
+def _cycle(paths: list[Path], n: int, flips: list[bool]) -> list[tuple[Path, bool]]:
+    """``n`` (path, flip) pairs: one pass over ``paths`` per flip state, then around again."""
+    return [(paths[i % len(paths)], flips[(i // len(paths)) % len(flips)]) for i in range(n)] if paths else []
+
+
+def make_records(
+    concept: str,
+    photos: list[Path],
+    hard_negatives: list[Path],
+    easy_negatives: list[Path],
+    soft_positives: list[Any],
+    qa_pairs: list[tuple[str, str]],
+    data_dir: str | Path,
+    options: RecordOptions | None = None,
+) -> list[Record]:
+    """All training records of one concept (see the module docstring), with images staged.
+
+    Args:
+        concept: the concept's name.
+        photos: the usable photos (real positives).
+        hard_negatives: retrieved images most similar to the concept.
+        easy_negatives: random pool images.
+        soft_positives: ``(path, score, n_tokens)`` per retrieved soft positive (or objects with
+            those attributes), ``1 <= n_tokens < n_g``.
+        qa_pairs: ``(question, answer)`` pairs; questions mention ``<sks>``.
+        data_dir: the data directory; images are staged into ``data_dir/images``.
+        options: sizes and switches.
+
+    Raises:
+        DataError: no photos, a missing image, a soft positive with an impossible token count, or a
+            QA question without ``<sks>``.
+    """
+    opts = options or RecordOptions()
+    if not photos:
+        raise DataError(f"concept {concept!r} has no photos to build records from")
+    photos = [Path(p) for p in photos]
+    soft = [as_soft_positive(s) for s in soft_positives]
+    for s in soft:
+        if not 1 <= s.n_tokens < opts.n_g:
+            raise DataError(
+                f"soft positive {s.path} uses {s.n_tokens} g-tokens; it must be 1..{opts.n_g - 1} "
+                f"(all {opts.n_g} are reserved for real photos)"
+            )
+    for q, _ in qa_pairs:
+        if SKS not in q:
+            raise DataError(f"QA question {q!r} does not mention the concept as {SKS}")
+    stager = ImageStager(data_dir, opts.link_images)
+    own = {stager.stage(p)[1] for p in photos}
+    hard = _drop_concept_photos([Path(p) for p in hard_negatives], own, stager, "hard negatives")
+    easy = _drop_concept_photos([Path(p) for p in easy_negatives], own, stager, "easy negatives")
+    n_soft = len(soft)
+    soft = [s for s in soft if stager.sha256(s.path) not in own]
+    if len(soft) < n_soft:
+        logger.warning(
+            "dropped %d soft positives that are copies of the concept's own photos", n_soft - len(soft)
+        )
+    rng = random.Random(opts.seed)
+    flips = [False, True] if opts.flip else [False]
+    records: list[Record] = []
+
+    def add(**fields_: Any) -> None:
+        records.append(Record(id=f"{concept}-{len(records):05d}", concept=concept, **fields_))
+
+    # Recognition.
+    n = opts.n_recognition
+    if hard and easy:
+        n_hard = round(n * opts.hard_fraction)
+        quotas = {"neg_hard": (hard, n_hard), "neg_easy": (easy, n - n_hard)}
+    else:
+        quotas = {"neg_hard": (hard, n), "neg_easy": (easy, n)}
+    groups = [("pos", photos, n)] + [(label, paths, k) for label, (paths, k) in quotas.items()]
+    if n and not hard and not easy:
+        logger.warning("concept %s has no negatives: recognition trains on positives only", concept)
+    for label, paths, k in groups:
+        answers = POSITIVE_ANSWERS if label == "pos" else NEGATIVE_ANSWERS
+        for path, flip in _cycle(paths, k, flips):
+            add(
+                task="understanding",
+                kind="recognition",
+                question=with_image(rng.choice(RECOGNITION_QUESTIONS)),
+                answer=rng.choice(answers),
+                image=stager.stage(path)[0],
+                flip=flip,
+                label=label,
+            )
+
+    # Text QA: each question asked once per photo (up to text_qa_photos); its answers are cycled.
+    answers_of: dict[str, list[str]] = defaultdict(list)
+    for q, a in qa_pairs:
+        if a not in answers_of[q]:
+            answers_of[q].append(a)
+    repeats = min(len(photos), opts.text_qa_photos)
+    for q, answers in answers_of.items():
+        for i in range(max(repeats, len(answers))):
+            add(task="understanding", kind="text_qa", question=q, answer=answers[i % len(answers)])
+
+    # Generation: real photos replicated to the largest soft-positive bin.
+    largest_bin = max(Counter(s.n_tokens for s in soft).values(), default=0)
+    n_real = max(largest_bin, len(photos), opts.n_real_min)
+    for path, flip in _cycle(photos, n_real, flips):
+        add(
+            task="generation",
+            kind="generation_real",
+            question=GENERATION_REQUEST,
+            image=stager.stage(path)[0],
+            flip=flip,
+            n_g=opts.n_g,
+        )
+    for s in soft:
+        add(
+            task="generation",
+            kind="generation_soft",
+            question=GENERATION_REQUEST,
+            image=stager.stage(s.path)[0],
+            flip=rng.random() < 0.5 if opts.flip else False,
+            n_g=s.n_tokens,
+            prompt_form=opts.soft_prompt_form,
+            score=s.score,
+        )
     return records
+
+
+def build_records(
+    concept: str,
+    photos: list[Path],
+    hard_negatives: list[Path],
+    easy_negatives: list[Path],
+    soft_positives: list[Any],
+    qa_pairs: list[tuple[str, str]],
+    data_dir: str | Path,
+    options: RecordOptions | None = None,
+) -> list[dict]:
+    """:func:`make_records` as plain dicts (the manifest's line format)."""
+    return [
+        r.to_dict()
+        for r in make_records(
+            concept, photos, hard_negatives, easy_negatives, soft_positives, qa_pairs, data_dir, options
+        )
+    ]
+
+
+def record_key(record: Record | dict) -> str:
+    """``kind`` or ``kind/label``: the key records are counted by."""
+    d = record.to_dict() if isinstance(record, Record) else record
+    return f"{d['kind']}/{d['label']}" if d.get("label") else d["kind"]
