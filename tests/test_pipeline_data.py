@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from yochameleon.data.concept_folder import ConceptFolder, import_yollava
-from yochameleon.data.manifest import summary_table, write_manifest
+from yochameleon.data.manifest import read_manifest, summary_table, write_manifest
 from yochameleon.data.photos import load_photos, load_rgb
-from yochameleon.data.manifest import read_manifest
 from yochameleon.data.pipeline import PrepareOptions, prepare_concept, token_lookup
 from yochameleon.data.records import RecordOptions, build_records
 from yochameleon.data.token_cache import TokenCache
