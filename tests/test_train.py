@@ -293,3 +293,23 @@ def test_selection_keeps_best_checkpoint(backend, image_lookup, tmp_path):
 
     saved = load_file(str(result.concept_files["cat"]))
     assert torch.equal(saved["embed"], best["cat/embed"])
+
+
+def test_two_concepts_in_one_run_mix_batches_and_save_separately(backend, image_lookup, tmp_path):
+    from yochameleon.infer import PersonalizedModel
+
+    recs = _records(1)
+    cfg = _config(tmp_path, **{"optim.epochs": 2, "concept.extra": [{"name": "dog"}]})
+    trainer = Trainer(cfg, backend=backend)
+    trainer.setup(records={"cat": recs, "dog": recs}, image_ids=image_lookup)
+    cat, dog = trainer.concepts["cat"], trainer.concepts["dog"]
+    assert not set(cat.ids) & set(dog.ids)
+    from yochameleon.train.sequences import length_grouped_batches
+
+    batches = length_grouped_batches([len(s) for s in trainer.sequences], 4, cfg.seed)
+    assert any(len({trainer.sequences[i].concept for i in b}) == 2 for b in batches)  # batches mix concepts
+    result = trainer.train()
+    assert set(result.concept_files) == {"cat", "dog"}
+    pm = PersonalizedModel(backend)
+    ids, used = pm._prompt_ids("Is <cat> next to <dog>?", None)
+    assert [c.spec.name for c in used] == ["cat", "dog"]
