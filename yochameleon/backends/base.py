@@ -52,6 +52,60 @@ class LoadOptions:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_hf(
+    model_cls,
+    processor_cls,
+    name_or_path: str,
+    options: LoadOptions | None,
+    what: str,
+    keep_full_precision: list[str],
+):
+    """Load a frozen Hugging Face model and its processor the way every backend needs it.
+
+    Args:
+        model_cls: e.g. ``ChameleonForConditionalGeneration``.
+        processor_cls: e.g. ``ChameleonProcessor``.
+        name_or_path: Hugging Face id or local directory.
+        options: dtype, bitsandbytes quantization and accelerate device map.
+        what: the family's name for error messages.
+        keep_full_precision: module-name fragments bitsandbytes must not quantize (the embedding and
+            head hold concept rows; VQ and vision towers must tokenize exactly).
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode with ``requires_grad=False``.
+
+    Raises:
+        BackendError: the checkpoint cannot be loaded as ``what``.
+    """
+    options = options or LoadOptions()
+    kwargs: dict[str, Any] = {"dtype": options.torch_dtype}
+    if options.quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if options.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_compute_dtype=options.torch_dtype,
+                bnb_4bit_quant_type="nf4",
+                llm_int8_skip_modules=keep_full_precision,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_skip_modules=keep_full_precision
+            )
+    if options.device_map is not None:
+        kwargs["device_map"] = options.device_map
+    try:
+        model = model_cls.from_pretrained(name_or_path, **kwargs)
+        processor = processor_cls.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"cannot load {what} from {name_or_path!r}: {exc}") from exc
+    if options.device_map is None and options.quantization is None:
+        model.to(options.device)
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
 @dataclass(frozen=True)
 class SpecialIds:
     """Ids every backend exposes.

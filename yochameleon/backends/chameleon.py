@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from yochameleon.backends.base import Backend, LoadOptions, SpecialIds
+from yochameleon.backends.base import Backend, LoadOptions, SpecialIds, load_hf
 from yochameleon.errors import BackendError
 
 if TYPE_CHECKING:
@@ -69,21 +69,14 @@ class ChameleonBackend(Backend):
         """
         from transformers import ChameleonForConditionalGeneration, ChameleonProcessor
 
-        options = options or LoadOptions()
-        kwargs: dict = {"dtype": options.torch_dtype}
-        if options.quantization is not None:
-            kwargs["quantization_config"] = _bnb_config(options)
-            # The VQ model and the embedding/head stay in full precision: they are tiny or trained.
-        if options.device_map is not None:
-            kwargs["device_map"] = options.device_map
-        try:
-            model = ChameleonForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
-            processor = ChameleonProcessor.from_pretrained(name_or_path)
-        except OSError as exc:
-            raise BackendError(f"cannot load a Chameleon-class model from {name_or_path!r}: {exc}") from exc
-        if options.device_map is None and options.quantization is None:
-            model.to(options.device)
-        model.eval().requires_grad_(False)
+        model, processor = load_hf(
+            ChameleonForConditionalGeneration,
+            ChameleonProcessor,
+            name_or_path,
+            options,
+            "a Chameleon-class model",
+            ["lm_head", "vqmodel", "embed_tokens"],
+        )
         decoder = _load_decoder(name_or_path, model)
         return cls(name_or_path, model, processor, decoder)
 
@@ -139,22 +132,6 @@ class ChameleonBackend(Backend):
         pixels = decode_codes(vq, self.vq_decoder, codes.to(vq.quantize.embedding.weight.device))
         arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
-
-
-def _bnb_config(options: LoadOptions):
-    from transformers import BitsAndBytesConfig
-
-    # Keep the output head, the VQ model and the embeddings out of quantization: concept rows live
-    # there and image tokenization must stay exact.
-    skip = ["lm_head", "vqmodel", "embed_tokens"]
-    if options.quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=options.torch_dtype,
-            bnb_4bit_quant_type="nf4",
-            llm_int8_skip_modules=skip,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def _load_decoder(name_or_path: str, model):

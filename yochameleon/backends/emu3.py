@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from yochameleon.backends.base import Backend, LoadOptions, SpecialIds
+from yochameleon.backends.base import Backend, LoadOptions, SpecialIds, load_hf
 from yochameleon.errors import BackendError
 from yochameleon.generation import SpanConstraint
 
@@ -101,20 +101,14 @@ class Emu3Backend(Backend):
         """
         from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
-        options = options or LoadOptions()
-        kwargs: dict = {"dtype": options.torch_dtype}
-        if options.quantization is not None:
-            kwargs["quantization_config"] = _bnb_config(options)
-        if options.device_map is not None:
-            kwargs["device_map"] = options.device_map
-        try:
-            model = Emu3ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
-            processor = Emu3Processor.from_pretrained(name_or_path)
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"cannot load an Emu3 model from {name_or_path!r}: {exc}") from exc
-        if options.device_map is None and options.quantization is None:
-            model.to(options.device)
-        model.eval().requires_grad_(False)
+        model, processor = load_hf(
+            Emu3ForConditionalGeneration,
+            Emu3Processor,
+            name_or_path,
+            options,
+            "an Emu3 model",
+            ["lm_head", "vqmodel", "embed_tokens"],
+        )
         return cls(name_or_path, model, processor)
 
     # ----- concept tokens ---------------------------------------------------------------------
@@ -243,18 +237,3 @@ def _required_id(tok, token: str | None, name_or_path: str) -> int:
     if tid is None or (tok.unk_token_id is not None and tid == tok.unk_token_id):
         raise BackendError(f"{name_or_path}: the Emu3 tokenizer lacks the layout token {token!r}")
     return int(tid)
-
-
-def _bnb_config(options: LoadOptions):
-    from transformers import BitsAndBytesConfig
-
-    # The VQ model, the embeddings and the head stay in full precision: concept rows live there.
-    skip = ["lm_head", "vqmodel", "embed_tokens"]
-    if options.quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=options.torch_dtype,
-            bnb_4bit_quant_type="nf4",
-            llm_int8_skip_modules=skip,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from yochameleon.backends.base import Backend, LoadOptions, SpecialIds
+from yochameleon.backends.base import Backend, LoadOptions, SpecialIds, load_hf
 from yochameleon.errors import BackendError
 
 if TYPE_CHECKING:
@@ -94,20 +94,14 @@ class JanusBackend(Backend):
         """
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
-        options = options or LoadOptions()
-        kwargs: dict = {"dtype": options.torch_dtype}
-        if options.quantization is not None:
-            kwargs["quantization_config"] = _bnb_config(options)
-        if options.device_map is not None:
-            kwargs["device_map"] = options.device_map
-        try:
-            model = JanusForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
-            processor = JanusProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"cannot load a Janus model from {name_or_path!r}: {exc}") from exc
-        if options.device_map is None and options.quantization is None:
-            model.to(options.device)
-        model.eval().requires_grad_(False)
+        model, processor = load_hf(
+            JanusForConditionalGeneration,
+            JanusProcessor,
+            name_or_path,
+            options,
+            "a Janus model",
+            ["lm_head", "vqmodel", "vision_model", "aligner", "generation_", "embed_tokens"],
+        )
         return cls(name_or_path, model, processor)
 
     # ----- the combined id space ----------------------------------------------------------------
@@ -335,18 +329,3 @@ def _required_id(tok, token: str | None, name_or_path: str) -> int:
     if tid is None or (tok.unk_token_id is not None and tid == tok.unk_token_id):
         raise BackendError(f"{name_or_path}: the Janus tokenizer lacks the special token {token!r}")
     return int(tid)
-
-
-def _bnb_config(options: LoadOptions):
-    from transformers import BitsAndBytesConfig
-
-    # Vision encoder, VQ model, embeddings and both heads stay in full precision.
-    skip = ["lm_head", "vqmodel", "vision_model", "aligner", "generation_", "embed_tokens"]
-    if options.quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=options.torch_dtype,
-            bnb_4bit_quant_type="nf4",
-            llm_int8_skip_modules=skip,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
