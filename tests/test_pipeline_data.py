@@ -283,3 +283,25 @@ def test_index_built_with_another_embedder_refused(tmp_path):
     build_index(pool, tmp_path / "idx", TestEmbedder(dim=32), progress=False)
     with pytest.raises(IndexMismatchError):
         load_index(tmp_path / "idx").check_embedder(TestEmbedder(dim=64))
+
+
+def test_text_qa_from_an_answerer_when_no_qa_file(backend, concept_dir, tmp_path):
+    from yochameleon.data.pipeline import base_model_answerer
+
+    (concept_dir / "qa.jsonl").unlink()
+
+    class Constant:
+        def answer(self, question, image):
+            return "It is a tabby cat."
+
+    header = prepare_concept(
+        concept_dir, tmp_path / "d", None, PrepareOptions(n_g=4, n_recognition=4), answerer=Constant()
+    )
+    qa = [r for r in read_manifest(tmp_path / "d").record_dicts() if r["kind"] == "text_qa"]
+    assert qa and all(r["answer"] == "It is a tabby cat." for r in qa if "tabby" in r["answer"])
+    assert header["counts"]["text_qa"] == len(qa)
+    # The default answerer is the base model itself; it answers with text.
+    answer = base_model_answerer(backend).answer(
+        "What colour is <sks>?", __import__("PIL.Image").Image.new("RGB", (64, 64))
+    )
+    assert isinstance(answer, str)
