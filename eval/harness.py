@@ -71,6 +71,56 @@ class TestSet:
             )
         return cls(root, rec, vqa, text_qa)
 
+    @classmethod
+    def from_yollava(
+        cls,
+        dataset_root: str | Path,
+        name: str,
+        visual_qa_json: str | Path | None = None,
+        text_qa_json: str | Path | None = None,
+        max_negatives: int = 100,
+    ) -> TestSet:
+        """The Yo'LLaVA benchmark layout: ``ROOT/test/NAME/*`` are positives, other concepts' test
+        photos are negatives, and the visual / text QA JSON files are keyed by concept name.
+
+        Raises:
+            DataError: the concept's test folder is missing, or a QA file names images that do not exist.
+        """
+        root = Path(dataset_root)
+        test = root / "test"
+        own = test / name
+        if not own.is_dir():
+            raise DataError(f"{own} does not exist: expected the Yo'LLaVA layout ROOT/test/{name}/")
+        photos = lambda d: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)  # noqa: E731
+        rec = [(p, "pos") for p in photos(own)]
+        others = [p for d in sorted(test.iterdir()) if d.is_dir() and d.name != name for p in photos(d)]
+        rec += [(p, "neg_easy") for p in others[:max_negatives]]
+        vqa = []
+        if visual_qa_json:
+            for path, item in (
+                json.loads(Path(visual_qa_json).read_text(encoding="utf-8")).get(name, {}).items()
+            ):
+                rel = path.split("/test/", 1)[-1]
+                vqa.append(
+                    {
+                        "image": str((test / rel).resolve()),
+                        "question": item["question"],
+                        "options": item["options"],
+                        "answer": item["correct_answer"],
+                    }
+                )
+        text_qa = []
+        if text_qa_json:
+            for item in json.loads(Path(text_qa_json).read_text(encoding="utf-8")).get(name, {}).values():
+                question = item["question"].replace("<sks>", "sks").replace("sks", "<sks>")
+                text_qa.append(
+                    {"question": question, "options": item["option"], "answer": item["correct_answer"]}
+                )
+        missing = sorted({it["image"] for it in vqa if not Path(it["image"]).is_file()})
+        if missing:
+            raise DataError(f"{visual_qa_json} references images that do not exist: {', '.join(missing[:5])}")
+        return cls(root, rec, vqa, text_qa)
+
 
 def _read_items(path: Path) -> list[dict]:
     if not path.is_file():
@@ -152,7 +202,10 @@ def _cmd_eval(args) -> None:
     from yochameleon.retrieval import TestEmbedder
 
     backend = load_backend(args.model, LoadOptions(device=args.device))
-    test = TestSet.load(args.test_dir)
+    if args.yollava:
+        test = TestSet.from_yollava(args.test_dir, args.yollava, args.visual_qa, args.text_qa)
+    else:
+        test = TestSet.load(args.test_dir)
     folder = ConceptFolder.load(args.concept)
     data = ConceptData(
         folder.name,
@@ -186,7 +239,14 @@ def register(subparsers) -> None:
     p.add_argument("--concept", required=True, help="concept folder")
     p.add_argument("--data-dir", default=None, help="prepared data of the concept (yochameleon prepare)")
     p.add_argument("--index", default=None, help="retrieval index for trained methods")
-    p.add_argument("--test-dir", required=True)
+    p.add_argument(
+        "--test-dir", required=True, help="our test layout, or a Yo'LLaVA dataset root with --yollava"
+    )
+    p.add_argument(
+        "--yollava", default=None, metavar="NAME", help="read --test-dir as the Yo'LLaVA benchmark layout"
+    )
+    p.add_argument("--visual-qa", default=None, help="Yo'LLaVA visual QA JSON (with --yollava)")
+    p.add_argument("--text-qa", default=None, help="Yo'LLaVA / Yo'Chameleon text QA JSON (with --yollava)")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)

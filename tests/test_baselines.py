@@ -154,3 +154,51 @@ def test_myvlm_is_the_base_model_when_the_head_does_not_fire(backend, setup, tmp
     at = fired.index(backend.special.eoi)
     assert fired[at + 1] == myvlm.concepts[0].token_id and len(fired) == len(p_n.ids) + 1
     myvlm.close()
+
+
+def test_yollava_benchmark_layout(tmp_path):
+    from PIL import Image
+
+    for concept in ("bo", "mam"):
+        (tmp_path / "ds" / "test" / concept).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(tmp_path / "ds" / "test" / concept / f"{i}.png")
+    vqa = tmp_path / "vqa.json"
+    vqa.write_text(
+        json.dumps(
+            {
+                "bo": {
+                    "./yollava-data/test/bo/1.png": {
+                        "question": "What animal is <sks>?",
+                        "options": {"A": "Cat", "B": "Dog"},
+                        "correct_answer": "B",
+                    }
+                }
+            }
+        )
+    )
+    tqa = tmp_path / "tqa.json"
+    tqa.write_text(
+        json.dumps(
+            {
+                "bo": {
+                    "0": {
+                        "question": "Is sks a dog or a cat?",
+                        "option": {"A": "Dog", "B": "Cat"},
+                        "correct_answer": "A",
+                    }
+                }
+            }
+        )
+    )
+    test = TestSet.from_yollava(tmp_path / "ds", "bo", vqa, tqa)
+    assert [lab for _, lab in test.recognition] == ["pos", "pos", "neg_easy", "neg_easy"]
+    assert (
+        test.vqa[0]["image"].endswith("bo/1.png")
+        and test.text_qa[0]["question"] == "Is <sks> a dog or a cat?"
+    )
+    from yochameleon.eval.metrics import shuffle_options
+
+    assert shuffle_options(test.text_qa[0], 0)["correct"] == "Dog"
+    with pytest.raises(DataError, match="does not exist"):
+        TestSet.from_yollava(tmp_path / "ds", "nobody")
