@@ -115,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     model_dir = Path(args.model) if args.model else root / "tiny-model"
+    random_init = (model_dir / "yochameleon_tiny.json").is_file() or not (model_dir / "config.json").is_file()
     if not (model_dir / "config.json").is_file():
         print(f"[1/6] building the random-init tiny model in {model_dir}")
         make_tiny(model_dir)
     else:
         print(f"[1/6] base model: {model_dir}")
+    if random_init:
+        print(
+            "      note: a random-init model learns its training data but cannot tell photos apart or draw;\n"
+            "      pass --model with a pretrained base (e.g. Anole-7B on a GPU) for meaningful answers and images"
+        )
     concept_dir = make_concept_folder(root)
     pool = make_pool(root)
     print(
