@@ -1,0 +1,760 @@
+"""``yochameleon bench train``: the fast path against the reference trainer, feature by feature.
+
+Every measured configuration runs in its own Python subprocess (so memory peaks and allocator
+state never leak between them); the fast path ("ours") and the reference alternate A B A B.
+An ablation runs the fast path with one feature switched off at a time:
+
+* ``token_cache``: images VQ-encoded once (off: re-encoded from pixels every step);
+* ``label_only``: logits only at labelled positions, chunked (off: full-vocabulary logits everywhere);
+* ``no_padding``: length-grouped batches padded to their own longest sample (off: shuffled batches
+  all padded to the workload's longest sample);
+* ``rows_only``: AdamW over the concept rows only (off: full trainable matrix copies, restored rows);
+* ``checkpointing``: gradient checkpointing of the decoder layers (off: every activation kept).
+
+The workload is a realistic mixed set of one concept's records (recognition of positives and
+negatives, real and soft-positive generation, text QA) on real photos from scikit-image, batch 4.
+Memory is the peak resident set during set-up and training above the RSS right after the model
+loaded (``VmHWM`` reset through ``/proc/self/clear_refs``; ``torch.cuda.max_memory_allocated`` on a
+GPU), so it counts exactly what training adds on top of the frozen model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from yochameleon.eval.bench.reference import BenchError
+
+FEATURES = ("token_cache", "label_only", "no_padding", "rows_only", "checkpointing")
+FEATURE_LABELS = {
+    "token_cache": "token cache (off: re-encode images every step)",
+    "label_only": "label-only logits (off: full logits)",
+    "no_padding": "no padding (off: pad every sample to the max)",
+    "rows_only": "rows-only optimizer state (off: full matrices)",
+    "checkpointing": "gradient checkpointing (off: keep activations)",
+}
+MODEL_SIZES = ("tiny", "small")
+
+
+@dataclass(frozen=True)
+class Features:
+    """Which fast-path features a run uses. All on is ours; all off is the reference."""
+
+    token_cache: bool = True
+    label_only: bool = True
+    no_padding: bool = True
+    rows_only: bool = True
+    checkpointing: bool = True
+
+    @classmethod
+    def reference(cls) -> Features:
+        return cls(**dict.fromkeys(FEATURES, False))
+
+    def without(self, feature: str) -> Features:
+        """These features with ``feature`` switched off."""
+        if feature not in FEATURES:
+            raise BenchError(f"unknown fast-path feature {feature!r}; choose one of {list(FEATURES)}")
+        return replace(self, **{feature: False})
+
+
+@dataclass
+class BenchOptions:
+    """What ``bench train`` measures.
+
+    Args:
+        model: ``"tiny"``, ``"small"`` (built into a cache directory when missing) or a local
+            Chameleon-class checkpoint directory.
+        steps: timed optimizer steps per run (after one untimed warm-up step).
+        repeats: runs per implementation, interleaved A B A B.
+        batch_size: samples per step.
+        ablation: also run the one-feature-off rows.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        threads: torch intra-op threads in each run (``None``: 1, since intra-op threads fighting
+            other jobs on a shared machine slow a step down by an order of magnitude).
+        pad_to: the reference's fixed padded length (``None``: the workload's longest sample).
+        lr: AdamW learning rate of both implementations.
+        seed: batch order and initialisation seed.
+    """
+
+    model: str = "small"
+    steps: int = 4
+    repeats: int = 2
+    batch_size: int = 4
+    ablation: bool = True
+    device: str = "auto"
+    threads: int | None = None
+    pad_to: int | None = None
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise BenchError(f"steps must be at least 1, got {self.steps}")
+        if self.repeats < 1:
+            raise BenchError(f"repeats must be at least 1, got {self.repeats}")
+        if self.batch_size < 1:
+            raise BenchError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise BenchError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"threads must be at least 1, got {self.threads}")
+        if self.pad_to is not None and self.pad_to < 2:
+            raise BenchError(f"pad_to must be at least 2, got {self.pad_to}")
+        if not self.lr > 0:
+            raise BenchError(f"lr must be positive, got {self.lr}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The workload
+# ----------------------------------------------------------------------------------------------
+_POSITIVES = ("astronaut", "chelsea", "coffee", "rocket")
+_NEGATIVES = ("hubble_deep_field", "immunohistochemistry", "camera", "coins")
+
+
+def workload_photos() -> dict[str, Any]:
+    """Real photos shipped with scikit-image: ``pos0..3`` stand for the concept, ``neg0..3`` do not."""
+    from PIL import Image
+    from skimage import data
+
+    photos = {}
+    for prefix, names in (("pos", _POSITIVES), ("neg", _NEGATIVES)):
+        for i, name in enumerate(names):
+            photos[f"{prefix}{i}"] = Image.fromarray(getattr(data, name)()).convert("RGB")
+    return photos
+
+
+def workload_records() -> list[dict]:
+    """Sixteen manifest records of one concept, mixed like a real training set.
+
+    Per positive photo: a recognition question (yes) and a real generation; per negative photo: a
+    recognition question (no); two soft-positive generations on negatives and two text QA pairs.
+    """
+    questions = ("Is <sks> in this photo?", "Can you see <sks> here?", "Is this <sks>?", "Does <sks> appear?")
+    recs: list[dict] = []
+    for i in range(len(_POSITIVES)):
+        recs.append(
+            {
+                "id": f"rec_pos{i}",
+                "task": "understanding",
+                "kind": "recognition",
+                "question": f"{questions[i]}<image>",
+                "answer": "Yes, it is <sks>.",
+                "image": f"pos{i}",
+                "flip": False,
+                "label": "pos",
+            }
+        )
+        recs.append(
+            {
+                "id": f"rec_neg{i}",
+                "task": "understanding",
+                "kind": "recognition",
+                "question": f"{questions[-1 - i]}<image>",
+                "answer": "No, <sks> is not in this photo.",
+                "image": f"neg{i}",
+                "flip": False,
+                "label": "neg_hard",
+            }
+        )
+        recs.append(
+            {
+                "id": f"gen_real{i}",
+                "task": "generation",
+                "kind": "generation_real",
+                "question": "A photo of <sks>.",
+                "answer": None,
+                "image": f"pos{i}",
+                "flip": False,
+            }
+        )
+    for i in range(2):
+        recs.append(
+            {
+                "id": f"gen_soft{i}",
+                "task": "generation",
+                "kind": "generation_soft",
+                "question": "A photo of <sks>.",
+                "answer": None,
+                "image": f"neg{i}",
+                "flip": False,
+                "n_g": 8 * (i + 1),
+                "prompt_form": "paper",
+                "score": 0.6,
+            }
+        )
+    recs.append(
+        {
+            "id": "qa0",
+            "task": "understanding",
+            "kind": "text_qa",
+            "question": "What colour is <sks>?",
+            "answer": "<sks> is mostly white with a red and blue mark on the left side.",
+            "image": None,
+            "flip": False,
+        }
+    )
+    recs.append(
+        {
+            "id": "qa1",
+            "task": "understanding",
+            "kind": "text_qa",
+            "question": "Describe <sks> in one sentence.",
+            "answer": "<sks> is a small object with a striped pattern and a round shape.",
+            "image": None,
+            "flip": False,
+        }
+    )
+    return recs
+
+
+def check_batch_indices(records: list[dict], batch_size: int) -> list[int]:
+    """A fixed batch with one record of every kind first: the batch both losses are compared on."""
+    seen: dict[str, int] = {}
+    for i, r in enumerate(records):
+        seen.setdefault(r["kind"], i)
+    first = list(seen.values())
+    rest = [i for i in range(len(records)) if i not in first]
+    return (first + rest)[:batch_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _trim_heap() -> None:
+    # Hand freed heap memory back to the OS so the post-load baseline is what is really in use.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory above a baseline: ``VmHWM`` on Linux, a sampling thread elsewhere, CUDA stats on GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.baseline = 0
+        self._peak = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.method = ""
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            self.method = "torch.cuda.max_memory_allocated"
+            return
+        _trim_heap()
+        self.baseline = _rss_bytes()
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # resets VmHWM to the current RSS
+            self.method = "VmHWM after clear_refs"
+        except OSError:
+            self.method = "psutil RSS sampled every 2 ms"
+            self._peak = self.baseline
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(0.002)
+
+    def peak(self) -> int:
+        """Peak bytes since :meth:`start` (absolute; subtract :attr:`baseline` for the increase)."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated())
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            return max(self._peak, _rss_bytes())
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return _rss_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# One run (inside the worker subprocess)
+# ----------------------------------------------------------------------------------------------
+def encode_photos(backend, photos: dict[str, Any]) -> dict[str, list[int]]:
+    """VQ ids of every photo, as the token cache holds them."""
+    names = sorted(photos)
+    encoded = backend.encode_images([photos[n] for n in names])
+    return {n: encoded[i].tolist() for i, n in enumerate(names)}
+
+
+class StepRunner:
+    """Trains one concept on ``backend`` with the given features, one batch per :meth:`step`.
+
+    Args:
+        backend: the frozen base model (freshly loaded, nothing attached).
+        features: which fast-path features to use.
+        records: the workload's manifest records.
+        photos: the workload's photos by name.
+        batch_size: samples per step.
+        lr: AdamW learning rate.
+        pad_to: fixed padded length when ``no_padding`` is off (``None``: the longest sample).
+        seed: batch-order seed.
+        logits_chunk: chunk size of the label-only loss.
+        image_cache: the photos' VQ ids by name (see :func:`encode_photos`); encoded here when
+            ``token_cache`` is on and none is given.
+    """
+
+    def __init__(
+        self,
+        backend,
+        features: Features,
+        records: list[dict],
+        photos: dict[str, Any],
+        batch_size: int = 4,
+        lr: float = 1e-3,
+        pad_to: int | None = None,
+        seed: int = 0,
+        logits_chunk: int = 1024,
+        image_cache: dict[str, list[int]] | None = None,
+    ) -> None:
+        import torch
+
+        from yochameleon.concept import ConceptSpec, allocate_ids, attach, get_bank
+        from yochameleon.eval.bench.reference import FullMatrixConcept
+        from yochameleon.train.sequences import build_sequence
+
+        self.backend = backend
+        self.features = features
+        self.records = records
+        self.photos = photos
+        self.batch_size = batch_size
+        self.seed = seed
+        self.logits_chunk = logits_chunk
+        spec = ConceptSpec("bench")
+        if features.rows_only:
+            self.tokens = attach(backend, spec)
+            self.matrices = None
+            params = get_bank(backend).parameters()
+        else:
+            self.tokens = allocate_ids(backend, spec)
+            self.matrices = FullMatrixConcept(backend, self.tokens)
+            params = self.matrices.parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        placeholder = [backend.special.image_token_ids[0]] * backend.image_seq_len
+        self.lengths = [
+            len(build_sequence(backend, r, self.tokens, placeholder if r.get("image") else None))
+            for r in records
+        ]
+        self.pad_to = None if features.no_padding else (pad_to or max(self.lengths))
+        if self.pad_to is not None and self.pad_to < max(self.lengths):
+            raise BenchError(f"pad_to={self.pad_to} is shorter than the longest sample ({max(self.lengths)})")
+        self.sequences = None
+        if features.token_cache:
+            cache = image_cache if image_cache is not None else encode_photos(backend, photos)
+            self.sequences = [
+                build_sequence(backend, r, self.tokens, cache[r["image"]] if r.get("image") else None)
+                for r in records
+            ]
+        if features.checkpointing:
+            backend.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            backend.model.train()  # HF only checkpoints in train mode; the model has no dropout
+        else:
+            backend.model.eval()
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch: length-grouped (``no_padding``) or plainly shuffled."""
+        from yochameleon.train.sequences import length_grouped_batches
+
+        if self.features.no_padding:
+            return length_grouped_batches(self.lengths, self.batch_size, self.seed + epoch)
+        order = list(range(len(self.records)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def batch(self, indices: list[int]):
+        """Collate the samples ``indices`` (re-encoding their images when the cache is off)."""
+        from yochameleon.eval.bench.reference import reencode_sequences
+        from yochameleon.train.sequences import collate
+
+        if self.sequences is not None:
+            seqs = [self.sequences[i] for i in indices]
+        else:
+            seqs = reencode_sequences(
+                self.backend, [self.records[i] for i in indices], self.photos, self.tokens
+            )
+        return collate(seqs, self.backend.special.pad, pad_to=self.pad_to).to(self.backend.device)
+
+    def loss(self, batch):
+        from yochameleon.eval.bench.reference import full_vocabulary_loss
+        from yochameleon.train.loss import label_only_loss
+
+        if self.features.label_only:
+            return label_only_loss(self.backend, batch, chunk=self.logits_chunk)[0]
+        return full_vocabulary_loss(self.backend, batch)
+
+    def step(self, indices: list[int]) -> dict[str, float]:
+        """One optimizer step; returns its loss and token counts."""
+        import torch
+
+        from yochameleon.train.sequences import IGNORE
+
+        batch = self.batch(indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise BenchError(f"loss became {float(loss.detach())} with features {asdict(self.features)}")
+        loss.backward()
+        self.optimizer.step()
+        if self.matrices is not None:
+            self.matrices.restore_frozen_rows()
+        return {
+            "loss": float(loss.detach()),
+            "samples": len(indices),
+            "padded_tokens": int(batch.input_ids.numel()),
+            "real_tokens": int(batch.attention_mask.sum()),
+            "labelled_tokens": int((batch.labels[:, 1:] != IGNORE).sum()),
+        }
+
+    def check_loss(self) -> float:
+        """The loss on the fixed check batch before any step (no gradient)."""
+        import torch
+
+        with torch.no_grad():
+            return float(self.loss(self.batch(check_batch_indices(self.records, self.batch_size))))
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration in this process; ``spec`` comes from :func:`_worker_spec`."""
+    import torch
+
+    from yochameleon.backends import load_backend
+    from yochameleon.backends.base import LoadOptions
+
+    threads = spec.get("threads") or 1
+    torch.set_num_threads(threads)
+    rss_import = _rss_bytes()
+    device = spec["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(spec["seed"])
+    backend = load_backend(spec["model_dir"], LoadOptions(device=device))
+    _trim_heap()
+    rss_model = _rss_bytes()
+    features = Features(**spec["features"])
+    photos = workload_photos()
+    # The token cache is built by data preparation before training, so it stays out of the window.
+    cache = encode_photos(backend, photos) if features.token_cache else None
+    memory = PeakMemory(device)
+    memory.start()
+    runner = StepRunner(
+        backend,
+        features,
+        workload_records(),
+        photos,
+        image_cache=cache,
+        batch_size=spec["batch_size"],
+        lr=spec["lr"],
+        pad_to=spec["pad_to"],
+        seed=spec["seed"],
+    )
+    check = runner.check_loss()
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < spec["steps"]:
+        batches += runner.epoch_batches(epoch)
+        epoch += 1
+    runner.step(batches[0])  # warm-up: lazy allocations, optimizer state, kernel selection
+    steps = []
+    for indices in batches[: spec["steps"]]:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        info = runner.step(indices)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        info["seconds"] = time.perf_counter() - t0
+        steps.append(info)
+    peak = memory.peak()
+    return {
+        "features": asdict(features),
+        "device": device,
+        "threads": threads,
+        "check_loss": check,
+        "steps": steps,
+        "memory_method": memory.method,
+        "rss_after_import_mb": rss_import / 2**20,
+        "rss_after_model_mb": rss_model / 2**20,
+        "train_memory_mb": (peak - memory.baseline) / 2**20,
+        "peak_above_import_mb": (peak - rss_import) / 2**20
+        if not device.startswith("cuda")
+        else peak / 2**20,
+    }
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the steps of one configuration's runs into its figures."""
+    steps = [s for r in runs for s in r["steps"]]
+    total = sum(s["seconds"] for s in steps)
+    per_step = [s["seconds"] for s in steps]
+    return {
+        "runs": len(runs),
+        "steps": len(steps),
+        "s_per_step": statistics.median(per_step),
+        "s_per_step_runs": [statistics.median(s["seconds"] for s in r["steps"]) for r in runs],
+        "samples_per_s": sum(s["samples"] for s in steps) / total,
+        "padded_tokens_per_s": sum(s["padded_tokens"] for s in steps) / total,
+        "real_tokens_per_s": sum(s["real_tokens"] for s in steps) / total,
+        "labelled_tokens_per_s": sum(s["labelled_tokens"] for s in steps) / total,
+        "train_memory_mb": statistics.median(r["train_memory_mb"] for r in runs),
+        "peak_above_import_mb": statistics.median(r["peak_above_import_mb"] for r in runs),
+        "rss_after_model_mb": statistics.median(r["rss_after_model_mb"] for r in runs),
+        "check_loss": runs[0]["check_loss"],
+        "first_step_loss": runs[0]["steps"][0]["loss"],
+        "features": runs[0]["features"],
+        "device": runs[0]["device"],
+        "memory_method": runs[0]["memory_method"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------
+def model_cache_dir() -> Path:
+    """``$YOCHAMELEON_CACHE/bench_models``, else ``~/.cache/yochameleon/bench_models``."""
+    base = os.environ.get("YOCHAMELEON_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "yochameleon"
+    return root / "bench_models"
+
+
+def resolve_model(model: str) -> Path:
+    """The checkpoint directory of ``model``; ``tiny``/``small`` are built with ``make_tiny`` once.
+
+    Raises:
+        BenchError: ``model`` is neither a size nor an existing directory.
+    """
+    if model in MODEL_SIZES:
+        out = model_cache_dir() / model
+        if not (out / "yochameleon_tiny.json").is_file():
+            from yochameleon.backends.tiny import make_tiny
+
+            print(f"building the {model} benchmark model in {out} (once)", file=sys.stderr)
+            make_tiny(out, size=model, seed=0)
+        return out
+    path = Path(model)
+    if not path.is_dir():
+        raise BenchError(
+            f"--model must be one of {list(MODEL_SIZES)} or a checkpoint directory; {model!r} is neither"
+        )
+    return path
+
+
+def run_in_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run :func:`run_worker` in a fresh Python process and return its result.
+
+    Raises:
+        BenchError: the worker failed (its stderr tail is in the message).
+    """
+    with tempfile.TemporaryDirectory(prefix="yoc-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "yochameleon.eval.bench.train_bench", json.dumps(spec), str(out)]
+        env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise BenchError(f"benchmark worker for {spec['features']} failed:\n{tail}")
+        return json.loads(out.read_text())
+
+
+def _worker_spec(options: BenchOptions, model_dir: Path, features: Features) -> dict[str, Any]:
+    return {
+        "model_dir": str(model_dir),
+        "features": asdict(features),
+        "steps": options.steps,
+        "batch_size": options.batch_size,
+        "device": options.device,
+        "threads": options.threads,
+        "pad_to": options.pad_to,
+        "lr": options.lr,
+        "seed": options.seed,
+    }
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU/GPU, core count and memory of this machine, for the report."""
+    import platform
+
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def bench_train(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark and return its JSON-ready result.
+
+    Returns:
+        ``{"ours", "reference", "ablation", "speedup", "memory_ratio", "loss_diff", ...}``.
+    """
+    from tqdm.auto import tqdm
+
+    model_dir = resolve_model(options.model)
+    ours, ref = Features(), Features.reference()
+    jobs: list[tuple[str, Features]] = []
+    for _ in range(options.repeats):
+        jobs += [("ours", ours), ("reference", ref)]
+    if options.ablation:
+        jobs += [(f"no_{f}", ours.without(f)) for f in FEATURES]
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, features in tqdm(jobs, desc="bench train", disable=not progress):
+        results.setdefault(name, []).append(run_in_subprocess(_worker_spec(options, model_dir, features)))
+    summary = {name: _summarise(runs) for name, runs in results.items()}
+    o, r = summary["ours"], summary["reference"]
+    ablation = []
+    for f in FEATURES:
+        if f"no_{f}" not in summary:
+            continue
+        row = summary[f"no_{f}"]
+        ablation.append(
+            {
+                "feature_off": f,
+                "label": FEATURE_LABELS[f],
+                "s_per_step": row["s_per_step"],
+                "slowdown": row["s_per_step"] / o["s_per_step"],
+                "train_memory_mb": row["train_memory_mb"],
+                "memory_vs_ours": row["train_memory_mb"] / max(o["train_memory_mb"], 1e-9),
+                "labelled_tokens_per_s": row["labelled_tokens_per_s"],
+                "check_loss": row["check_loss"],
+            }
+        )
+    return {
+        "model": options.model,
+        "model_dir": str(model_dir),
+        "options": asdict(options),
+        "machine": machine_description(),
+        "workload": {
+            "records": len(workload_records()),
+            "kinds": sorted({rec["kind"] for rec in workload_records()}),
+            "batch_size": options.batch_size,
+        },
+        "ours": o,
+        "reference": r,
+        "ablation": ablation,
+        "speedup": r["s_per_step"] / o["s_per_step"],
+        "memory_ratio": r["train_memory_mb"] / max(o["train_memory_mb"], 1e-9),
+        "loss_diff": abs(r["check_loss"] - o["check_loss"]),
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A plain-text table of :func:`bench_train`'s result."""
+    o, r = result["ours"], result["reference"]
+    lines = [
+        f"model {result['model']} on {result['machine']['cpu']} ({result['machine']['cores']} cores), "
+        f"device {o['device']}, batch {result['workload']['batch_size']}",
+        f"{'implementation':<52} {'s/step':>8} {'samples/s':>10} {'lab tok/s':>10} {'train MB':>9}",
+    ]
+    for name, row in (("ours (all fast-path features)", o), ("reference", r)):
+        lines.append(
+            f"{name:<52} {row['s_per_step']:>8.3f} {row['samples_per_s']:>10.2f} "
+            f"{row['labelled_tokens_per_s']:>10.0f} {row['train_memory_mb']:>9.0f}"
+        )
+    for row in result["ablation"]:
+        lines.append(
+            f"  {row['label']:<50} {row['s_per_step']:>8.3f} {'':>10} "
+            f"{row['labelled_tokens_per_s']:>10.0f} {row['train_memory_mb']:>9.0f}"
+        )
+    lines.append(
+        f"speedup {result['speedup']:.2f}x  memory_ratio {result['memory_ratio']:.2f}x  "
+        f"loss ours {o['check_loss']:.6f} reference {r['check_loss']:.6f} (diff {result['loss_diff']:.1e})"
+    )
+    return "\n".join(lines)
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``bench train`` arguments to ``parser`` and set ``func`` to :func:`run_train`."""
+    parser.add_argument("--model", default="small", help="tiny, small (built once into a cache dir) or a DIR")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per implementation, interleaved A B A B")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--no-ablation", action="store_true", help="skip the one-feature-off rows")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1)")
+    parser.add_argument("--pad-to", type=int, default=None, help="reference padded length (default: longest)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
+    parser.set_defaults(func=run_train)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``yochameleon bench train``: print the table and write the JSON if asked."""
+    options = BenchOptions(
+        model=args.model,
+        steps=args.steps,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        ablation=not args.no_ablation,
+        device=args.device,
+        threads=args.threads,
+        pad_to=args.pad_to,
+        seed=args.seed,
+    )
+    result = bench_train(options)
+    print(format_result(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _known_features(data: dict[str, Any]) -> dict[str, bool]:
+    names = {f.name for f in fields(Features)}
+    return {k: bool(v) for k, v in data.items() if k in names}
+
+
+if __name__ == "__main__":
+    # Worker mode: python -m yochameleon.eval.bench.train_bench SPEC_JSON OUT_JSON
+    worker_spec = json.loads(sys.argv[1])
+    worker_spec["features"] = _known_features(worker_spec["features"])
+    Path(sys.argv[2]).write_text(json.dumps(run_worker(worker_spec)))
