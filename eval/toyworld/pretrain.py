@@ -1,0 +1,781 @@
+"""Training the toy world's base artifacts on this CPU: the VQ tokenizer, the base model and the embedder.
+
+* :func:`train_vq` trains an upstream ``ChameleonVQVAE`` encoder and codebook with our
+  :class:`~yochameleon.backends.chameleon_vq.ChameleonVQDecoder` through the real
+  :func:`~yochameleon.backends.chameleon_vq.reconstruct` path, with mark-weighted reconstruction loss,
+  dead-code restarts and cosine lr decay; :func:`refine_vq` then refines it with the object's pixels
+  weighted up (so outlines, patterns and with them the mark cells survive tokenization).
+* :func:`write_base_dir` writes a Chameleon checkpoint directory in exactly the ``make_tiny`` layout
+  around the trained VQ, and :func:`pretrain_lm` pretrains its transformer on captions, attribute QA,
+  text-to-image and two-image "same object?" questions built from *pretraining* identities only.
+* :func:`train_embedder` trains an OpenCLIP-architecture ViT contrastively on toy image/caption pairs
+  and saves it as a model-config JSON plus a safetensors weights file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from yochameleon.errors import YoChameleonError
+
+from .world import MARK_COLOURS, Identity, ToyWorld, attribute_qa, caption
+
+__all__ = [
+    "BANK_VERSION",
+    "EmbedderTrainConfig",
+    "ImageBank",
+    "LMTrainConfig",
+    "PretrainError",
+    "VQRefineConfig",
+    "VQTrainConfig",
+    "base_spec",
+    "build_image_bank",
+    "embedder_model_config",
+    "generation_prompt",
+    "pretrain_lm",
+    "refine_vq",
+    "same_object_question",
+    "train_embedder",
+    "train_vq",
+    "vq_config",
+    "write_base_dir",
+]
+
+BANK_VERSION = 1
+SAME_OBJECT_QUESTION = "Is the object in the first photo the same object as in the second photo?"
+DESCRIBE_QUESTION = "Describe the object in this photo."
+# Paraphrases of the text-to-image request; the first matches yochameleon.prompts' "A photo of <sks>."
+_GENERATION_TEMPLATES = ("A photo of {}.", "Draw {}.", "Generate an image of {}.")
+_MARK_RGB = np.asarray(list(MARK_COLOURS.values()), dtype=np.float32)
+
+
+class PretrainError(YoChameleonError):
+    """A pretraining configuration or input is invalid."""
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise PretrainError(f"{name} must be positive, got {value!r}")
+
+
+def _lr_factor(step: int, steps: int, warmup: int, floor: float = 0.05) -> float:
+    """Linear warm-up, then cosine decay to ``floor`` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in ``[-1, 1]`` (the Chameleon processor's range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 1: the VQ tokenizer
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VQTrainConfig:
+    """VQ architecture and training settings.
+
+    Attributes:
+        base_channels, channel_multiplier, embed_dim, num_embeddings, num_res_blocks: the
+            ``ChameleonVQVAE`` architecture (``resolution`` is the world's image size).
+        steps, batch_size, lr: Adam steps, freshly rendered photos per step and peak learning rate.
+        mark_weight: extra loss weight on pixels of a mark colour (marks are a few pixels each).
+        restart_every: every this many steps, codes unused since the last restart are moved onto
+            random encoder outputs (dead-code restarts).
+        seed: seeds weights and scenes.
+    """
+
+    base_channels: int = 32
+    channel_multiplier: tuple[int, ...] = (1, 2, 4)
+    embed_dim: int = 16
+    num_embeddings: int = 512
+    num_res_blocks: int = 1
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 2e-3
+    mark_weight: float = 8.0
+    restart_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "num_embeddings", "embed_dim", "restart_every"):
+            _positive(name, getattr(self, name))
+        if self.base_channels % 32:
+            raise PretrainError(
+                f"base_channels must be a multiple of 32 (GroupNorm), got {self.base_channels}"
+            )
+        if self.mark_weight < 0:
+            raise PretrainError(f"mark_weight must be non-negative, got {self.mark_weight}")
+
+
+def vq_config(config: VQTrainConfig, image_size: int) -> dict:
+    """The ``vq_config`` dict of a ``ChameleonConfig`` for this VQ (no attention blocks: 8x8 latents)."""
+    factor = 2 ** (len(config.channel_multiplier) - 1)
+    if image_size % factor:
+        raise PretrainError(f"image size {image_size} is not divisible by the VQ downsampling {factor}")
+    return {
+        "embed_dim": config.embed_dim,
+        "num_embeddings": config.num_embeddings,
+        "latent_channels": config.embed_dim,
+        "base_channels": config.base_channels,
+        "channel_multiplier": list(config.channel_multiplier),
+        "num_res_blocks": config.num_res_blocks,
+        "resolution": image_size,
+        "attn_resolutions": [],
+    }
+
+
+def mark_weights(images: np.ndarray, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights ``(N, 1, H, W)``: ``1 + weight`` where a pixel is near a mark colour."""
+    dist = np.abs(images[..., None, :].astype(np.float32) - _MARK_RGB).max(-1).min(-1)
+    return torch.from_numpy(1.0 + weight * (dist < 48).astype(np.float32))[:, None]
+
+
+def _vq_batch(world: ToyWorld, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Training photos: pretraining identities with distractors, random scenes and two-object scenes."""
+    pretrain = world.splits["pretrain"]
+    out = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.6 and pretrain:
+            identity = pretrain[int(rng.integers(len(pretrain)))]
+            image = world.render(identity, rng, distractors=int(rng.integers(0, 3)))
+        elif roll < 0.85:
+            image, _ = world.random_scene(rng)
+        else:
+            first, second = world.random_identity(rng), world.random_identity(rng)
+            image, _ = world.render_pair_scene(first, second, rng, ("horizontal", "vertical")[roll < 0.92])
+        out.append(np.asarray(image, dtype=np.uint8))
+    return np.stack(out)
+
+
+def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
+    """Train the VQ tokenizer on freshly rendered world photos.
+
+    Returns:
+        ``(vqmodel, decoder, stats)``: upstream ``ChameleonVQVAE`` and our decoder (both in eval mode)
+        and a dict with the final losses, the codebook usage and the training seconds.
+    """
+    from transformers import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    from yochameleon.backends.chameleon_vq import ChameleonVQDecoder, reconstruct
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 0x5151])
+    vq_cfg = ChameleonVQVAEConfig(**vq_config(config, world.config.image_size))
+    vqmodel, decoder = ChameleonVQVAE(vq_cfg), ChameleonVQDecoder(vq_cfg)
+    vqmodel.train()
+    decoder.train()
+    params = [p for p in vqmodel.parameters()] + list(decoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99))
+    warmup = max(1, min(100, config.steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
+    usage = torch.zeros(config.num_embeddings)
+    start = time.perf_counter()
+    restarts = 0
+    bar = tqdm(range(config.steps), desc="vq", disable=not progress)
+    for step in bar:
+        images = _vq_batch(world, rng, config.batch_size)
+        pixels, weights = _to_pixels(images), mark_weights(images, config.mark_weight)
+        out = reconstruct(vqmodel, decoder, pixels)
+        recon = (((out.pixels - pixels) ** 2).mean(1, keepdim=True) * weights).sum() / weights.sum()
+        loss = recon + out.embedding_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        usage += torch.bincount(out.codes.flatten(), minlength=config.num_embeddings).float()
+        if (step + 1) % config.restart_every == 0 and step + 1 < config.steps * 0.9:
+            restarts += _restart_dead_codes(vqmodel, pixels, usage)
+            usage.zero_()
+        if step % 25 == 0:
+            bar.set_postfix(recon=f"{recon.item():.4f}", vq=f"{out.embedding_loss.item():.4f}")
+    vqmodel.eval()
+    decoder.eval()
+    stats = {
+        "final_recon_loss": round(float(recon.item()), 5),
+        "final_vq_loss": round(float(out.embedding_loss.item()), 5),
+        "codes_used_last_window": int((usage > 0).sum()),
+        "dead_code_restarts": restarts,
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    return vqmodel, decoder, stats
+
+
+@torch.no_grad()
+def _restart_dead_codes(vqmodel, pixels: torch.Tensor, usage: torch.Tensor) -> int:
+    """Move codes unused in the last window onto random (slightly perturbed) encoder outputs."""
+    dead = torch.nonzero(usage == 0).flatten()
+    if dead.numel() == 0:
+        return 0
+    latents = vqmodel.quant_conv(vqmodel.encoder(pixels))
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    picks = flat[torch.randint(len(flat), (dead.numel(),))]
+    weight = vqmodel.quantize.embedding.weight
+    weight[dead] = picks + 0.01 * torch.randn_like(picks) * picks.std()
+    return int(dead.numel())
+
+
+@dataclass(frozen=True)
+class VQRefineConfig:
+    """Object-weighted refinement of a trained VQ tokenizer.
+
+    Why: with a mark-weighted loss alone the codebook spends its capacity on busy backgrounds and the
+    object's outline and pattern blur, so a reader locates the object's box (and with it the mark cells)
+    wrongly. Refining with the rendered object mask weighted up keeps the object sharp.
+
+    Attributes:
+        steps, batch_size, lr: Adam steps, photos per step and peak learning rate (cosine to zero).
+        mark_weight: extra loss weight on mark-coloured pixels.
+        object_weight: extra loss weight on the object's pixels (from the renderer's coverage mask).
+        seed: seeds the scenes.
+    """
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    mark_weight: float = 4.0
+    object_weight: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr"):
+            _positive(name, getattr(self, name))
+        if self.mark_weight < 0 or self.object_weight < 0:
+            raise PretrainError(
+                f"mark_weight and object_weight must be non-negative, got {self.mark_weight}, {self.object_weight}"
+            )
+
+
+def _annotated_vq_batch(world: ToyWorld, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Photos as in :func:`_vq_batch` plus each one's object mask (zero for scenes without a target)."""
+    pretrain = world.splits["pretrain"]
+    side = world.config.image_size
+    images, masks = [], []
+    for _ in range(n):
+        roll = rng.random()
+        mask = np.zeros((side, side), dtype=np.float32)
+        if roll < 0.6 and pretrain:
+            identity = pretrain[int(rng.integers(len(pretrain)))]
+            image, mask, _ = world.render_annotated(identity, rng, distractors=int(rng.integers(0, 3)))
+        elif roll < 0.85:
+            image, _ = world.random_scene(rng)
+        else:
+            first, second = world.random_identity(rng), world.random_identity(rng)
+            image, _ = world.render_pair_scene(first, second, rng, ("horizontal", "vertical")[roll < 0.92])
+        images.append(np.asarray(image, dtype=np.uint8))
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)
+
+
+def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progress: bool = True) -> dict:
+    """Refine a trained VQ tokenizer in place with an object-weighted reconstruction loss.
+
+    Returns:
+        The final losses and the training seconds.
+    """
+    from yochameleon.backends.chameleon_vq import reconstruct
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 0x0B1E])
+    vqmodel.train()
+    decoder.train()
+    params = list(vqmodel.parameters()) + list(decoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps)))
+    )
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="vq refine", disable=not progress)
+    for step in bar:
+        images, masks = _annotated_vq_batch(world, rng, config.batch_size)
+        pixels = _to_pixels(images)
+        weights = (
+            mark_weights(images, config.mark_weight) + config.object_weight * torch.from_numpy(masks)[:, None]
+        )
+        out = reconstruct(vqmodel, decoder, pixels)
+        recon = (((out.pixels - pixels) ** 2).mean(1, keepdim=True) * weights).sum() / weights.sum()
+        loss = recon + out.embedding_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 25 == 0:
+            bar.set_postfix(recon=f"{recon.item():.4f}", vq=f"{out.embedding_loss.item():.4f}")
+    vqmodel.eval()
+    decoder.eval()
+    return {
+        "final_recon_loss": round(float(recon.item()), 5),
+        "final_vq_loss": round(float(out.embedding_loss.item()), 5),
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 2: the base model
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LMTrainConfig:
+    """Base-model architecture and pretraining settings.
+
+    Attributes:
+        hidden_size, intermediate_size, num_layers, num_heads, vocab_size, n_reserved: the transformer
+            and vocabulary (``make_tiny`` layout: specials, one entry per VQ code, reserved, BPE merges).
+        steps, batch_size, lr, weight_decay: AdamW pretraining.
+        n_identities: pretraining identities used (photos come from these and their twins only).
+        photos_per_identity, photos_per_twin: pre-rendered, pre-tokenized photos per identity.
+        mix: task shares ``(caption, attribute QA, text-to-image, same object)``.
+        per_sequence_loss: average the loss within each sequence before the batch (see :func:`lm_loss`).
+        seed: seeds weights, photos and task sampling.
+    """
+
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    vocab_size: int = 1536
+    n_reserved: int = 256
+    steps: int = 1500
+    batch_size: int = 24
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    n_identities: int = 4096
+    photos_per_identity: int = 3
+    photos_per_twin: int = 1
+    mix: tuple[float, float, float, float] = (0.15, 0.30, 0.40, 0.15)
+    per_sequence_loss: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "n_identities", "hidden_size", "num_layers"):
+            _positive(name, getattr(self, name))
+        if self.photos_per_identity < 2 or self.photos_per_twin < 1:
+            raise PretrainError("same-object questions need >= 2 photos per identity and >= 1 per twin")
+        if len(self.mix) != 4 or min(self.mix) < 0 or not math.isclose(sum(self.mix), 1.0, abs_tol=1e-6):
+            raise PretrainError(f"mix must be 4 non-negative shares summing to 1, got {self.mix}")
+        if self.hidden_size % self.num_heads:
+            raise PretrainError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+
+
+def base_spec(lm: LMTrainConfig, vq: VQTrainConfig, image_size: int):
+    """The :class:`~yochameleon.backends.tiny.TinySize` describing the toy base model."""
+    from yochameleon.backends.tiny import TinySize
+
+    return TinySize(
+        hidden_size=lm.hidden_size,
+        intermediate_size=lm.intermediate_size,
+        num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_heads,
+        num_key_value_heads=lm.num_heads,
+        max_position_embeddings=512,
+        vocab_size=lm.vocab_size,
+        n_reserved=lm.n_reserved,
+        image_size=image_size,
+        vq=vq_config(vq, image_size),
+    )
+
+
+def write_base_dir(out_dir: str | Path, spec, vq_state: dict, decoder, seed: int = 0, model=None) -> Path:
+    """Write a Chameleon checkpoint directory in the ``make_tiny`` layout around a trained VQ.
+
+    Args:
+        out_dir: destination (created).
+        spec: a ``TinySize`` (see :func:`base_spec`).
+        vq_state: state dict of the trained ``ChameleonVQVAE`` (copied into ``model.model.vqmodel``).
+        decoder: the trained :class:`ChameleonVQDecoder`.
+        seed: seed of the transformer's random initialisation (when ``model`` is None).
+        model: a trained ``ChameleonForConditionalGeneration`` to write instead of a fresh one.
+
+    Returns:
+        The directory, loadable with ``yochameleon.backends.load_backend``.
+    """
+    from dataclasses import asdict as dc_asdict
+
+    from transformers import (
+        ChameleonConfig,
+        ChameleonForConditionalGeneration,
+        ChameleonImageProcessor,
+        ChameleonProcessor,
+    )
+
+    from yochameleon.backends.chameleon_vq import save_vq_decoder_state
+    from yochameleon.backends.tiny import build_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ordered = build_tokenizer(spec)
+    if model is None:
+        vocab_map = {name: i for i, name in enumerate(ordered)}
+        vocab_map.update(tokenizer.get_vocab())
+        config = ChameleonConfig(
+            vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            vocabulary_map=vocab_map,
+            vq_config=dict(spec.vq),
+            tie_word_embeddings=False,
+            bos_token_id=vocab_map["<s>"],
+            eos_token_id=vocab_map["</s>"],
+            pad_token_id=vocab_map["<pad>"],
+        )
+        torch.manual_seed(seed)
+        model = ChameleonForConditionalGeneration(config).eval()
+        model.model.vqmodel.load_state_dict(vq_state)
+    # fp16 on disk keeps the committed artifacts small; loading upcasts to the requested dtype.
+    model.to(torch.float16).save_pretrained(out)
+    model.to(torch.float32)
+    save_vq_decoder_state(decoder, out, dtype=torch.float16)
+    image_processor = ChameleonImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = ChameleonProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=spec.image_seq_len
+    )
+    processor.save_pretrained(out)
+    (out / "yochameleon_tiny.json").write_text(
+        json.dumps({"size": "toyworld", "seed": seed, **dc_asdict(spec)}, indent=2)
+    )
+    return out
+
+
+@dataclass
+class ImageBank:
+    """Pre-tokenized photos of pretraining identities and their twins.
+
+    Attributes:
+        identities: pretraining identities first (``n_base`` of them), then one twin per identity.
+        image_ids: ``(N, image_seq_len)`` vocabulary ids of every photo.
+        owner: ``(N,)`` index into ``identities`` of the identity each photo shows.
+        n_base: how many of ``identities`` are pretraining identities (the rest are their twins).
+        clean: ``(N,)`` whether the photo has no distractors (text-to-image targets use these).
+    """
+
+    identities: list[Identity]
+    image_ids: torch.Tensor
+    owner: np.ndarray
+    n_base: int
+    clean: np.ndarray
+
+    def photos_of(self, index: int) -> np.ndarray:
+        return np.flatnonzero(self.owner == index)
+
+
+def build_image_bank(backend, world: ToyWorld, config: LMTrainConfig, progress: bool = True) -> ImageBank:
+    """Render and VQ-encode the pretraining photos (pretraining identities and their non-protected twins)."""
+    rng = np.random.default_rng([config.seed, 0xBA4C])
+    pretrain = world.splits["pretrain"]
+    if len(pretrain) < config.n_identities:
+        raise PretrainError(
+            f"the world has {len(pretrain)} pretraining identities, {config.n_identities} asked"
+        )
+    base = list(pretrain[: config.n_identities])
+    known = set(pretrain) | set(world.protected)
+    twins = []
+    for identity in base:
+        candidate = world.twin(identity, rng)
+        # A twin must never be a dev or held-out identity (nor collide with another pretraining one).
+        while candidate in known:
+            candidate = world.twin(identity, rng)
+        twins.append(candidate)
+    identities = base + twins
+    images, owner, clean = [], [], []
+    for index, identity in enumerate(identities):
+        count = config.photos_per_identity if index < len(base) else config.photos_per_twin
+        for k in range(count):
+            n_distractors = 0 if k == 0 else int(rng.integers(0, 3))
+            images.append(world.render(identity, rng, distractors=n_distractors))
+            owner.append(index)
+            clean.append(n_distractors == 0)
+    chunks = []
+    for start in tqdm(range(0, len(images), 512), desc="tokenize photos", disable=not progress):
+        chunks.append(backend.encode_images(images[start : start + 512]))
+    return ImageBank(identities, torch.cat(chunks), np.asarray(owner), len(base), np.asarray(clean))
+
+
+def generation_prompt(description: str, variant: int = 0) -> str:
+    """The text-to-image request for ``description`` (variant 0 is ``"A photo of ..."``)."""
+    return _GENERATION_TEMPLATES[variant % len(_GENERATION_TEMPLATES)].format(description)
+
+
+def same_object_question() -> str:
+    """The two-photo question asked in pretraining."""
+    return SAME_OBJECT_QUESTION
+
+
+def conversation(backend, human: list[int], bot: list[int]) -> tuple[list[int], list[int]]:
+    """``<s> human <eot> bot <eot>`` ids and labels (loss on the bot span and its closing ``<eot>``)."""
+    eot = backend.special.eot
+    prefix = [backend.special.bos, *human, eot]
+    ids = prefix + bot + [eot]
+    labels = [-100] * len(prefix) + bot + [eot]
+    return ids, labels
+
+
+def _sample_sequence(backend, bank: ImageBank, rng: np.random.Generator, mix) -> tuple[list[int], list[int]]:
+    task = int(rng.choice(4, p=mix))
+    index = int(rng.integers(bank.n_base))
+    identity = bank.identities[index]
+    photos = bank.photos_of(index)
+    span = lambda row: backend.image_span(bank.image_ids[row].tolist())  # noqa: E731
+    if task == 0:
+        human = span(int(rng.choice(photos))) + backend.tokenize(" " + DESCRIBE_QUESTION)
+        return conversation(backend, human, backend.tokenize(caption(identity).capitalize() + "."))
+    if task == 1:
+        qa = attribute_qa(identity, rng)[int(rng.integers(4))]
+        human = span(int(rng.choice(photos))) + backend.tokenize(" " + qa.question)
+        return conversation(backend, human, backend.tokenize(qa.answer))
+    if task == 2:
+        clean = photos[bank.clean[photos]]
+        target = int(rng.choice(clean if len(clean) else photos))
+        human = backend.tokenize(generation_prompt(caption(identity), int(rng.integers(3))))
+        return conversation(backend, human, span(target))
+    first, second = (int(x) for x in rng.choice(photos, size=2, replace=False))
+    roll = rng.random()
+    if roll < 0.5:
+        same = True
+    elif roll < 0.85:
+        same, second = False, int(rng.choice(bank.photos_of(bank.n_base + index)))
+    else:
+        other = (index + 1 + int(rng.integers(bank.n_base - 1))) % bank.n_base if bank.n_base > 1 else index
+        same = other == index
+        second = int(rng.choice(bank.photos_of(other)))
+    human = span(first) + span(second) + backend.tokenize(" " + SAME_OBJECT_QUESTION)
+    answer = "Yes, it is the same object." if same else "No, it is a different object."
+    return conversation(backend, human, backend.tokenize(answer))
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``(ids, labels)`` rows; causal attention makes a mask unnecessary for the labelled part."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+    return ids, labels
+
+
+def lm_loss(backend, ids: torch.Tensor, labels: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy on labelled positions, computing logits only where they are needed.
+
+    Args:
+        per_sequence: average within each sequence first, then over the batch. Why: a text-to-image
+            target has 64 labelled tokens and an answer three, so a token mean lets image generation
+            drown out the understanding tasks.
+    """
+    hidden, _ = backend.hidden_states(ids)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = backend.logits(hidden[:, :-1][keep])
+    if not per_sequence:
+        return F.cross_entropy(logits, targets[keep])
+    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+    row = keep.nonzero()[:, 0]
+    per_row = torch.zeros(len(ids)).index_add_(0, row, token_loss) / keep.sum(1).clamp(min=1)
+    return per_row[keep.any(1)].mean()
+
+
+def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool = True) -> dict:
+    """Pretrain the backend's transformer in place (the VQ stays frozen).
+
+    Returns:
+        Training facts: final loss (mean of the last 50 steps), steps and seconds.
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 0x1A1A])
+    model = backend.model
+    params = [p for name, p in model.named_parameters() if ".vqmodel." not in f".{name}"]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, min(150, config.steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
+    model.train()
+    recent: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
+    for step in bar:
+        rows = [_sample_sequence(backend, bank, rng, config.mix) for _ in range(config.batch_size)]
+        ids, labels = pad_batch(rows, backend.special.pad)
+        loss = lm_loss(backend, ids, labels, per_sequence=config.per_sequence_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        recent = (recent + [loss.item()])[-50:]
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(recent):.3f}")
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {
+        "final_loss": round(float(np.mean(recent)), 4),
+        "steps": config.steps,
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 3: the embedder
+# --------------------------------------------------------------------------------------------------------
+EMBEDDER_NAME = "toyworld-vit"
+
+
+@dataclass(frozen=True)
+class EmbedderTrainConfig:
+    """OpenCLIP-architecture ViT and its contrastive training.
+
+    Attributes:
+        embed_dim, width, layers, patch_size: the vision tower (``image_size`` is the world's).
+        text_width, text_layers, context_length: the text tower (a narrow one: its token table has
+            open_clip's 49,408 rows).
+        steps, batch_size, lr: AdamW steps; a batch holds ``batch_size`` identities, two photos each.
+        seed: seeds weights and scenes.
+    """
+
+    embed_dim: int = 64
+    width: int = 128
+    layers: int = 4
+    patch_size: int = 4
+    text_width: int = 32
+    text_layers: int = 2
+    context_length: int = 16
+    steps: int = 600
+    batch_size: int = 96
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "width", "layers", "embed_dim", "text_width"):
+            _positive(name, getattr(self, name))
+
+
+def embedder_model_config(config: EmbedderTrainConfig, image_size: int) -> dict:
+    """open_clip's ``embed_dim`` / ``vision_cfg`` / ``text_cfg`` description of the embedder."""
+    if image_size % config.patch_size:
+        raise PretrainError(f"image size {image_size} is not divisible by patch size {config.patch_size}")
+    return {
+        "embed_dim": config.embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "patch_size": config.patch_size,
+            "width": config.width,
+            "layers": config.layers,
+            "head_width": 32,
+        },
+        "text_cfg": {
+            "context_length": config.context_length,
+            "vocab_size": 49408,
+            "width": config.text_width,
+            "heads": max(1, config.text_width // 16),
+            "layers": config.text_layers,
+        },
+    }
+
+
+def train_embedder(world: ToyWorld, config: EmbedderTrainConfig, out_dir: str | Path, progress: bool = True):
+    """Train the embedder contrastively and write ``toyworld-vit.json`` + ``toyworld-vit.safetensors``.
+
+    The loss pairs each photo with its caption (photos with the same caption all count as positives)
+    and the two photos of one identity with each other, so embeddings carry the marks as well.
+
+    Returns:
+        ``(config_path, weights_path, stats)``.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / f"{EMBEDDER_NAME}.json"
+    config_path.write_text(
+        json.dumps(embedder_model_config(config, world.config.image_size), indent=2) + "\n"
+    )
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(config.seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(EMBEDDER_NAME, load_weights=False)
+    tokenizer = open_clip.get_tokenizer(EMBEDDER_NAME)
+    normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+    mean = torch.tensor(normalize.mean).view(1, 3, 1, 1)
+    std = torch.tensor(normalize.std).view(1, 3, 1, 1)
+    rng = np.random.default_rng([config.seed, 0xC11F])
+    pretrain = world.splits["pretrain"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.05)
+    warmup = max(1, min(60, config.steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="embedder", disable=not progress)
+    for step in bar:
+        identities = [
+            pretrain[int(rng.integers(len(pretrain)))] if rng.random() < 0.7 else world.random_identity(rng)
+            for _ in range(config.batch_size)
+        ]
+        photos = [
+            np.asarray(world.render(ident, rng, distractors=int(rng.integers(0, 3))), dtype=np.uint8)
+            for ident in identities
+            for _ in range(2)
+        ]
+        pixels = (torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        captions = [caption(ident) for ident in identities]
+        image_emb = F.normalize(model.encode_image(pixels), dim=-1)
+        text_emb = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        first, second = image_emb[0::2], image_emb[1::2]
+        same_caption = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        targets = same_caption / same_caption.sum(1, keepdim=True)
+        logits_it = scale * first @ text_emb.T
+        clip_loss = 0.5 * (
+            -(targets * logits_it.log_softmax(1)).sum(1).mean()
+            - (targets * logits_it.T.log_softmax(1)).sum(1).mean()
+        )
+        same_identity = torch.tensor([[a == b for b in identities] for a in identities], dtype=torch.float32)
+        id_targets = same_identity / same_identity.sum(1, keepdim=True)
+        logits_ii = scale * first @ second.T
+        image_loss = 0.5 * (
+            -(id_targets * logits_ii.log_softmax(1)).sum(1).mean()
+            - (id_targets * logits_ii.T.log_softmax(1)).sum(1).mean()
+        )
+        loss = clip_loss + image_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 20 == 0:
+            bar.set_postfix(clip=f"{clip_loss.item():.3f}", img=f"{image_loss.item():.3f}")
+    model.eval()
+    weights_path = out / f"{EMBEDDER_NAME}.safetensors"
+    state = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(weights_path))
+    stats = {
+        "final_clip_loss": round(float(clip_loss.item()), 4),
+        "final_image_loss": round(float(image_loss.item()), 4),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "config": asdict(config),
+    }
+    return config_path, weights_path, stats

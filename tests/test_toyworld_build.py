@@ -1,0 +1,280 @@
+"""The toy-world build: stage caching/resume, gate functions, configs, checksums, CLI; the reduced build (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from yochameleon.eval.toyworld import ToyWorld, WorldConfig
+from yochameleon.eval.toyworld.build import (
+    BuildConfig,
+    BuildError,
+    StageCache,
+    build,
+    committed_files,
+    stage_digest,
+    write_sha256sums,
+)
+from yochameleon.eval.toyworld.cli import register
+from yochameleon.eval.toyworld.gates import (
+    GateError,
+    check_gates,
+    format_gates,
+    linear_probe_accuracy,
+    make_gate,
+)
+from yochameleon.eval.toyworld.pretrain import (
+    EmbedderTrainConfig,
+    LMTrainConfig,
+    PretrainError,
+    VQRefineConfig,
+    VQTrainConfig,
+    build_image_bank,
+    conversation,
+    embedder_model_config,
+    mark_weights,
+    pad_batch,
+    refine_vq,
+    vq_config,
+)
+
+
+# ---- stage cache --------------------------------------------------------------------------------------
+def test_stage_runs_once_then_is_cached(tmp_path):
+    cache = StageCache(tmp_path, log=lambda _: None)
+    calls = []
+
+    def stage(folder):
+        calls.append(folder)
+        (folder / "weights.bin").write_bytes(b"abc")
+        return {"value": 1}
+
+    folder, result = cache.run("vq", {"steps": 10}, stage)
+    assert result == {"value": 1} and (folder / "weights.bin").read_bytes() == b"abc"
+    assert not folder.name.endswith(".partial") and cache.done("vq", {"steps": 10})
+    again, result2 = cache.run("vq", {"steps": 10}, stage)
+    assert again == folder and result2 == {"value": 1} and len(calls) == 1
+
+
+def test_changed_config_rebuilds_and_interrupted_stage_resumes(tmp_path):
+    cache = StageCache(tmp_path, log=lambda _: None)
+    calls = []
+
+    def crashing(folder):
+        (folder / "half-written").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.run("base", {"steps": 5}, crashing)
+    assert not cache.done("base", {"steps": 5})
+
+    def stage(folder):
+        calls.append(sorted(p.name for p in folder.iterdir()))
+        return {"ok": True}
+
+    folder, _ = cache.run("base", {"steps": 5}, stage)
+    assert calls == [[]]  # the half-written partial folder was discarded, not reused
+    other, _ = cache.run("base", {"steps": 6}, stage)
+    assert other != folder and len(calls) == 2
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_stage_must_return_a_json_dict(tmp_path):
+    cache = StageCache(tmp_path, log=lambda _: None)
+    with pytest.raises(BuildError, match="expected a dict"):
+        cache.run("x", {}, lambda folder: [1, 2])
+    with pytest.raises(BuildError, match="not JSON-able"):
+        cache.run("y", {}, lambda folder: {"bad": {1, 2}})
+    assert not cache.done("x", {}) and not cache.done("y", {})
+
+
+def test_stage_digest_is_stable_and_sensitive():
+    key = {"a": 1, "b": [1, 2]}
+    assert stage_digest("vq", key) == stage_digest("vq", {"b": [1, 2], "a": 1})
+    assert stage_digest("vq", key) != stage_digest("base", key)
+    assert stage_digest("vq", key) != stage_digest("vq", {"a": 2, "b": [1, 2]})
+
+
+# ---- gates --------------------------------------------------------------------------------------------
+def test_gates_pass_and_fail_by_direction():
+    assert make_gate("attribute_qa", 0.9).passed and not make_gate("attribute_qa", 0.89).passed
+    assert make_gate("scorer_random", 0.0).passed and not make_gate("scorer_random", 0.05).passed
+    results = [make_gate("vq_marks", 0.95), make_gate("twin_probe", 0.5)]
+    assert "PASS  vq_marks" in format_gates(results) and "FAIL  twin_probe" in format_gates(results)
+    with pytest.raises(GateError, match="twin_probe") as info:
+        check_gates(results)
+    assert "vq_marks" not in str(info.value)
+    check_gates(results[:1])
+
+
+@pytest.mark.parametrize("name,value", [("nope", 0.5), ("attribute_qa", 1.5), ("attribute_qa", float("nan"))])
+def test_bad_gate_input(name, value):
+    with pytest.raises(GateError):
+        make_gate(name, value)
+
+
+def test_linear_probe_separates_separable_data_and_not_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 20))
+    y = (x[:, 3] + 0.5 * x[:, 7] > 0).astype(int)
+    assert linear_probe_accuracy(x[:160], y[:160], x[160:], y[160:]) >= 0.9
+    noise_y = rng.integers(0, 2, size=400)
+    noise_x = rng.normal(size=(400, 20))
+    assert 0.3 <= linear_probe_accuracy(noise_x[:200], noise_y[:200], noise_x[200:], noise_y[200:]) <= 0.7
+
+
+def test_linear_probe_rejects_bad_input():
+    x, y = np.zeros((4, 3)), np.array([0, 1, 0, 1])
+    with pytest.raises(GateError, match="widths"):
+        linear_probe_accuracy(x, y, np.zeros((2, 4)), np.array([0, 1]))
+    with pytest.raises(GateError, match="both classes"):
+        linear_probe_accuracy(x, np.zeros(4, int), x, y)
+    with pytest.raises(GateError, match="length"):
+        linear_probe_accuracy(x, y[:3], x, y)
+
+
+# ---- configs ------------------------------------------------------------------------------------------
+def test_build_config_validation_and_reduced(tmp_path):
+    with pytest.raises(BuildError, match="seed"):
+        BuildConfig(out=str(tmp_path), seed=-1)
+    with pytest.raises(BuildError, match="10,000"):
+        BuildConfig(out=str(tmp_path), pool_size=500)
+    full, reduced = BuildConfig.create(tmp_path), BuildConfig.create(tmp_path, reduced=True)
+    assert full.pool_size >= 10_000 and reduced.pool_size < full.pool_size
+    assert reduced.vq.steps < full.vq.steps and reduced.lm.steps < full.lm.steps
+    assert BuildConfig.create(tmp_path, seed=3).lm.seed == 3
+
+
+def test_pretrain_config_validation():
+    with pytest.raises(PretrainError, match="mix"):
+        LMTrainConfig(mix=(0.5, 0.5, 0.5, 0.0))
+    with pytest.raises(PretrainError, match="GroupNorm"):
+        VQTrainConfig(base_channels=48)
+    with pytest.raises(PretrainError, match="steps"):
+        EmbedderTrainConfig(steps=0)
+    with pytest.raises(PretrainError, match="divisible"):
+        vq_config(VQTrainConfig(), 30)
+    with pytest.raises(PretrainError, match="patch"):
+        embedder_model_config(EmbedderTrainConfig(patch_size=5), 32)
+    spec = vq_config(VQTrainConfig(), 32)
+    assert spec["resolution"] == 32 and spec["num_embeddings"] == 512
+
+
+def test_mark_weights_highlight_mark_pixels():
+    image = np.full((1, 2, 2, 3), 128, dtype=np.uint8)
+    image[0, 0, 0] = (0, 235, 235)  # cyan mark
+    weights = mark_weights(image, 8.0)
+    assert weights.shape == (1, 1, 2, 2)
+    assert weights[0, 0, 0, 0] == 9.0 and weights[0, 0, 1, 1] == 1.0
+
+
+def test_refine_vq_trains_on_object_weighted_photos():
+    from transformers import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    from yochameleon.backends.chameleon_vq import ChameleonVQDecoder
+
+    with pytest.raises(PretrainError, match="object_weight"):
+        VQRefineConfig(object_weight=-1)
+    cfg = ChameleonVQVAEConfig(**vq_config(VQTrainConfig(num_embeddings=32), 32))
+    torch.manual_seed(0)
+    vqmodel, decoder = ChameleonVQVAE(cfg), ChameleonVQDecoder(cfg)
+    before = {k: v.clone() for k, v in vqmodel.state_dict().items()}
+    stats = refine_vq(vqmodel, decoder, ToyWorld(0), VQRefineConfig(steps=2, batch_size=4), progress=False)
+    assert np.isfinite(stats["final_recon_loss"]) and not vqmodel.training
+    changed = [k for k, v in vqmodel.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("encoder" in k for k in changed)
+
+
+def test_conversation_labels_only_the_bot_span():
+    backend = SimpleNamespace(special=SimpleNamespace(bos=1, eot=9, pad=0))
+    ids, labels = conversation(backend, [5, 6], [7, 8])
+    assert ids == [1, 5, 6, 9, 7, 8, 9] and labels == [-100, -100, -100, -100, 7, 8, 9]
+    batch_ids, batch_labels = pad_batch([(ids, labels), ([1, 2], [-100, 2])], pad_id=0)
+    assert batch_ids.shape == (2, 7) and batch_ids[1, 2:].eq(0).all() and batch_labels[1, 2:].eq(-100).all()
+
+
+def test_image_bank_never_shows_dev_or_heldout_identities():
+    world = ToyWorld(0, WorldConfig(n_pretrain=40, n_dev=8, n_heldout=16))
+    backend = SimpleNamespace(encode_images=lambda images: torch.zeros(len(images), 64, dtype=torch.long))
+    config = LMTrainConfig(n_identities=40, photos_per_identity=2, photos_per_twin=1)
+    bank = build_image_bank(backend, world, config, progress=False)
+    assert not set(bank.identities) & set(world.protected)
+    assert bank.identities[: bank.n_base] == world.splits["pretrain"]
+    assert len(bank.image_ids) == 40 * 2 + 40 and bank.clean.any()
+    for index in range(bank.n_base):
+        twin = bank.identities[bank.n_base + index]
+        assert twin.base == bank.identities[index].base and twin != bank.identities[index]
+    with pytest.raises(PretrainError, match="pretraining identities"):
+        build_image_bank(backend, world, LMTrainConfig(n_identities=41), progress=False)
+
+
+# ---- checksums and CLI --------------------------------------------------------------------------------
+def test_sha256sums_cover_committed_files_only(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "scorer.json").write_text("{}")
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "00000.png").write_bytes(b"png")
+    assert [p.name for p in committed_files(tmp_path)] == ["model.safetensors", "scorer.json"]
+    lines = write_sha256sums(tmp_path).read_text().splitlines()
+    assert lines[0] == f"{hashlib.sha256(b'weights').hexdigest()}  base/model.safetensors"
+    assert len(lines) == 2
+
+
+def test_cli_registers_toyworld_build():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["toyworld", "build", "--reduced", "--seed", "3", "--out", "x"])
+    assert args.reduced and args.seed == 3 and args.out == "x" and args.toyworld_command == "build"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["toyworld"])
+
+
+# ---- the reduced build end to end ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_reduced_build_writes_loadable_artifacts_and_resumes(tmp_path):
+    from yochameleon.backends import load_backend
+    from yochameleon.eval.toyworld import Scorer
+    from yochameleon.retrieval import OpenClipEmbedder
+
+    config = BuildConfig.create(tmp_path / "out", seed=0, reduced=True, threads=1)
+    report = build(config, progress=False, log=lambda _: None)
+    out = tmp_path / "out"
+    assert set(report["gates"]) == {
+        "scorer_identity",
+        "scorer_random",
+        "vq_marks",
+        "attribute_qa",
+        "text_to_image",
+        "twin_probe",
+    }
+    assert all(0.0 <= g["value"] <= 1.0 for g in report["gates"].values())
+    backend = load_backend(out / "base")
+    assert backend.image_seq_len == 64 and backend.image_size == 32
+    images = backend.decode_images(
+        backend.encode_images([ToyWorld(0).render(ToyWorld(0).splits["dev"][0], np.random.default_rng(0))])
+    )
+    assert images[0].size == (32, 32)
+    embedder = OpenClipEmbedder(
+        model_config=out / "embedder" / "toyworld-vit.json",
+        weights=out / "embedder" / "toyworld-vit.safetensors",
+    )
+    assert embedder.embed_images(images, progress=False).shape == (1, 64)
+    Scorer.load(out / "scorer")
+    assert report["stages"]["pool"]["indexed"] == config.pool_size
+    for line in (out / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split("  ")
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    lines: list[str] = []
+    again = build(config, progress=False, log=lines.append)  # every stage cached: only copying is left
+    assert not any("building" in line for line in lines)
+    assert sum("cached" in line for line in lines) == 6  # scorer, vq, vq_refine, base, embedder + pool index
+    assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
