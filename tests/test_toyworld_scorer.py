@@ -71,6 +71,13 @@ def test_predict_shapes_and_identities(reduced, heldout_photos):
     big = [p.resize((64, 64), Image.NEAREST) for p in photos[:5]]
     assert [p["colour"] for p in scorer.predict(big)] == [p["colour"] for p in preds]
     assert scorer.predict([]) == []
+    # Reading at boxes located in other photos: the same photos give the same answers; shifted
+    # photos read at the unshifted boxes miss the object, so the answers change.
+    assert scorer.predict(photos[:5], boxes_from=photos[:5]) == preds
+    shifted = [Image.fromarray(np.roll(np.asarray(p), 12, axis=1)) for p in photos[:5]]
+    assert scorer.predict(shifted) != scorer.predict(shifted, boxes_from=photos[:5])
+    with pytest.raises(ScorerError, match="boxes_from"):
+        scorer.predict(photos[:5], boxes_from=photos[:4])
 
 
 def test_identity_correct_requires_every_head(reduced, heldout_photos):

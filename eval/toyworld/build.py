@@ -368,7 +368,7 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
             marks = vq_mark_retention(
                 vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed
             )
-            return {"stats": stats, "marks": marks, "gates": {"vq_marks": marks["retained"]}}
+            return {"stats": stats, "marks": marks, "gates": {"vq_marks": marks["kept"]}}
 
         t0 = time.perf_counter()
         vq_dir, results["vq_refine"] = cache.run("vq_refine", refine_key, refine_stage)

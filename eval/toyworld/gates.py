@@ -120,9 +120,10 @@ def vq_mark_retention(
     """How often VQ reconstructions keep the marks right, read by the scorer.
 
     Returns:
-        ``retained`` (marks right on the reconstruction among photos whose original the scorer reads
-        right; the gate), ``absolute`` (marks right on the reconstruction over all photos) and
-        ``original`` (the scorer's mark accuracy on the originals).
+        ``kept`` (the gate): marks right on the reconstruction, read at the object's place in the original,
+        among photos whose original the scorer reads right; ``retained``: the same with the object located
+        in the reconstruction itself (a blurred outline then also moves the cells); ``absolute``
+        (``retained`` over all photos) and ``original`` (the scorer's mark accuracy on the originals).
     """
     from yochameleon.backends.chameleon_vq import reconstruct
 
@@ -140,7 +141,9 @@ def vq_mark_retention(
     truth = [o.mark_map for o in owners]
     orig_ok = np.array([p["marks"] == t for p, t in zip(scorer.predict(arrays), truth)])
     rec_ok = np.array([p["marks"] == t for p, t in zip(scorer.predict(recon_arr), truth)])
+    kept = np.array([p["marks"] == t for p, t in zip(scorer.predict(recon_arr, boxes_from=arrays), truth)])
     return {
+        "kept": float(kept[orig_ok].mean()) if orig_ok.any() else 0.0,
         "retained": float(rec_ok[orig_ok].mean()) if orig_ok.any() else 0.0,
         "absolute": float(rec_ok.mean()),
         "original": float(orig_ok.mean()),

@@ -244,9 +244,9 @@ class VQRefineConfig:
         seed: seeds the scenes.
     """
 
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 7e-4
     mark_weight: float = 4.0
     object_weight: float = 4.0
     seed: int = 0

@@ -242,12 +242,16 @@ class _ScorerNet(nn.Module):
             dim=1,
         )
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def locate(self, x: torch.Tensor) -> torch.Tensor:
+        """The object's box ``(N, 3)``: voted from the segment maps, then corrected in the canonical crop."""
         boxes = self.boxes_from_maps(self.segment(x))
         # The canonical crop is where a box is easiest to correct precisely; correct it, then classify.
         for _ in range(self.config.refine_steps):
             boxes = self.refine(boxes, self.classify(x, boxes)["box_delta"])
-        return self.classify(x, boxes)
+        return boxes
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.classify(x, self.locate(x) if boxes is None else boxes)
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -301,11 +305,22 @@ class Scorer:
         return np.stack(arrays) if arrays else np.zeros((0, n, n, 3), dtype=np.uint8)
 
     @torch.no_grad()
-    def _logits(self, images: Sequence[Image.Image] | np.ndarray, chunk: int = 512) -> dict[str, np.ndarray]:
+    def _logits(
+        self,
+        images: Sequence[Image.Image] | np.ndarray,
+        chunk: int = 512,
+        boxes_from: Sequence[Image.Image] | np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         batch = self._batch(images)
+        reference = None if boxes_from is None else self._batch(boxes_from)
+        if reference is not None and len(reference) != len(batch):
+            raise ScorerError(f"boxes_from has {len(reference)} images for {len(batch)} images")
         outs: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(batch), chunk):
-            logits = self.model(_to_tensor(batch[start : start + chunk]))
+            boxes = None
+            if reference is not None:
+                boxes = self.model.locate(_to_tensor(reference[start : start + chunk]))
+            logits = self.model(_to_tensor(batch[start : start + chunk]), boxes)
             for key, value in logits.items():
                 outs.setdefault(key, []).append(value.argmax(-1).numpy())
         if not outs:
@@ -313,11 +328,18 @@ class Scorer:
         return {k: np.concatenate(v) for k, v in outs.items()}
 
     # ---- predictions ------------------------------------------------------------------------------------
-    def predict(self, images: Sequence[Image.Image] | np.ndarray) -> list[dict]:
+    def predict(
+        self,
+        images: Sequence[Image.Image] | np.ndarray,
+        boxes_from: Sequence[Image.Image] | np.ndarray | None = None,
+    ) -> list[dict]:
         """Read every head.
 
         Args:
             images: PIL images (any size; resized to ``config.image_size``) or a uint8 ``(N, H, W, 3)`` array.
+            boxes_from: optional photos, one per image, in which the object is located instead (e.g. the
+                originals of reconstructions: marks are then read at the object's true place, so a blurred
+                outline cannot move the mark cells).
 
         Returns:
             One dict per image: ``shape``, ``colour``, ``pattern``, ``size`` (value names) and ``marks``
@@ -326,7 +348,7 @@ class Scorer:
         Raises:
             ScorerError: on anything that is not an image.
         """
-        idx = self._logits(images)
+        idx = self._logits(images, boxes_from=boxes_from)
         grid = self.config.mark_grid
         results = []
         for n in range(len(idx["cells"])):
