@@ -129,3 +129,34 @@ def test_bad_inputs_raise_bench_errors(tiny_dir, records, photos):
         FullMatrixConcept(attached, tokens)
     with pytest.raises(BenchError, match="unknown fast-path feature"):
         Features().without("magic")
+
+
+def test_label_only_gradients_match_autograd_with_task_weights(tiny_dir, records, photos):
+    """The chunked loss takes its gradients in forward; they must equal plain autograd's."""
+    import torch.nn.functional as F
+
+    from yochameleon.train.loss import token_weights
+    from yochameleon.train.sequences import IGNORE
+
+    backend, _, batch = _ours(tiny_dir, records, photos)
+    weights = {"generation_real": 0.25, "recognition": 2.0}
+    loss, per_kind = label_only_loss(backend, batch, weights, chunk=7)
+    (2.5 * loss).backward()  # a non-unit upstream gradient must scale every gradient
+    params = get_bank(backend).parameters()
+    fast = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    hidden, _ = backend.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
+    ce = F.cross_entropy(
+        backend.logits(hidden[:, :-1]).transpose(1, 2),
+        batch.labels[:, 1:],
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    w = token_weights(batch, weights)[:, 1:] * (batch.labels[:, 1:] != IGNORE)
+    plain = (ce * w).sum() / w.sum()
+    assert abs(plain.item() - loss.item()) < 1e-5
+    assert set(per_kind) == set(batch.kinds)
+    (2.5 * plain).backward()
+    for got, want in zip(fast, (p.grad for p in params)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

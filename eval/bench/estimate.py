@@ -275,13 +275,17 @@ def estimate(shape: ModelShape, options: EstimateOptions) -> Estimate:
     else:
         activations = tokens * (n_layers * per_token_layer + a * (2 * inter + 4 * h))
 
-    # Logits: base logits, the concept columns spliced in, an fp32 copy when computing in bf16,
-    # log-softmax output, and two fp32 gradients; the full-logit path also reshapes a shifted copy.
-    per_row = 2 * a + (4 if a < 4 else 0) + 12
+    # Logits, bytes per value. Label-only (one chunk at a time): the head's output and the copy with
+    # the concept columns spliced in, an fp32 copy when computing in bf16, and the copy autograd
+    # makes to route the gradient (written over the logits) past the concept columns. Full logits
+    # (every position at once): the head's output, an fp32 copy in bf16, the shifted copy the loss
+    # reshapes, the log-softmax output and its gradient.
+    upcast = 4 if a < 4 else 0
     if o.label_only:
-        logits = min(o.logits_chunk, labelled) * vocab * per_row + labelled * (a * h + 8)
+        # Plus the labelled hidden states and their gradient (held until backward), targets, weights, CE.
+        logits = min(o.logits_chunk, labelled) * vocab * (2 * a + upcast + 4) + labelled * (2 * a * h + 16)
     else:
-        logits = tokens * vocab * (per_row + 4)
+        logits = tokens * vocab * (a + upcast + 12)
 
     # FLOPs: forward, backward for activations only (no weight grads), plus recomputation.
     linear_fwd = 2 * tokens * n_layers * shape.layer_params
@@ -292,7 +296,8 @@ def estimate(shape: ModelShape, options: EstimateOptions) -> Estimate:
     backward = linear_fwd + 2 * attn_fwd + head_fwd
     if not o.rows_only:
         backward += head_fwd  # the whole head's weight gradient
-    recompute = (linear_fwd + attn_fwd if o.checkpointing else 0) + (head_fwd if o.label_only else 0)
+    # The label-only loss takes its head gradient in forward, so only checkpointing recomputes.
+    recompute = linear_fwd + attn_fwd if o.checkpointing else 0
     flops = float(forward + backward + recompute)
     gpu_name, tflops = GPUS[o.gpu]
     return Estimate(

@@ -4,8 +4,9 @@ It is the baseline the fast path is measured against, so it deliberately keeps e
 path removes:
 
 * images are VQ-encoded from pixels on every step (no token cache);
-* every sample is right-padded to one fixed maximum length (positions still count from 0, padding
-  is masked, so the loss is the same as on an unpadded batch);
+* every sample is right-padded to one fixed maximum length, the original's ``tokenizer_max_length``
+  (positions still count from 0, padding is masked, so the loss is the same as on an unpadded
+  batch);
 * logits are computed over the whole vocabulary at every position;
 * the whole embedding and output matrices are trainable: a full copy of each is spliced into the
   model, AdamW keeps state for all of it, and after every step the rows of non-concept ids are
@@ -36,6 +37,22 @@ class BenchError(YoChameleonError):
     """A benchmark cannot run with the given model, options or workload."""
 
 
+# The original pads every sample to ``tokenizer_max_length``: 1,500 tokens in its configs, for
+# Anole's 1,024-token images (its dataset calls the processor with ``padding="max_length"``).
+ORIGINAL_MAX_LENGTH = 1500
+ORIGINAL_IMAGE_TOKENS = 1024
+
+
+def original_pad_length(image_seq_len: int, longest: int) -> int:
+    """The length the original would pad to: 1,500 tokens scaled to the image size, at least ``longest``.
+
+    Args:
+        image_seq_len: VQ tokens per image of the model.
+        longest: the longest sample that has to fit.
+    """
+    return max(longest, round(ORIGINAL_MAX_LENGTH * image_seq_len / ORIGINAL_IMAGE_TOKENS))
+
+
 @dataclass
 class ReferenceOptions:
     """Settings of the reference trainer.
@@ -44,7 +61,7 @@ class ReferenceOptions:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (applied to the whole matrices, as the original does;
             non-concept rows are restored afterwards anyway).
-        pad_to: every batch is padded to this length; ``None`` pads to the longest sample of the batch.
+        pad_to: every batch is padded to this length; ``None``: :func:`original_pad_length`.
         self_prompting: prefix targets with the task's token set (as the fast path does).
     """
 
@@ -190,15 +207,15 @@ class ReferenceTrainer:
         )
 
     def batch(self, records: list[dict], images: dict[str, Image.Image]) -> Batch:
-        """Re-encode the records' images and pad every sample to ``options.pad_to``.
+        """Re-encode the records' images and pad every sample to the fixed length.
 
         Raises:
-            BenchError: a sample is longer than ``pad_to``.
+            BenchError: a sample is longer than ``options.pad_to``.
         """
         seqs = reencode_sequences(self.backend, records, images, self.tokens, self.options.self_prompting)
         longest = max(len(s) for s in seqs)
-        pad_to = self.options.pad_to
-        if pad_to is not None and longest > pad_to:
+        pad_to = self.options.pad_to or original_pad_length(self.backend.image_seq_len, longest)
+        if longest > pad_to:
             raise BenchError(f"a sample has {longest} tokens, more than pad_to={pad_to}")
         return collate(seqs, self.backend.special.pad, pad_to=pad_to).to(self.backend.device)
 

@@ -2,15 +2,15 @@
 
 Full-vocabulary logits at every position are the largest tensor of a naive step (for Anole-7B,
 4 × 1.5k × 65,536 fp32 values = 1.6 GB). We gather the hidden states at labelled positions, apply
-the output head there only, and do it in chunks whose logits are recomputed during backward, so
-peak memory holds one chunk of logits.
+the output head there only, and do it in chunks. Each chunk's gradient is taken as soon as its
+logits exist (softmax minus one-hot, written over the logits), so peak memory holds one chunk of
+logits and the head runs once forward and once backward per labelled token, with no recompute.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from yochameleon.backends.base import Backend
 from yochameleon.train.sequences import IGNORE, Batch
@@ -18,6 +18,73 @@ from yochameleon.train.sequences import IGNORE, Batch
 
 def _chunk_ce(backend: Backend, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(backend.logits(hidden), targets, reduction="none")
+
+
+class _LabelledCrossEntropy(torch.autograd.Function):
+    """Weighted cross-entropy of labelled positions whose gradients are computed during forward.
+
+    The output ``sum(weights * ce)`` is a scalar, so its gradients with respect to the hidden states
+    and the head's trainable parameters are fixed up to the incoming scalar gradient: taking them
+    chunk by chunk in forward lets each chunk's logits be freed at once, where a checkpointed chunk
+    would compute its logits a second time in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, backend, chunk, hidden, targets, weights, *params):
+        # ``params`` are the trainable tensors the logits may depend on; unused ones get no gradient.
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        ce = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk):
+            sl = slice(start, start + chunk)
+            y = targets[sl]
+            with torch.enable_grad():
+                h = hidden[sl].detach().requires_grad_(hidden.requires_grad)
+                logits = backend.logits(h)
+            with torch.no_grad():
+                lse = torch.logsumexp(logits, dim=-1)
+                ce[sl] = lse - logits.gather(-1, y[:, None]).squeeze(-1)
+                # d(sum w*ce)/d logits = w * (softmax - onehot). No autograd node keeps the logits
+                # (a backend whose head did would fail loudly here), so overwrite them in place.
+                grad = logits.detach()
+                grad.sub_(lse[:, None]).exp_()
+                grad[torch.arange(y.numel(), device=y.device), y] -= 1
+                grad.mul_(weights[sl, None])
+            inputs = ([h] if h.requires_grad else []) + list(params)
+            if not inputs:
+                continue
+            with torch.enable_grad():
+                grads = list(torch.autograd.grad(logits, inputs, grad, allow_unused=True))
+            del logits, grad
+            if h.requires_grad:
+                grad_hidden[sl] = grads.pop(0)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        ctx.has_hidden = grad_hidden is not None
+        ctx.param_mask = [g is not None for g in grad_params]
+        ctx.save_for_backward(
+            *([grad_hidden] if ctx.has_hidden else []), *[g for g in grad_params if g is not None]
+        )
+        ctx.mark_non_differentiable(ce)
+        return (ce * weights).sum(), ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        saved = list(ctx.saved_tensors)
+        grad_hidden = saved.pop(0) * grad_loss if ctx.has_hidden else None
+        grad_params = [saved.pop(0) * grad_loss if used else None for used in ctx.param_mask]
+        return (None, None, grad_hidden, None, None, *grad_params)
+
+
+def _trainable_parameters(backend: Backend) -> list[torch.nn.Parameter]:
+    # Everything the logits could depend on: the model's trainable tensors (concept rows, or whole
+    # matrices in the benchmark's reference) and the head's, once each.
+    seen: dict[int, torch.nn.Parameter] = {}
+    for p in [*backend.model.parameters(), *backend.output_head().parameters()]:
+        if p.requires_grad:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def token_weights(batch: Batch, task_weights: dict[str, float]) -> torch.Tensor:
@@ -47,15 +114,13 @@ def label_only_loss(
     h = hidden[:, :-1][sel]
     y = targets[sel]
     w = token_weights(batch, task_weights or {})[:, 1:][sel]
-    parts = []
-    for start in range(0, y.numel(), chunk):
-        sl = slice(start, start + chunk)
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_ce, backend, h[sl], y[sl], use_reentrant=False))
-        else:
-            parts.append(_chunk_ce(backend, h[sl], y[sl]))
-    ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-    loss = (ce * w).sum() / w.sum().clamp(min=1e-8)
+    if torch.is_grad_enabled() and y.numel():
+        share = w / w.sum().clamp(min=1e-8)
+        loss, ce = _LabelledCrossEntropy.apply(backend, chunk, h, y, share, *_trainable_parameters(backend))
+    else:
+        parts = [_chunk_ce(backend, h[i : i + chunk], y[i : i + chunk]) for i in range(0, y.numel(), chunk)]
+        ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+        loss = (ce * w).sum() / w.sum().clamp(min=1e-8)
     per_kind: dict[str, float] = {}
     with torch.no_grad():
         row = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[sel]
