@@ -278,3 +278,45 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(tmp_path):
     assert not any("building" in line for line in lines)
     assert sum("cached" in line for line in lines) == 6  # scorer, vq, vq_refine, base, embedder + pool index
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
+
+
+# ---- base-model pretraining pieces -------------------------------------------------------------------
+def test_codebook_init_gives_look_alike_codes_close_rows(backend):
+    from yochameleon.eval.toyworld.pretrain import init_image_rows_from_codebook
+
+    model = backend.model
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    bpe2img = model.model.vocabulary_mapping.bpe2img
+    ids = torch.tensor(sorted(bpe2img))
+    text_before = embed[: int(ids.min())].clone()
+    # Make two codes near-duplicates and a third far away: their rows must follow.
+    codebook = model.model.vqmodel.quantize.embedding.weight
+    a, b, c = (bpe2img[int(i)] for i in ids[:3])
+    with torch.no_grad():
+        codebook[b] = codebook[a] + 1e-3
+        codebook[c] = -codebook[a] * 5
+    assert init_image_rows_from_codebook(backend, seed=0) == len(ids)
+    assert torch.equal(embed[: int(ids.min())], text_before)  # text rows untouched
+    for weight in (embed, head):
+        rows = weight[ids[:3]].float()
+        assert (rows[0] - rows[1]).norm() < 0.05 * (rows[0] - rows[2]).norm()
+    # Seeded: the same seed gives the same rows.
+    first = embed[ids].clone()
+    init_image_rows_from_codebook(backend, seed=0)
+    assert torch.equal(embed[ids], first)
+
+
+def test_per_sequence_loss_weights_every_sequence_equally(backend):
+    from yochameleon.eval.toyworld.pretrain import lm_loss
+
+    special = backend.special
+    short = conversation(backend, [5, 6], [7])
+    long = conversation(backend, [5], [8, 9, 10, 11, 12, 13, 14, 15])
+    ids, labels = pad_batch([short, long], special.pad)
+    with torch.no_grad():
+        each = [lm_loss(backend, *pad_batch([row], special.pad)) for row in (short, long)]
+        per_sequence = lm_loss(backend, ids, labels, per_sequence=True)
+        token_mean = lm_loss(backend, ids, labels)
+    torch.testing.assert_close(per_sequence, (each[0] + each[1]) / 2, atol=1e-5, rtol=1e-5)
+    n_short, n_long = 2, 9  # labelled tokens: the answer plus end-of-turn
+    torch.testing.assert_close(token_mean, (each[0] * n_short + each[1] * n_long) / (n_short + n_long))

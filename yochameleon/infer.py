@@ -203,7 +203,8 @@ class PersonalizedModel:
         if mode == "generate":
             answer = self.ask(question, image=image, force_tokens=True).lower()
             return answer.startswith("yes")
-        return self.yes_no_logprobs(question, image)[0] > self.yes_no_logprobs(question, image)[1]
+        yes, no = self.yes_no_logprobs(question, image)
+        return yes > no
 
     @torch.no_grad()
     def yes_no_logprobs(self, question: str, image: Image.Image | str | None) -> tuple[float, float]:

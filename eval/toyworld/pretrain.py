@@ -41,6 +41,7 @@ __all__ = [
     "build_image_bank",
     "embedder_model_config",
     "generation_prompt",
+    "init_image_rows_from_codebook",
     "pretrain_lm",
     "refine_vq",
     "same_object_question",
@@ -339,6 +340,7 @@ class LMTrainConfig:
         photos_per_identity, photos_per_twin: pre-rendered, pre-tokenized photos per identity.
         mix: task shares ``(caption, attribute QA, text-to-image, same object)``.
         per_sequence_loss: average the loss within each sequence before the batch (see :func:`lm_loss`).
+        codebook_init: start image-token rows from the VQ codebook (:func:`init_image_rows_from_codebook`).
         seed: seeds weights, photos and task sampling.
     """
 
@@ -357,6 +359,7 @@ class LMTrainConfig:
     photos_per_twin: int = 1
     mix: tuple[float, float, float, float] = (0.15, 0.30, 0.40, 0.15)
     per_sequence_loss: bool = False
+    codebook_init: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -581,16 +584,51 @@ def lm_loss(backend, ids: torch.Tensor, labels: torch.Tensor, per_sequence: bool
             target has 64 labelled tokens and an answer three, so a token mean lets image generation
             drown out the understanding tasks.
     """
+    if not per_sequence:
+        hidden, _ = backend.hidden_states(ids)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        return F.cross_entropy(backend.logits(hidden[:, :-1][keep]), targets[keep])
+    total, rows = _per_sequence_loss_sum(backend, ids, labels)
+    return total / max(rows, 1)
+
+
+def _per_sequence_loss_sum(backend, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over sequences of each one's mean token loss, and how many sequences had labels."""
     hidden, _ = backend.hidden_states(ids)
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = backend.logits(hidden[:, :-1][keep])
-    if not per_sequence:
-        return F.cross_entropy(logits, targets[keep])
-    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+    token_loss = F.cross_entropy(backend.logits(hidden[:, :-1][keep]), targets[keep], reduction="none")
     row = keep.nonzero()[:, 0]
     per_row = torch.zeros(len(ids)).index_add_(0, row, token_loss) / keep.sum(1).clamp(min=1)
-    return per_row[keep.any(1)].mean()
+    return per_row.sum(), int(keep.any(1).sum())
+
+
+@torch.no_grad()
+def init_image_rows_from_codebook(backend, seed: int = 0) -> int:
+    """Start the image-token rows of the input embedding and output head from the VQ codebook.
+
+    Why: a transformer trained from scratch must otherwise discover which of 512 codes look alike; a
+    random projection of the codebook gives similar-looking codes similar rows from step one.
+
+    Returns:
+        How many rows were set.
+    """
+    model = backend.model
+    codebook = model.model.vqmodel.quantize.embedding.weight.float()
+    codebook = (codebook - codebook.mean(0)) / codebook.std(0).clamp_min(1e-6)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(codebook.shape[1], embed.shape[1], generator=generator) / codebook.shape[1] ** 0.5
+    rows = codebook @ projection
+    rows = rows / rows.std()  # keep each matrix's own initial scale exactly
+    bpe2img = model.model.vocabulary_mapping.bpe2img
+    ids = torch.tensor(sorted(bpe2img))
+    codes = torch.tensor([bpe2img[int(i)] for i in ids])
+    for weight in (embed, head):
+        scale = weight[ids].std()
+        weight[ids] = (rows[codes] * scale).to(weight.dtype)
+    return len(ids)
 
 
 def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool = True) -> dict:
@@ -602,6 +640,8 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 0x1A1A])
     model = backend.model
+    if config.codebook_init:
+        init_image_rows_from_codebook(backend, config.seed)
     params = [p for name, p in model.named_parameters() if ".vqmodel." not in f".{name}"]
     for p in params:
         p.requires_grad_(True)
@@ -620,10 +660,24 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     for step in bar:
         rows = [_sample_sequence(backend, bank, rng, config.mix) for _ in range(config.batch_size)]
-        ids, labels = pad_batch(rows, backend.special.pad)
-        loss = lm_loss(backend, ids, labels, per_sequence=config.per_sequence_loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if config.per_sequence_loss:
+            # Two length-sorted halves: two-photo questions are twice as long as the rest, and padding
+            # every row to them would double the step.
+            rows.sort(key=lambda r: len(r[0]))
+            half = len(rows) // 2
+            loss_value = 0.0
+            for part in (rows[:half], rows[half:]):
+                if not part:
+                    continue
+                total, _ = _per_sequence_loss_sum(backend, *pad_batch(part, backend.special.pad))
+                (total / len(rows)).backward()
+                loss_value += total.item() / len(rows)
+            loss = torch.tensor(loss_value)
+        else:
+            ids, labels = pad_batch(rows, backend.special.pad)
+            loss = lm_loss(backend, ids, labels)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
