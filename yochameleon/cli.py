@@ -151,7 +151,9 @@ def _register_optional(sub) -> None:
         # The retrieval benchmark stands alone when the training benchmark module is absent.
         from yochameleon.retrieval.cli import add_bench_retrieval_args
 
-        bench = sub.add_parser("bench", help="performance benchmarks").add_subparsers(dest="bench", required=True)
+        bench = sub.add_parser("bench", help="performance benchmarks").add_subparsers(
+            dest="bench", required=True
+        )
         add_bench_retrieval_args(bench.add_parser("retrieval", help="FAISS build/search time and memory"))
 
 

@@ -619,7 +619,9 @@ def init_image_rows_from_codebook(backend, seed: int = 0) -> int:
     codebook = (codebook - codebook.mean(0)) / codebook.std(0).clamp_min(1e-6)
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(codebook.shape[1], embed.shape[1], generator=generator) / codebook.shape[1] ** 0.5
+    projection = (
+        torch.randn(codebook.shape[1], embed.shape[1], generator=generator) / codebook.shape[1] ** 0.5
+    )
     rows = codebook @ projection
     rows = rows / rows.std()  # keep each matrix's own initial scale exactly
     bpe2img = model.model.vocabulary_mapping.bpe2img
