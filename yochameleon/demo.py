@@ -1,9 +1,11 @@
 """``make demo``: personalize a concept end to end on an embedded default, with no downloads.
 
-Steps: a base model (the committed toy-world base when present, else a freshly built random-init
-tiny model), a concept folder and a negative pool made from photos that ship with scikit-image, a
-FAISS index, ``prepare``, training with ``recipes/tiny-cpu.yaml``, then recognition questions and
-generated images. Every output path is printed.
+By default the demo runs on the committed toy-world base (``eval/toyworld/artifacts``): a small
+Chameleon-class model pretrained on this CPU, personalized to a development-seed concept (see
+:mod:`yochameleon.eval.toyworld.demo`). With ``--model DIR`` (or ``--random-init``) it runs on that base
+instead, with a concept and a negative pool made from photos that ship with scikit-image, a FAISS index,
+``prepare``, training with ``recipes/tiny-cpu.yaml``, then recognition questions and generated images.
+Every output path is printed.
 """
 
 from __future__ import annotations
@@ -108,14 +110,34 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="outputs/demo")
-    parser.add_argument("--model", default=None, help="base model directory (default: build the tiny model)")
+    parser.add_argument("--model", default=None, help="a base model directory to use instead of the toy base")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="use a freshly built random-init tiny model, not the toy base",
+    )
     args = parser.parse_args(argv)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
+    if not args.model and not args.random_init:
+        from yochameleon.eval.toyworld.demo import artifacts_ready, run_demo
+
+        if artifacts_ready():
+            run_demo(root / "toyworld")
+            print(f"done in {time.perf_counter() - t0:.0f} s; everything is under {root / 'toyworld'}")
+            return 0
+        print(
+            "the toy-world artifacts are missing (yochameleon toyworld build); using a random-init tiny model"
+        )
+
     model_dir = Path(args.model) if args.model else root / "tiny-model"
-    random_init = (model_dir / "yochameleon_tiny.json").is_file() or not (model_dir / "config.json").is_file()
+    tiny_card = model_dir / "yochameleon_tiny.json"
+    # make-tiny writes the card; the toy-world base writes one too, but it is pretrained.
+    random_init = not (model_dir / "config.json").is_file() or (
+        tiny_card.is_file() and json.loads(tiny_card.read_text()).get("size") != "toyworld"
+    )
     if not (model_dir / "config.json").is_file():
         print(f"[1/6] building the random-init tiny model in {model_dir}")
         make_tiny(model_dir)

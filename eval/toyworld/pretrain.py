@@ -341,6 +341,8 @@ class LMTrainConfig:
         mix: task shares ``(caption, attribute QA, text-to-image, same object)``.
         per_sequence_loss: average the loss within each sequence before the batch (see :func:`lm_loss`).
         codebook_init: start image-token rows from the VQ codebook (:func:`init_image_rows_from_codebook`).
+        bf16: run forward and backward under CPU bfloat16 autocast with eager attention (weights and
+            AdamW stay fp32). On CPUs with AMX this makes a step about twice as fast.
         seed: seeds weights, photos and task sampling.
     """
 
@@ -360,6 +362,7 @@ class LMTrainConfig:
     mix: tuple[float, float, float, float] = (0.15, 0.30, 0.40, 0.15)
     per_sequence_loss: bool = False
     codebook_init: bool = False
+    bf16: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -657,35 +660,25 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     warmup = max(1, min(150, config.steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
     model.train()
+    attention = model.config._attn_implementation
+    if config.bf16:
+        # CPU flash attention's bf16 backward is slower than eager attention on these short sequences.
+        model.set_attn_implementation("eager")
     recent: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     for step in bar:
         rows = [_sample_sequence(backend, bank, rng, config.mix) for _ in range(config.batch_size)]
         optimizer.zero_grad(set_to_none=True)
-        if config.per_sequence_loss:
-            # Two length-sorted halves: two-photo questions are twice as long as the rest, and padding
-            # every row to them would double the step.
-            rows.sort(key=lambda r: len(r[0]))
-            half = len(rows) // 2
-            loss_value = 0.0
-            for part in (rows[:half], rows[half:]):
-                if not part:
-                    continue
-                total, _ = _per_sequence_loss_sum(backend, *pad_batch(part, backend.special.pad))
-                (total / len(rows)).backward()
-                loss_value += total.item() / len(rows)
-            loss = torch.tensor(loss_value)
-        else:
-            ids, labels = pad_batch(rows, backend.special.pad)
-            loss = lm_loss(backend, ids, labels)
-            loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = _pretrain_backward(backend, rows, config.per_sequence_loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        recent = (recent + [loss.item()])[-50:]
+        recent = (recent + [loss])[-50:]
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(recent):.3f}")
+    model.set_attn_implementation(attention)
     model.eval()
     for p in params:
         p.requires_grad_(False)
@@ -694,6 +687,25 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
         "steps": config.steps,
         "train_seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def _pretrain_backward(backend, rows: list[tuple[list[int], list[int]]], per_sequence: bool) -> float:
+    """Backward of one batch's loss; returns the loss value."""
+    if not per_sequence:
+        loss = lm_loss(backend, *pad_batch(rows, backend.special.pad))
+        loss.backward()
+        return loss.item()
+    # Two length-sorted halves: two-photo questions are twice as long as the rest, and padding every
+    # row to them would double the step.
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    half = len(rows) // 2
+    loss_value = 0.0
+    for part in (rows[:half], rows[half:]):
+        if part:
+            total, _ = _per_sequence_loss_sum(backend, *pad_batch(part, backend.special.pad))
+            (total / len(rows)).backward()
+            loss_value += total.item() / len(rows)
+    return loss_value
 
 
 # --------------------------------------------------------------------------------------------------------
