@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from yochameleon.cli import build_parser, main
 
 
@@ -49,3 +51,23 @@ def test_bench_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "--model-config" in capsys.readouterr().err
     assert main(["bench", "estimate", "--utilisation", "1.5"]) == 2
     assert "utilisation" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_train_tiny_writes_both_implementations_ablation_and_estimator_check(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "train", "--model", "tiny", "--steps", "1", "--repeats", "1", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert {"ours", "reference", "speedup", "memory_ratio", "loss_diff"} <= set(result)
+    assert result["loss_diff"] < 1e-4  # same batch, same loss
+    assert result["speedup"] > 0 and result["memory_ratio"] > 0
+    offs = [row["feature_off"] for row in result["ablation"]]
+    assert offs == ["token_cache", "label_only", "no_padding", "rows_only", "checkpointing"]
+    for row in result["ablation"]:
+        assert row["features"][row["feature_off"]] is False
+        assert abs(row["check_loss"] - result["ours"]["check_loss"]) < 1e-4
+    checks = {c["configuration"]: c for c in result["estimator_check"]}
+    assert set(checks) == {"ours", "reference", *(f"{f} off" for f in offs)}
+    assert all(c["measured_mb"] > 0 and c["estimated_mb"] > 0 for c in checks.values())
+    assert "speedup" in capsys.readouterr().out

@@ -276,14 +276,15 @@ def estimate(shape: ModelShape, options: EstimateOptions) -> Estimate:
         activations = tokens * (n_layers * per_token_layer + a * (2 * inter + 4 * h))
 
     # Logits, bytes per value. Label-only (one chunk at a time): the head's output and the copy with
-    # the concept columns spliced in, an fp32 copy when computing in bf16, and the copy autograd
-    # makes to route the gradient (written over the logits) past the concept columns. Full logits
+    # the concept columns spliced in, an fp32 copy when computing in bf16, the shifted temporary
+    # ``logsumexp`` makes, and the copy autograd makes to route the gradient (written over the
+    # logits) past the concept columns. Full logits
     # (every position at once): the head's output, an fp32 copy in bf16, the shifted copy the loss
     # reshapes, the log-softmax output and its gradient.
     upcast = 4 if a < 4 else 0
     if o.label_only:
         # Plus the labelled hidden states and their gradient (held until backward), targets, weights, CE.
-        logits = min(o.logits_chunk, labelled) * vocab * (2 * a + upcast + 4) + labelled * (2 * a * h + 16)
+        logits = min(o.logits_chunk, labelled) * vocab * (2 * a + upcast + 8) + labelled * (2 * a * h + 16)
     else:
         logits = tokens * vocab * (a + upcast + 12)
 

@@ -696,6 +696,22 @@ def bench_train(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     }
 
 
+def estimator_check(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The step estimator's training memory against each measured configuration of a result.
+
+    Returns:
+        One :func:`~yochameleon.eval.bench.estimate.validate` record per configuration (ours, the
+        reference and every ablation row), each with its ``configuration`` name.
+    """
+    from yochameleon.eval.bench.estimate import model_shape, validate
+
+    shape = model_shape(result["model_dir"])
+    batch = result["workload"]["batch_size"]
+    rows = [("ours", result["ours"]), ("reference", result["reference"])]
+    rows += [(f"{row['feature_off']} off", row) for row in result["ablation"]]
+    return [{"configuration": name, **validate(shape, row, batch)} for name, row in rows]
+
+
 def format_result(result: dict[str, Any]) -> str:
     """A plain-text table of :func:`bench_train`'s result."""
     o, r = result["ours"], result["reference"]
@@ -758,7 +774,14 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     result = bench_train(options)
+    result["estimator_check"] = estimator_check(result)
     print(format_result(result))
+    for check in result["estimator_check"]:
+        print(
+            f"estimator vs measured ({check['configuration']}): {check['estimated_mb']:.0f} MB estimated, "
+            f"{check['measured_mb']:.0f} MB measured ({check['relative_error']:+.0%}, "
+            f"tolerance ±{check['tolerance']:.0%})"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
