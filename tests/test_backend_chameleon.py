@@ -101,3 +101,35 @@ def test_checkpoint_without_decoder_still_understands(tiny_dir, tmp_path):
     ids = b.encode_images([__import__("PIL.Image", fromlist=["Image"]).new("RGB", (80, 80), "red")])
     with pytest.raises(BackendError, match="no VQ decoder"):
         b.decode_images(ids)
+
+
+def test_loading_reports_stray_weights_but_not_the_vq_decoder(tiny_dir, tmp_path, caplog):
+    """Decoder weights in the shards are expected (read separately); other stray or missing keys warn."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from yochameleon.backends import load_backend
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_dir, copy)
+    shard = next(copy.glob("*.safetensors"))
+    state = load_file(str(shard))
+    state["model.vqmodel.decoder.conv_in.weight"] = torch.zeros(2, 2)
+    save_file(state, str(shard), metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        load_backend(copy)
+    ours = [r.getMessage() for r in caplog.records if r.name == "yochameleon.backends.base"]
+    assert ours == [] and "LOAD REPORT" not in caplog.text
+
+    state["model.stray.weight"] = torch.zeros(2)
+    del state["model.norm.weight"]
+    save_file(state, str(shard), metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_backend(copy)
+    messages = " ".join(r.getMessage() for r in caplog.records if r.name == "yochameleon.backends.base")
+    assert "1 weights missing" in messages and "model.norm.weight" in messages
+    assert "1 weights unexpected" in messages and "model.stray.weight" in messages
+    assert "LOAD REPORT" not in caplog.text

@@ -9,6 +9,7 @@ into logits. Nothing outside ``yochameleon/backends`` branches on the model fami
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from yochameleon.errors import BackendError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -96,14 +99,33 @@ def load_hf(
     if options.device_map is not None:
         kwargs["device_map"] = options.device_map
     try:
-        model = model_cls.from_pretrained(name_or_path, **kwargs)
+        # transformers prints a table for any key it did not expect; checkpoints that carry the VQ
+        # decoder (ours, and Anole's) would print one on every load, so we report what matters ourselves.
+        modeling_logger = logging.getLogger("transformers.modeling_utils")
+        level = modeling_logger.level
+        modeling_logger.setLevel(logging.ERROR)
+        try:
+            model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        finally:
+            modeling_logger.setLevel(level)
         processor = processor_cls.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
         raise BackendError(f"cannot load {what} from {name_or_path!r}: {exc}") from exc
+    _report_loading(name_or_path, info)
     if options.device_map is None and options.quantization is None:
         model.to(options.device)
     model.eval().requires_grad_(False)
     return model, processor
+
+
+def _report_loading(name_or_path: str, info: dict) -> None:
+    """Warn about missing weights and unexpected ones other than the VQ decoder's (read separately)."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = [k for k in info.get("unexpected_keys") or [] if ".vqmodel.decoder." not in f".{k}"]
+    for kind, keys in (("missing (randomly initialised)", missing), ("unexpected (ignored)", unexpected)):
+        if keys:
+            shown = ", ".join(sorted(keys)[:5]) + (" ..." if len(keys) > 5 else "")
+            log.warning("%s: %d weights %s: %s", name_or_path, len(keys), kind, shown)
 
 
 @dataclass(frozen=True)
