@@ -320,3 +320,31 @@ def test_per_sequence_loss_weights_every_sequence_equally(backend):
     torch.testing.assert_close(per_sequence, (each[0] + each[1]) / 2, atol=1e-5, rtol=1e-5)
     n_short, n_long = 2, 9  # labelled tokens: the answer plus end-of-turn
     torch.testing.assert_close(token_mean, (each[0] * n_short + each[1] * n_long) / (n_short + n_long))
+
+
+def test_all_questions_sample_asks_every_question_once_with_only_answers_labelled():
+    from yochameleon.eval.toyworld.pretrain import ImageBank, _sample_sequence
+    from yochameleon.eval.toyworld.world import attribute_qa, caption
+
+    vocab: dict[str, int] = {}
+    tokenize = lambda text: [vocab.setdefault(w, 100 + len(vocab)) for w in text.split()]  # noqa: E731
+    backend = SimpleNamespace(
+        special=SimpleNamespace(bos=1, eot=9, pad=0),
+        tokenize=tokenize,
+        image_span=lambda ids: [2, *ids, 3],
+    )
+    world = ToyWorld(0)
+    base = world.splits["pretrain"][:2]
+    twins = [world.twin(i, np.random.default_rng(0)) for i in base]
+    bank = ImageBank(base + twins, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
+    firsts = set()
+    for seed in range(12):
+        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 1, 0, 0), True)
+        assert len(ids) == len(labels) and ids[:2] == [1, 2]
+        answered = [t for t in labels if t != -100]
+        assert labels.count(9) == 5  # five answers, each closed by <eot>
+        owner = next(i for i in base if all(w in answered for w in tokenize(caption(i).capitalize() + ".")))
+        for qa in attribute_qa(owner):
+            assert all(t in answered for t in tokenize(qa.answer))
+        firsts.add(ids[8])  # first word of the first question, right after the image span
+    assert len(firsts) > 1  # the question order varies

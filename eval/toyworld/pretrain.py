@@ -341,6 +341,8 @@ class LMTrainConfig:
         mix: task shares ``(caption, attribute QA, text-to-image, same object)``.
         per_sequence_loss: average the loss within each sequence before the batch (see :func:`lm_loss`).
         codebook_init: start image-token rows from the VQ codebook (:func:`init_image_rows_from_codebook`).
+        all_questions: an attribute-QA sample asks every attribute question and the caption about its
+            photo in one conversation, in random order (five supervised answers per image pass).
         bf16: run forward and backward under CPU bfloat16 autocast with eager attention (weights and
             AdamW stay fp32). On CPUs with AMX this makes a step about twice as fast.
         seed: seeds weights, photos and task sampling.
@@ -362,6 +364,7 @@ class LMTrainConfig:
     mix: tuple[float, float, float, float] = (0.15, 0.30, 0.40, 0.15)
     per_sequence_loss: bool = False
     codebook_init: bool = False
+    all_questions: bool = False
     bf16: bool = False
     seed: int = 0
 
@@ -535,7 +538,9 @@ def conversation(backend, human: list[int], bot: list[int]) -> tuple[list[int], 
     return ids, labels
 
 
-def _sample_sequence(backend, bank: ImageBank, rng: np.random.Generator, mix) -> tuple[list[int], list[int]]:
+def _sample_sequence(
+    backend, bank: ImageBank, rng: np.random.Generator, mix, qa_turns: bool = False
+) -> tuple[list[int], list[int]]:
     task = int(rng.choice(4, p=mix))
     index = int(rng.integers(bank.n_base))
     identity = bank.identities[index]
@@ -545,9 +550,27 @@ def _sample_sequence(backend, bank: ImageBank, rng: np.random.Generator, mix) ->
         human = span(int(rng.choice(photos))) + backend.tokenize(" " + DESCRIBE_QUESTION)
         return conversation(backend, human, backend.tokenize(caption(identity).capitalize() + "."))
     if task == 1:
-        qa = attribute_qa(identity, rng)[int(rng.integers(4))]
-        human = span(int(rng.choice(photos))) + backend.tokenize(" " + qa.question)
-        return conversation(backend, human, backend.tokenize(qa.answer))
+        image = span(int(rng.choice(photos)))
+        if not qa_turns:
+            qa = attribute_qa(identity, rng)[int(rng.integers(4))]
+            return conversation(
+                backend, image + backend.tokenize(" " + qa.question), backend.tokenize(qa.answer)
+            )
+        # Every question about one photo, in a random order (each one comes first as often as the
+        # others, which is the single-question form the gates ask): one image pass, five answers.
+        turns = [(qa.question, qa.answer) for qa in attribute_qa(identity, rng)]
+        turns.append((DESCRIBE_QUESTION, caption(identity).capitalize() + "."))
+        order = rng.permutation(len(turns))
+        ids, labels = conversation(
+            backend, image + backend.tokenize(" " + turns[order[0]][0]), backend.tokenize(turns[order[0]][1])
+        )
+        for k in order[1:]:
+            question, answer = turns[k]
+            more = backend.tokenize(question) + [backend.special.eot] + backend.tokenize(answer)
+            ids += more + [backend.special.eot]
+            labels += [-100] * (len(backend.tokenize(question)) + 1) + backend.tokenize(answer)
+            labels += [backend.special.eot]
+        return ids, labels
     if task == 2:
         clean = photos[bank.clean[photos]]
         target = int(rng.choice(clean if len(clean) else photos))
@@ -668,7 +691,10 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     for step in bar:
-        rows = [_sample_sequence(backend, bank, rng, config.mix) for _ in range(config.batch_size)]
+        rows = [
+            _sample_sequence(backend, bank, rng, config.mix, config.all_questions)
+            for _ in range(config.batch_size)
+        ]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             loss = _pretrain_backward(backend, rows, config.per_sequence_loss)

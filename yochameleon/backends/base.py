@@ -101,13 +101,13 @@ def load_hf(
     try:
         # transformers prints a table for any key it did not expect; checkpoints that carry the VQ
         # decoder (ours, and Anole's) would print one on every load, so we report what matters ourselves.
+        # (A filter, not a raised level: transformers changes what it checks with the logger's level.)
         modeling_logger = logging.getLogger("transformers.modeling_utils")
-        level = modeling_logger.level
-        modeling_logger.setLevel(logging.ERROR)
+        modeling_logger.addFilter(_drop_load_report)
         try:
             model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
         finally:
-            modeling_logger.setLevel(level)
+            modeling_logger.removeFilter(_drop_load_report)
         processor = processor_cls.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
         raise BackendError(f"cannot load {what} from {name_or_path!r}: {exc}") from exc
@@ -116,6 +116,10 @@ def load_hf(
         model.to(options.device)
     model.eval().requires_grad_(False)
     return model, processor
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
 
 
 def _report_loading(name_or_path: str, info: dict) -> None:
