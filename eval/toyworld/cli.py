@@ -1,10 +1,10 @@
-"""``yochameleon toyworld ...``: commands of the toy world (``build`` now; room for more, e.g. ``bench``)."""
+"""``yochameleon toyworld ...``: commands of the toy world (``build`` its base artifacts, ``bench`` the methods)."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["register", "run_build"]
+__all__ = ["add_bench_parser", "register", "run_bench_command", "run_build"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -13,7 +13,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     Returns:
         The ``toyworld`` parser, so that other modules can add sub-commands to it.
     """
-    parser = subparsers.add_parser("toyworld", help="the procedural toy world: build its base artifacts")
+    parser = subparsers.add_parser(
+        "toyworld", help="the procedural toy world: build its base artifacts, benchmark the methods"
+    )
     commands = parser.add_subparsers(dest="toyworld_command", metavar="COMMAND")
     commands.required = True
     build = commands.add_parser(
@@ -32,7 +34,132 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=run_build)
+    add_bench_parser(commands)
     return parser
+
+
+def _method_list(text: str) -> list[str]:
+    # ``--methods none,yochameleon`` and ``--methods none yochameleon`` both work.
+    return [name for name in text.split(",") if name]
+
+
+def add_bench_parser(commands) -> argparse.ArgumentParser:
+    """Add ``bench`` to the ``toyworld`` sub-commands and return its parser."""
+    from .bench import BENCH_METHODS, QUICK_DEFAULTS
+
+    bench = commands.add_parser(
+        "bench",
+        help="the quality benchmark: every method on held-out concepts, with CIs, table and plots",
+        description=(
+            "Personalize N concepts drawn from the held-out identities with every method, K seeds each; "
+            "write the results-schema summary (paired-bootstrap CIs vs yochameleon), report.md and plots. "
+            f"Default methods: {', '.join(BENCH_METHODS)}."
+        ),
+    )
+    bench.add_argument("--json", required=True, metavar="OUT.json", help="the summary JSON to write")
+    bench.add_argument("--concepts", type=int, default=None, metavar="N", help="concepts (default 8)")
+    bench.add_argument(
+        "--concept-seed", type=int, default=None, metavar="S", help="chooses the concepts (default 0)"
+    )
+    bench.add_argument("--seeds", type=int, default=None, metavar="K", help="seeds per concept (default 2)")
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        type=_method_list,
+        default=None,
+        metavar="METHOD",
+        help="methods to run, space- or comma-separated (default: all)",
+    )
+    bench.add_argument(
+        "--split",
+        choices=("heldout", "dev"),
+        default=None,
+        help="identities to draw concepts from: heldout (default, reported numbers) or dev (tuning)",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help=(
+            f"{QUICK_DEFAULTS['n_concepts']} concepts, {QUICK_DEFAULTS['seeds']} seed, methods "
+            f"{' and '.join(QUICK_DEFAULTS['methods'])} (explicit options still win)"
+        ),
+    )
+    bench.add_argument(
+        "--artifacts",
+        default=None,
+        metavar="DIR",
+        help="toy-world artifacts (default: eval/toyworld/artifacts)",
+    )
+    bench.add_argument(
+        "--report-dir", default=None, metavar="DIR", help="report.md and plots (default: the JSON's folder)"
+    )
+    bench.add_argument(
+        "--work", default=None, metavar="DIR", help="pool, index, concepts, tests, runs (default: OUT_work/)"
+    )
+    bench.add_argument(
+        "--recipe", default=None, help="training recipe (default: recipes/toyworld-bench.yaml)"
+    )
+    bench.add_argument(
+        "--override",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="recipe override, repeatable (choose hyper-parameters with --split dev only)",
+    )
+    bench.add_argument("--pool-size", type=int, default=None, help="retrieval pool photos (default 1000)")
+    bench.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per CI (default 2000)")
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1: best on a busy 2-core machine)",
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(func=run_bench_command)
+    return bench
+
+
+def bench_config_from_args(args: argparse.Namespace):
+    """The :class:`~.bench.BenchConfig` that ``toyworld bench`` options describe.
+
+    Raises:
+        BenchError: a bad option (an unknown method is named, with the valid ones).
+    """
+    from .bench import BenchConfig
+
+    methods = [m for group in args.methods for m in group] if args.methods else None
+    return BenchConfig.create(
+        quick=args.quick,
+        artifacts=args.artifacts,
+        n_concepts=args.concepts,
+        concept_seed=args.concept_seed,
+        seeds=args.seeds,
+        methods=methods,
+        split=args.split,
+        recipe=args.recipe,
+        overrides=args.override,
+        pool_size=args.pool_size,
+        n_boot=args.n_boot,
+        threads=args.threads,
+    )
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """Run ``toyworld bench``; the table goes to stdout, progress and timings to stderr.
+
+    Raises:
+        BenchError: a bad option or missing artifacts; the top-level CLI prints it as one ``error:`` line.
+    """
+    from yochameleon.eval.report import markdown_table
+
+    from .bench import run_bench
+
+    config = bench_config_from_args(args)
+    summary = run_bench(
+        config, args.json, report_dir=args.report_dir, work_dir=args.work, progress=not args.quiet
+    )
+    print(markdown_table(summary))
+    return 0
 
 
 def run_build(args: argparse.Namespace) -> int:
