@@ -354,18 +354,20 @@ class LMTrainConfig:
     num_heads: int = 4
     vocab_size: int = 1536
     n_reserved: int = 256
+    # The best settings found so far on development identities (README, "Toy world"); captions are
+    # asked inside the all-questions conversations, hence their own share of 0.
     steps: int = 1500
     batch_size: int = 24
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     n_identities: int = 4096
     photos_per_identity: int = 3
     photos_per_twin: int = 1
-    mix: tuple[float, float, float, float] = (0.15, 0.30, 0.40, 0.15)
-    per_sequence_loss: bool = False
-    codebook_init: bool = False
-    all_questions: bool = False
-    bf16: bool = False
+    mix: tuple[float, float, float, float] = (0.0, 0.45, 0.30, 0.25)
+    per_sequence_loss: bool = True
+    codebook_init: bool = True
+    all_questions: bool = True
+    bf16: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
