@@ -313,3 +313,12 @@ def test_two_concepts_in_one_run_mix_batches_and_save_separately(backend, image_
     pm = PersonalizedModel(backend)
     ids, used = pm._prompt_ids("Is <cat> next to <dog>?", None)
     assert [c.spec.name for c in used] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_follows_logging_progress(backend, image_lookup, tmp_path, capsys, progress):
+    cfg = _config(tmp_path, **{"logging.progress": progress, "optim.epochs": 1, "save_every": 1000})
+    trainer = Trainer(cfg, backend=backend)
+    trainer.setup(records={"cat": _records(2)}, image_ids=image_lookup)
+    trainer.train()
+    assert ("train:" in capsys.readouterr().err) is progress

@@ -541,6 +541,7 @@ def run_bench(
                 timer.add("concepts_and_tests", time.perf_counter() - t0)
 
                 train_cfg = config.train_config(seed, art / "base")
+                train_cfg.logging.progress = progress  # nine trainings per concept: one bar is enough
                 data_dir = work / "data" / name / f"seed{seed}"
                 if needs_data:
                     # Prepared once per concept and seed; every trained method (and MyVLM) reads it.

@@ -160,6 +160,7 @@ class LoggingConfig:
         every: log every N optimizer steps.
         wandb_project / wandb_entity / wandb_run_name / wandb_mode: W&B settings
             (``online``, ``offline`` or ``disabled``; ``WANDB_MODE`` overrides).
+        progress: show the training progress bar (benchmarks that train many methods turn it off).
     """
 
     loggers: list[Literal["jsonl", "stdout", "wandb"]] = field(default_factory=lambda: ["jsonl"])
@@ -169,6 +170,7 @@ class LoggingConfig:
     wandb_run_name: str | None = None
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
     sample_images: int = 2
+    progress: bool = True
 
 
 @dataclass

@@ -267,7 +267,12 @@ class Trainer:
                 logger.info("resumed %s at step %d", self.run_dir, self.step)
             log = build_logger(cfg.logging, self.run_dir, self.is_main)
             log.log_config(to_dict(cfg))
-            bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.is_main)
+            bar = tqdm(
+                total=total,
+                initial=self.step,
+                desc="train",
+                disable=not (self.is_main and cfg.logging.progress),
+            )
             task_weights = cfg.method.task_weights
             device = self.backend.device
             t_last = time.perf_counter()
