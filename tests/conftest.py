@@ -54,3 +54,17 @@ def photos():
         Image.fromarray(getattr(data, name)()).convert("RGB")
         for name in ("astronaut", "chelsea", "coffee", "rocket")
     ]
+
+
+@pytest.fixture(scope="session")
+def reduced_toyworld(tmp_path_factory):
+    """``(config, report)`` of one reduced toy-world build shared by the slow tests (minutes).
+
+    ``TOYWORLD_REDUCED_ARTIFACTS`` may name a folder to build into (or resume, when it holds one).
+    """
+    from yochameleon.eval.toyworld.build import BuildConfig, build
+
+    existing = os.environ.get("TOYWORLD_REDUCED_ARTIFACTS")
+    out = existing or tmp_path_factory.mktemp("toyworld") / "artifacts"
+    config = BuildConfig.create(out=out, seed=0, reduced=True, threads=1)
+    return config, build(config, progress=False, log=lambda _: None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -314,20 +313,13 @@ def test_cli_reports_unknown_methods_and_missing_artifacts(tmp_path, capsys):
 
 
 # ---- --quick end to end on a reduced build (slow) ----------------------------------------------------
-@pytest.fixture(scope="session")
-def reduced_artifacts(tmp_path_factory):
-    """A reduced toy-world build (minutes); ``TOYWORLD_REDUCED_ARTIFACTS`` may name an existing one."""
-    existing = os.environ.get("TOYWORLD_REDUCED_ARTIFACTS")
-    if existing and not missing_artifacts(existing):
-        return Path(existing)
-    from yochameleon.eval.toyworld.build import BuildConfig, build
-
-    out = tmp_path_factory.mktemp("toyworld") / "artifacts"
-    build(BuildConfig.create(out=out, reduced=True, threads=1), progress=False, log=lambda _: None)
-    return out
+@pytest.fixture
+def reduced_artifacts(reduced_toyworld):
+    return Path(reduced_toyworld[0].out)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the shared reduced build may be made here
 def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
     from yochameleon.cli import main
 

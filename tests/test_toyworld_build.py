@@ -240,14 +240,16 @@ def test_cli_registers_toyworld_build():
 
 # ---- the reduced build end to end ---------------------------------------------------------------------
 @pytest.mark.slow
-def test_reduced_build_writes_loadable_artifacts_and_resumes(tmp_path):
+@pytest.mark.timeout(1500)  # the shared reduced build may be made here
+def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
+    from pathlib import Path
+
     from yochameleon.backends import load_backend
     from yochameleon.eval.toyworld import Scorer
     from yochameleon.retrieval import OpenClipEmbedder
 
-    config = BuildConfig.create(tmp_path / "out", seed=0, reduced=True, threads=1)
-    report = build(config, progress=False, log=lambda _: None)
-    out = tmp_path / "out"
+    config, report = reduced_toyworld
+    out = Path(config.out)
     assert set(report["gates"]) == {
         "scorer_identity",
         "scorer_random",
