@@ -23,7 +23,7 @@ resample. Training hyper-parameters live in ``recipes/toyworld-bench.yaml``, cho
 split only.
 
 Example:
-    >>> config = BenchConfig.create(quick=True, artifacts="/tmp/tw_reduced")
+    >>> config = BenchConfig.create(quick=True, artifacts="eval/toyworld/artifacts")
     >>> summary = run_bench(config, "outputs/bench/quick.json")
     >>> sorted(summary["methods"]), summary["reference"], summary["config"]["split"]
     (['none', 'yochameleon'], 'yochameleon', 'heldout')
