@@ -566,12 +566,11 @@ def _sample_sequence(
         ids, labels = conversation(
             backend, image + backend.tokenize(" " + turns[order[0]][0]), backend.tokenize(turns[order[0]][1])
         )
+        eot = backend.special.eot
         for k in order[1:]:
-            question, answer = turns[k]
-            more = backend.tokenize(question) + [backend.special.eot] + backend.tokenize(answer)
-            ids += more + [backend.special.eot]
-            labels += [-100] * (len(backend.tokenize(question)) + 1) + backend.tokenize(answer)
-            labels += [backend.special.eot]
+            question, answer = (backend.tokenize(text) for text in turns[k])
+            ids += [*question, eot, *answer, eot]
+            labels += [-100] * (len(question) + 1) + [*answer, eot]
         return ids, labels
     if task == 2:
         clean = photos[bank.clean[photos]]
