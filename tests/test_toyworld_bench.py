@@ -15,11 +15,11 @@ from yochameleon.eval.metrics import shuffle_options
 from yochameleon.eval.schema import METRICS, ConceptResult, validate_summary
 from yochameleon.eval.toyworld import ToyWorld
 from yochameleon.eval.toyworld.bench import (
-    BENCH_METHODS,
     QUICK_METHODS,
     REQUIRED_ARTIFACTS,
     BenchConfig,
     BenchError,
+    bench_methods,
     bench_summary,
     check_artifacts,
     draw_concepts,
@@ -29,17 +29,9 @@ from yochameleon.eval.toyworld.bench import (
 )
 from yochameleon.eval.toyworld.cli import bench_config_from_args, register
 
-# The metrics the toy world measures for every method (clip_t and face_sim do not apply here).
-TOY_METRICS = (
-    "recognition_pos",
-    "recognition_neg_hard",
-    "recognition_neg_easy",
-    "recognition_weighted",
-    "vqa",
-    "text_qa",
-    "clip_i",
-    "gen_fidelity",
-)
+# The metrics the toy world measures for every method: the schema's, less clip_t and face_sim, which
+# the toy benchmark does not score.
+TOY_METRICS = tuple(m for m in METRICS if m not in ("clip_t", "face_sim"))
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_default_config_is_the_issue_s_benchmark():
     config = BenchConfig()
     assert (config.n_concepts, config.seeds, config.split, config.n_photos) == (8, 2, "heldout", 4)
-    assert config.methods == (
-        "none",
-        "text_prompt",
-        "image_prompt",
-        "yollava",
-        "myvlm",
-        "yochameleon",
-        "yochameleon_no_soft",
-        "yochameleon_shared",
-        "yochameleon_no_selfprompt",
-    )
+    assert config.methods == bench_methods()
     train = config.train_config(0)
     # The recipe chosen on the development split: ~300 samples per concept for 3 epochs.
     assert train.optim.epochs == 3 and train.data.n_recognition == 100
@@ -124,15 +106,25 @@ def test_bad_override_and_unknown_setting_are_refused():
         BenchConfig.create(concepts=3)
 
 
+def test_default_methods_are_every_harness_method_with_the_reference_rows_last():
+    from yochameleon.baselines import method_names
+
+    default = BenchConfig.create().methods
+    assert sorted(default) == sorted(method_names())  # every ablation, none left out
+    ours = [m for m in default if m.startswith("yochameleon")]
+    assert default[-len(ours) :] == tuple(ours) and ours[0] == "yochameleon"
+    assert {"yochameleon_und_only", "yochameleon_gen_only", "yochameleon_no_soft"} <= set(ours)
+
+
 def test_unknown_method_names_the_valid_ones():
     with pytest.raises(BenchError) as err:
         BenchConfig.create(methods=["none", "yochameleon_tiny", "llava"])
     text = str(err.value)
     assert "'yochameleon_tiny'" in text and "'llava'" in text
-    for name in BENCH_METHODS:
+    for name in bench_methods():
         assert name in text
     # Every ablation is accepted by its exact name.
-    assert BenchConfig.create(methods=list(BENCH_METHODS)).methods == BENCH_METHODS
+    assert BenchConfig.create(methods=list(bench_methods())).methods == bench_methods()
 
 
 # ---- concepts ----------------------------------------------------------------------------------------
@@ -291,7 +283,7 @@ def test_cli_quick_and_defaults():
     quick = bench_config_from_args(_parser().parse_args(["toyworld", "bench", "--quick", "--json", "q.json"]))
     assert (quick.n_concepts, quick.seeds, quick.methods) == (2, 1, QUICK_METHODS)
     full = bench_config_from_args(_parser().parse_args(["toyworld", "bench", "--json", "f.json"]))
-    assert full.methods == BENCH_METHODS and full.split == "heldout"
+    assert full.methods == bench_methods() and full.split == "heldout"
     with pytest.raises(SystemExit):
         _parser().parse_args(["toyworld", "bench"])  # --json is required
     with pytest.raises(SystemExit):

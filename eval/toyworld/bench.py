@@ -49,7 +49,6 @@ from .pretrain import EMBEDDER_NAME
 from .world import ConceptTestSet, Identity, ToyWorld, WorldConfig, caption
 
 __all__ = [
-    "BENCH_METHODS",
     "BENCH_RECIPE",
     "QUICK_DEFAULTS",
     "QUICK_METHODS",
@@ -58,6 +57,7 @@ __all__ = [
     "SPLITS",
     "BenchConfig",
     "BenchError",
+    "bench_methods",
     "bench_summary",
     "check_artifacts",
     "check_methods",
@@ -70,18 +70,6 @@ __all__ = [
 ]
 
 BENCH_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld-bench.yaml"
-# The benchmark's rows, in table order: prompting baselines, MyVLM, Yo'LLaVA, Yo'Chameleon and its ablations.
-BENCH_METHODS: tuple[str, ...] = (
-    "none",
-    "text_prompt",
-    "image_prompt",
-    "yollava",
-    "myvlm",
-    "yochameleon",
-    "yochameleon_no_soft",
-    "yochameleon_shared",
-    "yochameleon_no_selfprompt",
-)
 QUICK_METHODS: tuple[str, ...] = ("none", "yochameleon")
 REFERENCE = "yochameleon"
 SPLITS: tuple[str, ...] = ("heldout", "dev")
@@ -107,6 +95,14 @@ def valid_methods() -> list[str]:
     from yochameleon.baselines import method_names
 
     return method_names()
+
+
+def bench_methods() -> tuple[str, ...]:
+    """The default rows, in table order: every method of the harness, ``yochameleon`` and its
+    ``yochameleon_*`` ablations last (derived, so a method added to the harness is benchmarked too)."""
+    names = valid_methods()
+    ours = [name for name in names if name == REFERENCE or name.startswith(f"{REFERENCE}_")]
+    return tuple([name for name in names if name not in ours] + ours)
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -146,7 +142,7 @@ class BenchConfig:
     n_concepts: int = 8
     concept_seed: int = 0
     seeds: int = 2
-    methods: tuple[str, ...] = BENCH_METHODS
+    methods: tuple[str, ...] = field(default_factory=bench_methods)
     split: str = "heldout"
     world_seed: int = 0
     n_photos: int = 4

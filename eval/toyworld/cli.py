@@ -45,7 +45,7 @@ def _method_list(text: str) -> list[str]:
 
 def add_bench_parser(commands) -> argparse.ArgumentParser:
     """Add ``bench`` to the ``toyworld`` sub-commands and return its parser."""
-    from .bench import BENCH_METHODS, QUICK_DEFAULTS
+    from .bench import QUICK_DEFAULTS, bench_methods
 
     bench = commands.add_parser(
         "bench",
@@ -53,7 +53,7 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         description=(
             "Personalize N concepts drawn from the held-out identities with every method, K seeds each; "
             "write the results-schema summary (paired-bootstrap CIs vs yochameleon), report.md and plots. "
-            f"Default methods: {', '.join(BENCH_METHODS)}."
+            f"Default methods: {', '.join(bench_methods())}."
         ),
     )
     bench.add_argument("--json", required=True, metavar="OUT.json", help="the summary JSON to write")
