@@ -52,8 +52,8 @@ def test_default_config_is_the_issue_s_benchmark():
     assert config.methods == bench_methods()
     train = config.train_config(0)
     # The recipe chosen on the development split: ~300 samples per concept for 3 epochs.
-    assert train.optim.epochs == 3 and train.data.n_recognition == 100
-    assert train.data.n_soft_positives == 64 and train.logging.sample_images == 0
+    assert train.optim.epochs == 3 and train.data.n_recognition == 80
+    assert train.data.n_soft_positives == 52 and train.logging.sample_images == 0
 
 
 def test_quick_sizes_and_explicit_settings_win():
