@@ -30,6 +30,8 @@ from yochameleon.eval.toyworld.gates import (
     make_gate,
 )
 from yochameleon.eval.toyworld.pretrain import (
+    READER_FACTORS,
+    AttributeReader,
     EmbedderTrainConfig,
     LMTrainConfig,
     PretrainError,
@@ -41,6 +43,7 @@ from yochameleon.eval.toyworld.pretrain import (
     mark_weights,
     pad_batch,
     refine_vq,
+    train_vq,
     vq_config,
 )
 
@@ -190,6 +193,66 @@ def test_refine_vq_trains_on_object_weighted_photos():
     assert np.isfinite(stats["final_recon_loss"]) and not vqmodel.training
     changed = [k for k, v in vqmodel.state_dict().items() if not torch.equal(v, before[k])]
     assert any("encoder" in k for k in changed)
+
+
+def test_vq_without_mid_attention_builds_encoder_and_decoder_without_it():
+    from transformers import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    from yochameleon.backends.chameleon_vq import ChameleonVQDecoder, reconstruct
+
+    assert vq_config(VQTrainConfig(mid_attention=True), 32)["attn_type"] == "vanilla"
+    cfg = ChameleonVQVAEConfig(**vq_config(VQTrainConfig(num_embeddings=32), 32))  # the default: none
+    vqmodel, decoder = ChameleonVQVAE(cfg), ChameleonVQDecoder(cfg)
+    assert isinstance(vqmodel.encoder.mid.attn_1, torch.nn.Identity)
+    assert isinstance(decoder.mid.attn_1, torch.nn.Identity)
+    out = reconstruct(vqmodel, decoder, torch.zeros(2, 3, 32, 32))
+    assert out.pixels.shape == (2, 3, 32, 32) and out.quantized.shape == (2, 16, 8, 8)
+
+
+def test_attribute_reader_learns_a_factor_hidden_at_a_random_position():
+    # One position per photo carries the class (a one-hot row); the rest is noise. Attention pooling
+    # must find it wherever it is: the loss falls and held-out accuracy is far above chance (1/4).
+    torch.manual_seed(0)
+
+    def batch(n):
+        x = torch.randn(n, 8, 4, 4) * 0.3
+        y = torch.randint(4, (n,))
+        where = torch.randint(16, (n,))
+        x.view(n, 8, 16)[torch.arange(n), :, where] = 0.0
+        x.view(n, 8, 16)[torch.arange(n), 4 + y, where] = 3.0
+        x.view(n, 8, 16)[torch.arange(n), 0, where] = 3.0  # "object here"
+        return x, y
+
+    reader = AttributeReader(8, 16, (4,), width=32)
+    optimizer = torch.optim.Adam(reader.parameters(), 1e-2)
+    losses = []
+    for _ in range(150):
+        x, y = batch(64)
+        loss = torch.nn.functional.cross_entropy(reader(x)[0], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    x, y = batch(512)
+    with torch.no_grad():
+        accuracy = (reader(x)[0].argmax(1) == y).float().mean().item()
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]) and accuracy > 0.9
+
+
+def test_semantic_weight_is_validated_and_trains_the_encoder_through_the_reader():
+    with pytest.raises(PretrainError, match="semantic_weight"):
+        VQTrainConfig(semantic_weight=-0.1)
+    with pytest.raises(PretrainError, match="semantic_weight"):
+        VQRefineConfig(semantic_weight=-0.1)
+    assert READER_FACTORS == ("shape", "colour", "pattern", "size")
+    world = ToyWorld(0)
+    small = {"num_embeddings": 32, "steps": 2, "batch_size": 4, "mid_attention": False}
+    # Same seed, same photos: only the reader's loss differs, so the encoders must end differently.
+    runs = [train_vq(world, VQTrainConfig(**small, semantic_weight=w), progress=False) for w in (0.0, 1.0)]
+    plain, semantic = (dict(run[0].encoder.named_parameters()) for run in runs)
+    assert any(not torch.equal(plain[k], semantic[k]) for k in plain)
+    assert np.isfinite(runs[1][2]["final_recon_loss"])
 
 
 def test_conversation_labels_only_the_bot_span():

@@ -4,7 +4,10 @@
   :class:`~yochameleon.backends.chameleon_vq.ChameleonVQDecoder` through the real
   :func:`~yochameleon.backends.chameleon_vq.reconstruct` path, with mark-weighted reconstruction loss,
   dead-code restarts and cosine lr decay; :func:`refine_vq` then refines it with the object's pixels
-  weighted up (so outlines, patterns and with them the mark cells survive tokenization).
+  weighted up (so outlines, patterns and with them the mark cells survive tokenization). Both can add
+  an :class:`AttributeReader` loss, and the default VQ has no global attention block, so that each
+  code carries what is at its place (colour, pattern, part of the outline) rather than a share of the
+  whole image: that is what lets a small base model learn to read the tokens within the CPU budget.
 * :func:`write_base_dir` writes a Chameleon checkpoint directory in exactly the ``make_tiny`` layout
   around the trained VQ, and :func:`pretrain_lm` pretrains its transformer on captions, attribute QA,
   text-to-image and two-image "same object?" questions built from *pretraining* identities only.
@@ -31,6 +34,7 @@ from .world import MARK_COLOURS, Identity, ToyWorld, attribute_qa, caption
 
 __all__ = [
     "BANK_VERSION",
+    "AttributeReader",
     "EmbedderTrainConfig",
     "ImageBank",
     "LMTrainConfig",
@@ -95,6 +99,11 @@ class VQTrainConfig:
         mark_weight: extra loss weight on pixels of a mark colour (marks are a few pixels each).
         restart_every: every this many steps, codes unused since the last restart are moved onto
             random encoder outputs (dead-code restarts).
+        mid_attention: keep the encoder's and decoder's global self-attention block (upstream's
+            ``attn_type="vanilla"``). Why off: with it every code depends on the whole image, so an
+            attribute is spread over context-dependent codes that a small model reads only slowly.
+        semantic_weight: weight of the :class:`AttributeReader` loss on the quantized latents (see
+            :class:`VQRefineConfig`); 0 turns it off.
         seed: seeds weights and scenes.
     """
 
@@ -108,11 +117,15 @@ class VQTrainConfig:
     lr: float = 2e-3
     mark_weight: float = 8.0
     restart_every: int = 100
+    mid_attention: bool = False
+    semantic_weight: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "num_embeddings", "embed_dim", "restart_every"):
             _positive(name, getattr(self, name))
+        if self.semantic_weight < 0:
+            raise PretrainError(f"semantic_weight must be non-negative, got {self.semantic_weight}")
         if self.base_channels % 32:
             raise PretrainError(
                 f"base_channels must be a multiple of 32 (GroupNorm), got {self.base_channels}"
@@ -135,6 +148,7 @@ def vq_config(config: VQTrainConfig, image_size: int) -> dict:
         "num_res_blocks": config.num_res_blocks,
         "resolution": image_size,
         "attn_resolutions": [],
+        "attn_type": "vanilla" if config.mid_attention else "none",
     }
 
 
@@ -144,22 +158,35 @@ def mark_weights(images: np.ndarray, weight: float) -> torch.Tensor:
     return torch.from_numpy(1.0 + weight * (dist < 48).astype(np.float32))[:, None]
 
 
-def _vq_batch(world: ToyWorld, rng: np.random.Generator, n: int) -> np.ndarray:
-    """Training photos: pretraining identities with distractors, random scenes and two-object scenes."""
+def _vq_batch(world: ToyWorld, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training photos (pretraining identities with distractors, random scenes and two-object scenes)
+    and their factor labels (:func:`_factor_labels`)."""
     pretrain = world.splits["pretrain"]
-    out = []
+    out, labels = [], []
     for _ in range(n):
         roll = rng.random()
+        target = None
         if roll < 0.6 and pretrain:
-            identity = pretrain[int(rng.integers(len(pretrain)))]
-            image = world.render(identity, rng, distractors=int(rng.integers(0, 3)))
+            target = pretrain[int(rng.integers(len(pretrain)))]
+            image = world.render(target, rng, distractors=int(rng.integers(0, 3)))
         elif roll < 0.85:
-            image, _ = world.random_scene(rng)
+            image, target = world.random_scene(rng)
         else:
             first, second = world.random_identity(rng), world.random_identity(rng)
             image, _ = world.render_pair_scene(first, second, rng, ("horizontal", "vertical")[roll < 0.92])
         out.append(np.asarray(image, dtype=np.uint8))
-    return np.stack(out)
+        labels.append(_factor_labels(target))
+    return np.stack(out), np.asarray(labels, dtype=np.int64)
+
+
+def _attribute_reader(vqmodel, image_size: int) -> AttributeReader:
+    """A fresh :class:`AttributeReader` for ``vqmodel``'s latents."""
+    from .scorer import _FACTOR_VALUES
+
+    side = image_size // 2 ** (len(vqmodel.config.channel_multiplier) - 1)
+    return AttributeReader(
+        vqmodel.config.embed_dim, side * side, tuple(len(_FACTOR_VALUES[f]) for f in READER_FACTORS)
+    )
 
 
 def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
@@ -181,6 +208,9 @@ def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
     vqmodel.train()
     decoder.train()
     params = [p for p in vqmodel.parameters()] + list(decoder.parameters())
+    reader = _attribute_reader(vqmodel, world.config.image_size) if config.semantic_weight > 0 else None
+    if reader is not None:
+        params += list(reader.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99))
     warmup = max(1, min(100, config.steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
@@ -189,11 +219,15 @@ def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
     restarts = 0
     bar = tqdm(range(config.steps), desc="vq", disable=not progress)
     for step in bar:
-        images = _vq_batch(world, rng, config.batch_size)
+        images, labels = _vq_batch(world, rng, config.batch_size)
         pixels, weights = _to_pixels(images), mark_weights(images, config.mark_weight)
         out = reconstruct(vqmodel, decoder, pixels)
         recon = (((out.pixels - pixels) ** 2).mean(1, keepdim=True) * weights).sum() / weights.sum()
         loss = recon + out.embedding_loss
+        if reader is not None:
+            loss = loss + config.semantic_weight * _reader_loss(
+                reader, out.quantized, torch.from_numpy(labels)
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -242,6 +276,11 @@ class VQRefineConfig:
         steps, batch_size, lr: Adam steps, photos per step and peak learning rate (cosine to zero).
         mark_weight: extra loss weight on mark-coloured pixels.
         object_weight: extra loss weight on the object's pixels (from the renderer's coverage mask).
+        semantic_weight: weight of the attribute loss of an :class:`AttributeReader` on the quantized
+            latents (0 turns it off). Why: reconstruction alone spreads an attribute over many
+            context-dependent codes, which a small language model then needs many steps to decode;
+            asking that attention pooling over the codes reveal shape, colour, pattern and size makes
+            the codes themselves carry them.
         seed: seeds the scenes.
     """
 
@@ -250,36 +289,96 @@ class VQRefineConfig:
     lr: float = 7e-4
     mark_weight: float = 4.0
     object_weight: float = 4.0
+    semantic_weight: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr"):
             _positive(name, getattr(self, name))
-        if self.mark_weight < 0 or self.object_weight < 0:
+        if self.mark_weight < 0 or self.object_weight < 0 or self.semantic_weight < 0:
             raise PretrainError(
-                f"mark_weight and object_weight must be non-negative, got {self.mark_weight}, {self.object_weight}"
+                "mark_weight, object_weight and semantic_weight must be non-negative, got "
+                f"{self.mark_weight}, {self.object_weight}, {self.semantic_weight}"
             )
 
 
-def _annotated_vq_batch(world: ToyWorld, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Photos as in :func:`_vq_batch` plus each one's object mask (zero for scenes without a target)."""
+class AttributeReader(torch.nn.Module):
+    """Reads an object's factors from quantized VQ latents the way one attention layer would.
+
+    Every position goes through a small MLP (a language model's embedding row can be any function of
+    the code) plus a learned position embedding; one softmax attention over positions per factor pools
+    them, and a linear head per factor classifies the pooled vector.
+
+    Args:
+        embed_dim: channels of the quantized latents.
+        n_positions: latent positions (``h * w``).
+        classes: number of values of each factor, in :data:`READER_FACTORS` order.
+        width: hidden width.
+    """
+
+    def __init__(self, embed_dim: int, n_positions: int, classes: tuple[int, ...], width: int = 64) -> None:
+        super().__init__()
+        self.position = torch.nn.Parameter(torch.zeros(n_positions, width))
+        self.value = torch.nn.Sequential(
+            torch.nn.Linear(embed_dim, width), torch.nn.GELU(), torch.nn.Linear(width, width)
+        )
+        self.score = torch.nn.Linear(width, len(classes))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in classes)
+
+    def forward(self, quantized: torch.Tensor) -> list[torch.Tensor]:
+        """``[B, D, h, w]`` latents -> one ``[B, classes]`` logit tensor per factor."""
+        x = self.value(quantized.flatten(2).transpose(1, 2)) + self.position
+        attention = self.score(x).softmax(dim=1)  # [B, positions, factors]
+        pooled = torch.einsum("bpf,bpw->bfw", attention, x)
+        return [head(pooled[:, i]) for i, head in enumerate(self.heads)]
+
+
+READER_FACTORS: tuple[str, ...] = ("shape", "colour", "pattern", "size")
+
+
+def _factor_labels(identity: Identity | None) -> list[int]:
+    """Class index of every :data:`READER_FACTORS` value; ``-100`` (ignored) for a scene without one target."""
+    from .scorer import _FACTOR_VALUES
+
+    if identity is None:
+        return [-100] * len(READER_FACTORS)
+    return [_FACTOR_VALUES[f].index(getattr(identity, f)) for f in READER_FACTORS]
+
+
+def _reader_loss(reader: AttributeReader, quantized: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the reader's factors over photos that show one target object."""
+    if not bool((labels[:, 0] >= 0).any()):
+        return quantized.sum() * 0.0
+    logits = reader(quantized)
+    return sum(F.cross_entropy(out, labels[:, i], ignore_index=-100) for i, out in enumerate(logits)) / len(
+        logits
+    )
+
+
+def _annotated_vq_batch(
+    world: ToyWorld, rng: np.random.Generator, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Photos as in :func:`_vq_batch`, each one's object mask (zero for scenes without a target) and
+    factor labels (:func:`_factor_labels`; ignored for empty and two-object scenes)."""
     pretrain = world.splits["pretrain"]
     side = world.config.image_size
-    images, masks = [], []
+    images, masks, labels = [], [], []
     for _ in range(n):
         roll = rng.random()
         mask = np.zeros((side, side), dtype=np.float32)
+        target = None
         if roll < 0.6 and pretrain:
-            identity = pretrain[int(rng.integers(len(pretrain)))]
-            image, mask, _ = world.render_annotated(identity, rng, distractors=int(rng.integers(0, 3)))
+            target = pretrain[int(rng.integers(len(pretrain)))]
+            image, mask, _ = world.render_annotated(target, rng, distractors=int(rng.integers(0, 3)))
         elif roll < 0.85:
-            image, _ = world.random_scene(rng)
+            image, target = world.random_scene(rng)
         else:
             first, second = world.random_identity(rng), world.random_identity(rng)
             image, _ = world.render_pair_scene(first, second, rng, ("horizontal", "vertical")[roll < 0.92])
         images.append(np.asarray(image, dtype=np.uint8))
         masks.append(mask)
-    return np.stack(images), np.stack(masks)
+        labels.append(_factor_labels(target))
+    return np.stack(images), np.stack(masks), np.asarray(labels, dtype=np.int64)
 
 
 def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progress: bool = True) -> dict:
@@ -295,14 +394,18 @@ def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progres
     vqmodel.train()
     decoder.train()
     params = list(vqmodel.parameters()) + list(decoder.parameters())
+    reader = _attribute_reader(vqmodel, world.config.image_size) if config.semantic_weight > 0 else None
+    if reader is not None:
+        params += list(reader.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps)))
     )
     start = time.perf_counter()
+    semantic = torch.zeros(())
     bar = tqdm(range(config.steps), desc="vq refine", disable=not progress)
     for step in bar:
-        images, masks = _annotated_vq_batch(world, rng, config.batch_size)
+        images, masks, labels = _annotated_vq_batch(world, rng, config.batch_size)
         pixels = _to_pixels(images)
         weights = (
             mark_weights(images, config.mark_weight) + config.object_weight * torch.from_numpy(masks)[:, None]
@@ -310,17 +413,25 @@ def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progres
         out = reconstruct(vqmodel, decoder, pixels)
         recon = (((out.pixels - pixels) ** 2).mean(1, keepdim=True) * weights).sum() / weights.sum()
         loss = recon + out.embedding_loss
+        if reader is not None:
+            semantic = _reader_loss(reader, out.quantized, torch.from_numpy(labels))
+            loss = loss + config.semantic_weight * semantic
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         if step % 25 == 0:
-            bar.set_postfix(recon=f"{recon.item():.4f}", vq=f"{out.embedding_loss.item():.4f}")
+            bar.set_postfix(
+                recon=f"{recon.item():.4f}",
+                vq=f"{out.embedding_loss.item():.4f}",
+                sem=f"{semantic.item():.3f}",
+            )
     vqmodel.eval()
     decoder.eval()
     return {
         "final_recon_loss": round(float(recon.item()), 5),
         "final_vq_loss": round(float(out.embedding_loss.item()), 5),
+        "final_semantic_loss": round(float(semantic.item()), 4),
         "train_seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -356,7 +467,7 @@ class LMTrainConfig:
     n_reserved: int = 256
     # The best settings found so far on development identities (README, "Toy world"); captions are
     # asked inside the all-questions conversations, hence their own share of 0.
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 24
     lr: float = 3e-3
     weight_decay: float = 0.01

@@ -399,13 +399,15 @@ def _pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Where the pattern uses the secondary shade; object-local, so it moves and scales with the object."""
     if pattern == "solid":
         return np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+    # Coarse on purpose: every pattern element is at least ~3 px on a small (12 px) object, because
+    # finer ones fall below the VQ tokenizer's 4-px cell and no reader of its tokens could tell them apart.
     if pattern == "stripes":
-        return np.broadcast_to(np.floor(v * 6) % 2 == 1, np.broadcast_shapes(u.shape, v.shape))
+        return np.broadcast_to(np.floor(v * 4) % 2 == 1, np.broadcast_shapes(u.shape, v.shape))
     if pattern == "dots":
-        fu, fv = (u * 4) % 1 - 0.5, (v * 4) % 1 - 0.5
-        return fu * fu + fv * fv <= 0.13
+        fu, fv = (u * 2) % 1 - 0.5, (v * 2) % 1 - 0.5
+        return fu * fu + fv * fv <= 0.09
     if pattern == "checker":  # odd count keeps it mirror-symmetric
-        return (np.floor(u * 5) + np.floor(v * 5)) % 2 == 1
+        return (np.floor(u * 3) + np.floor(v * 3)) % 2 == 1
     raise ToyWorldError(f"unknown pattern {pattern!r}")
 
 

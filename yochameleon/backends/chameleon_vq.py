@@ -323,11 +323,14 @@ class Reconstruction:
             codebook and decoder (straight-through quantization).
         codes: codebook indices ``[B, h*w]`` chosen by the quantizer.
         embedding_loss: the VQ codebook + commitment loss from upstream's quantizer.
+        quantized: the quantized latents ``[B, embed_dim, h, w]`` (straight-through: their values are
+            codebook rows, their gradients reach the encoder), e.g. for a loss on what the codes carry.
     """
 
     pixels: torch.Tensor
     codes: torch.Tensor
     embedding_loss: torch.Tensor
+    quantized: torch.Tensor | None = None
 
 
 def reconstruct(vqmodel: nn.Module, decoder: ChameleonVQDecoder, pixels: torch.Tensor) -> Reconstruction:
@@ -360,7 +363,10 @@ def reconstruct(vqmodel: nn.Module, decoder: ChameleonVQDecoder, pixels: torch.T
     latents = vqmodel.post_quant_conv(quantized)
     out = decoder(latents.to(_decoder_dtype(decoder)))
     return Reconstruction(
-        pixels=out, codes=indices.reshape(pixels.shape[0], -1), embedding_loss=embedding_loss
+        pixels=out,
+        codes=indices.reshape(pixels.shape[0], -1),
+        embedding_loss=embedding_loss,
+        quantized=quantized,
     )
 
 
