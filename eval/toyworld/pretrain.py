@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from yochameleon.errors import YoChameleonError
 
-from .world import MARK_COLOURS, Identity, ToyWorld, attribute_qa, caption
+from .scorer import FACTORS
+from .world import _FACTOR_VALUES, MARK_COLOURS, Identity, ToyWorld, attribute_qa, caption
 
 __all__ = [
     "BANK_VERSION",
@@ -160,29 +161,13 @@ def mark_weights(images: np.ndarray, weight: float) -> torch.Tensor:
 
 def _vq_batch(world: ToyWorld, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Training photos (pretraining identities with distractors, random scenes and two-object scenes)
-    and their factor labels (:func:`_factor_labels`)."""
-    pretrain = world.splits["pretrain"]
-    out, labels = [], []
-    for _ in range(n):
-        roll = rng.random()
-        target = None
-        if roll < 0.6 and pretrain:
-            target = pretrain[int(rng.integers(len(pretrain)))]
-            image = world.render(target, rng, distractors=int(rng.integers(0, 3)))
-        elif roll < 0.85:
-            image, target = world.random_scene(rng)
-        else:
-            first, second = world.random_identity(rng), world.random_identity(rng)
-            image, _ = world.render_pair_scene(first, second, rng, ("horizontal", "vertical")[roll < 0.92])
-        out.append(np.asarray(image, dtype=np.uint8))
-        labels.append(_factor_labels(target))
-    return np.stack(out), np.asarray(labels, dtype=np.int64)
+    and their factor labels: :func:`_annotated_vq_batch` without the masks (same photos, same stream)."""
+    images, _, labels = _annotated_vq_batch(world, rng, n)
+    return images, labels
 
 
 def _attribute_reader(vqmodel, image_size: int) -> AttributeReader:
     """A fresh :class:`AttributeReader` for ``vqmodel``'s latents."""
-    from .scorer import _FACTOR_VALUES
-
     side = image_size // 2 ** (len(vqmodel.config.channel_multiplier) - 1)
     return AttributeReader(
         vqmodel.config.embed_dim, side * side, tuple(len(_FACTOR_VALUES[f]) for f in READER_FACTORS)
@@ -333,13 +318,11 @@ class AttributeReader(torch.nn.Module):
         return [head(pooled[:, i]) for i, head in enumerate(self.heads)]
 
 
-READER_FACTORS: tuple[str, ...] = ("shape", "colour", "pattern", "size")
+READER_FACTORS: tuple[str, ...] = FACTORS  # the scorer's factors, in its order
 
 
 def _factor_labels(identity: Identity | None) -> list[int]:
     """Class index of every :data:`READER_FACTORS` value; ``-100`` (ignored) for a scene without one target."""
-    from .scorer import _FACTOR_VALUES
-
     if identity is None:
         return [-100] * len(READER_FACTORS)
     return [_FACTOR_VALUES[f].index(getattr(identity, f)) for f in READER_FACTORS]

@@ -36,10 +36,8 @@ from tqdm.auto import tqdm
 from yochameleon.errors import YoChameleonError
 
 from .world import (
+    _FACTOR_VALUES,
     MARK_COLOURS,
-    OBJECT_COLOURS,
-    PATTERNS,
-    SHAPES,
     SIZES,
     Identity,
     Mark,
@@ -52,12 +50,6 @@ __all__ = ["Scorer", "ScorerConfig", "ScorerError", "evaluate_scorer", "train_sc
 _FORMAT_VERSION = 1
 NO_MARK = "none"
 FACTORS: tuple[str, ...] = ("shape", "colour", "pattern", "size")
-_FACTOR_VALUES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "colour": tuple(OBJECT_COLOURS),
-    "pattern": PATTERNS,
-    "size": SIZES,
-}
 _CELL_VALUES: tuple[str, ...] = (NO_MARK, *MARK_COLOURS)
 
 
