@@ -291,12 +291,32 @@ def test_sha256sums_cover_committed_files_only(tmp_path):
     assert len(lines) == 2
 
 
+def test_keep_going_defers_a_missed_gate_to_the_end(tmp_path):
+    from yochameleon.eval.toyworld.build import _enforce, _fail_on_missed_gates
+
+    result = {"gates": {"attribute_qa": 0.5, "twin_probe": 0.95}}
+    strict = BuildConfig.create(tmp_path)
+    with pytest.raises(BuildError, match="attribute_qa"):
+        _enforce(strict, "base", result, log=lambda _: None)
+    lines: list[str] = []
+    lenient = BuildConfig.create(tmp_path, keep_going=True)
+    _enforce(lenient, "base", result, log=lines.append)  # logged, not raised
+    assert any("keep-going" in line and "attribute_qa" in line for line in lines)
+    gates = [make_gate(name, value) for name, value in result["gates"].items()]
+    with pytest.raises(BuildError, match="gates missed: attribute_qa;") as info:
+        _fail_on_missed_gates(lenient, gates)
+    assert "twin_probe" not in str(info.value) and "kept for inspection" in str(info.value)
+    _fail_on_missed_gates(lenient, gates[1:])  # all passed: nothing to raise
+    _fail_on_missed_gates(BuildConfig.create(tmp_path, reduced=True, keep_going=True), gates)
+
+
 def test_cli_registers_toyworld_build():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["toyworld", "build", "--reduced", "--seed", "3", "--out", "x"])
     assert args.reduced and args.seed == 3 and args.out == "x" and args.toyworld_command == "build"
+    assert not args.keep_going and parser.parse_args(["toyworld", "build", "--keep-going"]).keep_going
     with pytest.raises(SystemExit):
         parser.parse_args(["toyworld"])
 

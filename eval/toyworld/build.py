@@ -119,6 +119,9 @@ class BuildConfig:
         world_seed: the world's identity splits (0 is the world the benchmark and demo use).
         image_size, mark_grid: the world's resolution (32 px / 4x4; the issue's fallback is 48 / 12).
         reduced: a fast build with the same code and fewer steps; gates are measured but not enforced.
+        keep_going: on a missed gate, finish every stage and write the artifacts and the report anyway,
+            then fail (so a base that misses its gates can still be inspected and benchmarked, never
+            silently accepted). Not part of any stage's cache key.
         threads: torch CPU threads for training.
         scorer_steps, pool_size: scorer training steps and retrieval pool size.
     """
@@ -129,6 +132,7 @@ class BuildConfig:
     image_size: int = 32
     mark_grid: int = 4
     reduced: bool = False
+    keep_going: bool = False
     threads: int = 1
     scorer_steps: int = 800
     pool_size: int = 10_000
@@ -260,7 +264,9 @@ def _enforce(config: BuildConfig, stage: str, result: dict, log: Callable[[str],
         try:
             check_gates(gates)
         except YoChameleonError as err:
-            raise BuildError(f"stage {stage}: {err}") from err
+            if not config.keep_going:
+                raise BuildError(f"stage {stage}: {err}") from err
+            log(f"[{stage}] {err} (--keep-going: continuing; the build fails at the end)")
 
 
 def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
@@ -271,7 +277,8 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
         seconds per stage and in total.
 
     Raises:
-        BuildError: a stage failed or (in a full build) a gate was missed.
+        BuildError: a stage failed or (in a full build) a gate was missed; with ``keep_going`` the
+            missed gates are reported only after every stage ran and the artifacts were written.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
@@ -433,12 +440,23 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
     write_sha256sums(out)
     log("gates:\n" + format_gates(gates))
     log(f"build finished in {report['total_seconds']:.0f}s -> {out}")
+    _fail_on_missed_gates(config, gates)
     return report
+
+
+def _fail_on_missed_gates(config: BuildConfig, gates: list[GateResult]) -> None:
+    """After a ``keep_going`` full build wrote everything: raise if any gate was missed."""
+    missed = [g.name for g in gates if not g.passed]
+    if missed and config.keep_going and not config.reduced:
+        raise BuildError(
+            f"gates missed: {', '.join(missed)}; the artifacts and build_report.json in {config.out} are "
+            "kept for inspection (--keep-going)"
+        )
 
 
 def _rebuild_command(config: BuildConfig) -> str:
     command = f"yochameleon toyworld build --seed {config.seed}"
-    return command + (" --reduced" if config.reduced else "")
+    return command + (" --reduced" if config.reduced else "") + (" --keep-going" if config.keep_going else "")
 
 
 def _replace_tree(source: Path, target: Path) -> None:

@@ -27,6 +27,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="seeds every training run and photo (default 0)")
     build.add_argument("--reduced", action="store_true", help="fewer steps, same code; gates not enforced")
     build.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="on a missed gate, still run every stage and write the artifacts and report, then fail",
+    )
+    build.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -171,7 +176,9 @@ def run_build(args: argparse.Namespace) -> int:
     """
     from .build import BuildConfig, build
 
-    config = BuildConfig.create(out=args.out, seed=args.seed, reduced=args.reduced, threads=args.threads)
+    config = BuildConfig.create(
+        out=args.out, seed=args.seed, reduced=args.reduced, threads=args.threads, keep_going=args.keep_going
+    )
     report = build(config, progress=not args.quiet)
     passed = all(g["passed"] for g in report["gates"].values())
     print(
