@@ -263,11 +263,19 @@ def test_48px_world_with_finer_grid():
 
 
 # ---- identities across splits ---------------------------------------------------------------------------
+def test_attributes_name_the_nameable_factors(concept):
+    from yochameleon.eval.toyworld.scorer import FACTORS
+
+    assert tuple(concept.attributes) == FACTORS == ("shape", "colour", "pattern", "size")
+    assert tuple(concept.attributes.values()) == concept.base
+
+
 def test_twins_share_everything_nameable_but_not_marks(world, concept):
     rng = np.random.default_rng(0)
     twins = [twin(concept, rng) for _ in range(50)]
     for other in twins:
         assert other.base == concept.base and other != concept
+        assert other.attributes == concept.attributes
         assert caption(other) == caption(concept)
         world.check_identity(other)
     assert len(set(twins)) > 5

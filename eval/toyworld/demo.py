@@ -157,7 +157,7 @@ def run_demo(
         image.save(gen_dir / f"{i:02d}.png")
     # Training flips photos, so the mirrored concept counts as drawn too.
     correct = scorer.identity_correct(generated, identity, accept_mirror=True)
-    wanted = dict(zip(("shape", "colour", "pattern", "size"), identity.base))
+    wanted = identity.attributes
     attributes = [scorer.attribute_accuracy([image], wanted) for image in generated]
     sheet = root / "compare.png"
     _sheet([photos, generated]).save(sheet)

@@ -245,7 +245,7 @@ def text_to_image_accuracy(
     targets = [identity for identity in identities for _ in range(per)]
     prompts = [generation_prompt(caption(identity)) for identity in targets]
     images = generate_images(backend, prompts, seed=seed)
-    wanted = [dict(zip(("shape", "colour", "pattern", "size"), t.base)) for t in targets]
+    wanted = [t.attributes for t in targets]
     return scorer.attribute_accuracy(images, wanted), images
 
 

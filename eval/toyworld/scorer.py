@@ -49,7 +49,7 @@ __all__ = ["Scorer", "ScorerConfig", "ScorerError", "evaluate_scorer", "train_sc
 
 _FORMAT_VERSION = 1
 NO_MARK = "none"
-FACTORS: tuple[str, ...] = ("shape", "colour", "pattern", "size")
+FACTORS: tuple[str, ...] = tuple(_FACTOR_VALUES)  # the nameable factors, in the world's order
 _CELL_VALUES: tuple[str, ...] = (NO_MARK, *MARK_COLOURS)
 
 

@@ -176,6 +176,11 @@ class Identity:
         return (self.shape, self.colour, self.pattern, self.size)
 
     @property
+    def attributes(self) -> dict[str, str]:
+        """The nameable factors by name: ``{"shape": ..., "colour": ..., "pattern": ..., "size": ...}``."""
+        return {factor: getattr(self, factor) for factor in _FACTOR_VALUES}
+
+    @property
     def mark_map(self) -> dict[tuple[int, int], str]:
         """Marks as ``{(row, col): colour}``."""
         return {(m.row, m.col): m.colour for m in self.marks}
