@@ -156,7 +156,14 @@ def test_build_config_validation_and_reduced(tmp_path):
 
 def test_pretrain_config_validation():
     with pytest.raises(PretrainError, match="mix"):
-        LMTrainConfig(mix=(0.5, 0.5, 0.5, 0.0))
+        LMTrainConfig(mix=(0.5, 0.5, 0.5, 0.0, 0.0))
+    with pytest.raises(PretrainError, match="5 non-negative shares"):
+        LMTrainConfig(mix=(0.0, 0.45, 0.30, 0.25))  # a 4-task mix from before pair scenes
+    with pytest.raises(PretrainError, match="pair_scenes_per_identity"):
+        LMTrainConfig(pair_scenes_per_identity=0)
+    with pytest.raises(PretrainError, match="choice_share"):
+        LMTrainConfig(choice_share=1.5)
+    assert LMTrainConfig(mix=[0, 0.5, 0.5, 0, 0], pair_scenes_per_identity=0).mix == (0, 0.5, 0.5, 0, 0)
     with pytest.raises(PretrainError, match="GroupNorm"):
         VQTrainConfig(base_channels=48)
     with pytest.raises(PretrainError, match="steps"):
@@ -271,6 +278,17 @@ def test_image_bank_never_shows_dev_or_heldout_identities():
     assert not set(bank.identities) & set(world.protected)
     assert bank.identities[: bank.n_base] == world.splits["pretrain"]
     assert len(bank.image_ids) == 40 * 2 + 40 and bank.clean.any()
+    # One two-object scene per identity, alternating twin / a random object of another shape.
+    assert len(bank.pair_ids) == len(bank.pairs) == 40
+    for scene in bank.pairs:
+        shown = bank.identities[scene.index]
+        assert scene.other not in world.protected and scene.other != shown
+        if scene.with_twin:
+            assert scene.other == bank.identities[bank.n_base + scene.index]
+        else:
+            assert scene.other.shape != shown.shape
+        assert {scene.where, scene.other_where} in ({"left", "right"}, {"top", "bottom"})
+    assert [s.with_twin for s in bank.pairs[:4]] == [True] * 4  # k = 0 for every identity at 1 scene each
     for index in range(bank.n_base):
         twin = bank.identities[bank.n_base + index]
         assert twin.base == bank.identities[index].base and twin != bank.identities[index]
@@ -366,6 +384,45 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
 
 
 # ---- base-model pretraining pieces -------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_pretraining_matches_eager_and_leaves_an_eager_model(tiny_dir):
+    from yochameleon.backends import load_backend
+    from yochameleon.eval.toyworld.pretrain import ImageBank, PairScene, pretrain_lm
+
+    world = ToyWorld(0)
+    base = world.splits["pretrain"][:2]
+    twins = [world.twin(i, np.random.default_rng(0)) for i in base]
+    other = next(i for i in world.splits["pretrain"] if i.shape != base[1].shape)
+    finals = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        backend = load_backend(tiny_dir)
+        codes = sorted(backend.model.model.vocabulary_mapping.bpe2img)
+        photo = torch.tensor(codes[: backend.image_seq_len]).repeat(6, 1)
+        bank = ImageBank(
+            base + twins, photo, np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool), photo[:2].clone(),
+            [PairScene(0, twins[0], True, "left", "right"), PairScene(1, other, False, "top", "bottom")],
+        )  # fmt: skip
+        before = {k: v.clone() for k, v in backend.model.state_dict().items()}
+        config = LMTrainConfig(
+            steps=3,
+            batch_size=4,
+            n_identities=2,
+            mix=(0.2,) * 5,
+            bf16=False,
+            codebook_init=False,
+            compile=compiled,
+        )
+        stats = pretrain_lm(backend, bank, config, progress=False)
+        after = backend.model.state_dict()
+        assert list(after) == list(before)  # compiling in place keeps the checkpoint's names
+        assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+        finals.append((stats["final_loss"], after))
+    assert finals[0][0] == pytest.approx(finals[1][0], abs=1e-3)
+    for name, value in finals[0][1].items():
+        torch.testing.assert_close(finals[1][1][name], value, atol=1e-4, rtol=1e-3)
+
+
 def test_codebook_init_gives_look_alike_codes_close_rows(backend):
     from yochameleon.eval.toyworld.pretrain import init_image_rows_from_codebook
 
@@ -424,7 +481,7 @@ def test_all_questions_sample_asks_every_question_once_with_only_answers_labelle
     bank = ImageBank(base + twins, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
     firsts = set()
     for seed in range(12):
-        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 1, 0, 0), True)
+        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 1, 0, 0, 0), True)
         assert len(ids) == len(labels) and ids[:2] == [1, 2]
         answered = [t for t in labels if t != -100]
         assert labels.count(9) == 5  # five answers, each closed by <eot>
@@ -433,3 +490,78 @@ def test_all_questions_sample_asks_every_question_once_with_only_answers_labelle
             assert all(t in answered for t in tokenize(qa.answer))
         firsts.add(ids[8])  # first word of the first question, right after the image span
     assert len(firsts) > 1  # the question order varies
+
+
+def _word_backend():
+    vocab: dict[str, int] = {}
+
+    def tokenize(text):
+        return [vocab.setdefault(w, 100 + len(vocab)) for w in text.split()]
+
+    backend = SimpleNamespace(
+        special=SimpleNamespace(bos=1, eot=9, pad=0), tokenize=tokenize, image_span=lambda ids: [2, *ids, 3]
+    )
+    words = lambda: {i: w for w, i in vocab.items()}  # noqa: E731
+    backend.text = lambda ids: " ".join(words()[t] for t in ids if t >= 100)
+    return backend
+
+
+def test_choice_question_is_the_benchmark_form_and_its_open_answer_scores_right():
+    from yochameleon.eval.metrics import score_choice
+    from yochameleon.eval.toyworld.pretrain import choice_question
+    from yochameleon.eval.toyworld.world import attribute_qa
+
+    identity = ToyWorld(0).splits["pretrain"][0]
+    rng = np.random.default_rng(0)
+    seen_counts = set()
+    for _ in range(40):
+        for qa in attribute_qa(identity, rng):
+            text = choice_question(qa.question, qa.factor, getattr(identity, qa.factor), rng)
+            assert text.startswith(qa.question + " ") and text.endswith("?")
+            listed = text[len(qa.question) + 1 : -1]
+            options = listed.replace(" or ", ", ").split(", ")
+            seen_counts.add(len(options))
+            assert qa.value in options and len(set(options)) == len(options)
+            assert score_choice(qa.answer, options, qa.value) == 1.0  # the open answer names the right one
+    assert seen_counts == {2, 3, 4}
+
+
+def test_pair_scene_samples_answer_what_the_scene_shows():
+    from yochameleon.eval.toyworld.pretrain import ImageBank, PairScene, _sample_sequence
+
+    backend = _word_backend()
+    world = ToyWorld(0)
+    base = world.splits["pretrain"][:2]
+    rng = np.random.default_rng(1)
+    twins = [world.twin(i, rng) for i in base]
+    other = next(i for i in world.splits["pretrain"] if i.shape != base[1].shape)
+    pairs = [PairScene(0, twins[0], True, "left", "right"), PairScene(1, other, False, "bottom", "top")]
+    bank = ImageBank(
+        base + twins,
+        torch.full((6, 4), 5),
+        np.array([0, 0, 1, 1, 2, 3]),
+        2,
+        np.ones(6, bool),
+        torch.tensor([[7] * 4, [8] * 4]),
+        pairs,
+    )
+    kinds = set()
+    for seed in range(60):
+        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 1), True)
+        prompt = backend.text([t for t, lab in zip(ids, labels) if lab == -100])
+        answer = backend.text([t for t in labels if t != -100])
+        n_images = ids.count(2)
+        if "first photo" in prompt:
+            assert n_images == 2 and ids[2:6] == [5] * 4  # a photo of the shown identity, then the scene
+            scene = pairs[0] if 7 in ids else pairs[1]
+            assert answer == f"It is on the {scene.where}."
+            kinds.add("reference")
+        elif "other object" in prompt:
+            assert n_images == 1 and answer == f"It is a {other.shape}."
+            assert f"a {other.shape}" in prompt and f"a {base[1].shape}" in prompt
+            kinds.add("other_shape")
+        else:
+            assert n_images == 1 and "Where is the" in prompt and answer == "It is on the bottom."
+            assert "on the bottom or on the top" in prompt or "on the top or on the bottom" in prompt
+            kinds.add("described_location")
+    assert kinds == {"reference", "other_shape", "described_location"}

@@ -160,14 +160,14 @@ class BuildConfig:
         seeded = {
             "vq": VQTrainConfig(seed=seed),
             "vq_refine": VQRefineConfig(seed=seed),
-            "lm": LMTrainConfig(seed=seed),
+            "lm": LMTrainConfig(seed=seed, compile=True),
             "embedder": EmbedderTrainConfig(seed=seed),
         }
         if reduced:
             seeded = {
                 "vq": replace(seeded["vq"], steps=120, batch_size=32),
                 "vq_refine": replace(seeded["vq_refine"], steps=30),
-                "lm": replace(seeded["lm"], steps=120, batch_size=16, n_identities=256),
+                "lm": replace(seeded["lm"], steps=120, batch_size=16, n_identities=256, compile=False),
                 "embedder": replace(seeded["embedder"], steps=40, batch_size=32),
                 "gates": GateSizes(
                     identities=6,

@@ -9,8 +9,9 @@
   code carries what is at its place (colour, pattern, part of the outline) rather than a share of the
   whole image: that is what lets a small base model learn to read the tokens within the CPU budget.
 * :func:`write_base_dir` writes a Chameleon checkpoint directory in exactly the ``make_tiny`` layout
-  around the trained VQ, and :func:`pretrain_lm` pretrains its transformer on captions, attribute QA,
-  text-to-image and two-image "same object?" questions built from *pretraining* identities only.
+  around the trained VQ, and :func:`pretrain_lm` pretrains its transformer on captions, attribute QA
+  (open and multiple-choice), text-to-image, two-image "same object?" questions and two-object scenes
+  ("where is ...?", "what shape is the other object?"), all built from *pretraining* identities only.
 * :func:`train_embedder` trains an OpenCLIP-architecture ViT contrastively on toy image/caption pairs
   and saves it as a model-config JSON plus a safetensors weights file.
 """
@@ -29,21 +30,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from yochameleon.errors import YoChameleonError
+from yochameleon.eval.metrics import mc_prompt
 
 from .scorer import FACTORS
-from .world import _FACTOR_VALUES, MARK_COLOURS, Identity, ToyWorld, attribute_qa, caption
+from .world import _FACTOR_VALUES, MARK_COLOURS, Identity, ToyWorld, _factor_word, attribute_qa, caption
 
 __all__ = [
     "BANK_VERSION",
     "AttributeReader",
     "EmbedderTrainConfig",
     "ImageBank",
+    "PairScene",
     "LMTrainConfig",
     "PretrainError",
     "VQRefineConfig",
     "VQTrainConfig",
     "base_spec",
     "build_image_bank",
+    "choice_question",
     "embedder_model_config",
     "generation_prompt",
     "init_image_rows_from_codebook",
@@ -56,9 +60,14 @@ __all__ = [
     "write_base_dir",
 ]
 
-BANK_VERSION = 1
+BANK_VERSION = 2
 SAME_OBJECT_QUESTION = "Is the object in the first photo the same object as in the second photo?"
 DESCRIBE_QUESTION = "Describe the object in this photo."
+# Two-object scenes ask what the benchmark's visual questions ask, about a described or a shown object
+# instead of <sks> (the base never sees <sks>); answers contain the option text, which is how
+# multiple-choice answers are scored.
+REFERENCE_LOCATION_QUESTION = "Where is the object from the first photo in the second photo?"
+_TASKS = ("caption", "attribute QA", "text-to-image", "same object", "pair scene")
 # Paraphrases of the text-to-image request; the first matches yochameleon.prompts' "A photo of <sks>."
 _GENERATION_TEMPLATES = ("A photo of {}.", "Draw {}.", "Generate an image of {}.")
 _MARK_RGB = np.asarray(list(MARK_COLOURS.values()), dtype=np.float32)
@@ -432,13 +441,22 @@ class LMTrainConfig:
         steps, batch_size, lr, weight_decay: AdamW pretraining.
         n_identities: pretraining identities used (photos come from these and their twins only).
         photos_per_identity, photos_per_twin: pre-rendered, pre-tokenized photos per identity.
-        mix: task shares ``(caption, attribute QA, text-to-image, same object)``.
+        mix: task shares ``(caption, attribute QA, text-to-image, same object, pair scene)``. A pair
+            scene shows two objects; it asks where one of them is (named by its description, or shown
+            in a first photo when the other object is its twin) or what shape the other one is.
+        pair_scenes_per_identity: pre-rendered two-object scenes per pretraining identity; they
+            alternate between the identity beside its twin and beside a random object of another shape.
+        choice_share: share of attribute questions asked in the benchmark's multiple-choice form
+            (:func:`~yochameleon.eval.metrics.mc_prompt`, 2-4 options); pair-scene questions always are.
         per_sequence_loss: average the loss within each sequence before the batch (see :func:`lm_loss`).
         codebook_init: start image-token rows from the VQ codebook (:func:`init_image_rows_from_codebook`).
         all_questions: an attribute-QA sample asks every attribute question and the caption about its
             photo in one conversation, in random order (five supervised answers per image pass).
         bf16: run forward and backward under CPU bfloat16 autocast with eager attention (weights and
             AdamW stay fp32). On CPUs with AMX this makes a step about twice as fast.
+        compile: run the transformer through ``torch.compile`` (dynamic shapes) while pretraining. It
+            costs about a minute of compilation and then saves about a third of every step, so the full
+            build uses it and the reduced one does not.
         seed: seeds weights, photos and task sampling.
     """
 
@@ -449,28 +467,47 @@ class LMTrainConfig:
     vocab_size: int = 1536
     n_reserved: int = 256
     # The best settings found so far on development identities (README, "Toy world"); captions are
-    # asked inside the all-questions conversations, hence their own share of 0.
-    steps: int = 2500
+    # asked inside the all-questions conversations, hence their own share of 0. 4,000 steps fit the
+    # build's hour because the full build compiles the transformer (about 0.25 s a step, not 0.44).
+    steps: int = 4000
     batch_size: int = 24
     lr: float = 3e-3
     weight_decay: float = 0.01
     n_identities: int = 4096
     photos_per_identity: int = 3
     photos_per_twin: int = 1
-    mix: tuple[float, float, float, float] = (0.0, 0.45, 0.30, 0.25)
+    mix: tuple[float, ...] = (0.0, 0.40, 0.30, 0.20, 0.10)
+    pair_scenes_per_identity: int = 1
+    choice_share: float = 0.3
     per_sequence_loss: bool = True
     codebook_init: bool = True
     all_questions: bool = True
     bf16: bool = True
+    compile: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mix", tuple(float(x) for x in self.mix))  # YAML/JSON give lists
         for name in ("steps", "batch_size", "lr", "n_identities", "hidden_size", "num_layers"):
             _positive(name, getattr(self, name))
         if self.photos_per_identity < 2 or self.photos_per_twin < 1:
             raise PretrainError("same-object questions need >= 2 photos per identity and >= 1 per twin")
-        if len(self.mix) != 4 or min(self.mix) < 0 or not math.isclose(sum(self.mix), 1.0, abs_tol=1e-6):
-            raise PretrainError(f"mix must be 4 non-negative shares summing to 1, got {self.mix}")
+        if (
+            len(self.mix) != len(_TASKS)
+            or min(self.mix) < 0
+            or not math.isclose(sum(self.mix), 1.0, abs_tol=1e-6)
+        ):
+            raise PretrainError(
+                f"mix must be {len(_TASKS)} non-negative shares {_TASKS} summing to 1, got {self.mix}"
+            )
+        if self.mix[4] > 0 and self.pair_scenes_per_identity < 1:
+            raise PretrainError("a pair-scene share needs pair_scenes_per_identity >= 1")
+        if self.pair_scenes_per_identity < 0:
+            raise PretrainError(
+                f"pair_scenes_per_identity must be non-negative, got {self.pair_scenes_per_identity}"
+            )
+        if not 0.0 <= self.choice_share <= 1.0:
+            raise PretrainError(f"choice_share must be in [0, 1], got {self.choice_share}")
         if self.hidden_size % self.num_heads:
             raise PretrainError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
 
@@ -561,6 +598,24 @@ def write_base_dir(out_dir: str | Path, spec, vq_state: dict, decoder, seed: int
     return out
 
 
+@dataclass(frozen=True)
+class PairScene:
+    """A pretraining photo of two objects.
+
+    Attributes:
+        index: the pretraining identity shown (an index into :attr:`ImageBank.identities`).
+        other: the object beside it: its twin or a random object of another shape.
+        with_twin: whether ``other`` is the identity's twin (same description, different marks).
+        where, other_where: their places (``left``/``right`` or ``top``/``bottom``).
+    """
+
+    index: int
+    other: Identity
+    with_twin: bool
+    where: str
+    other_where: str
+
+
 @dataclass
 class ImageBank:
     """Pre-tokenized photos of pretraining identities and their twins.
@@ -571,6 +626,8 @@ class ImageBank:
         owner: ``(N,)`` index into ``identities`` of the identity each photo shows.
         n_base: how many of ``identities`` are pretraining identities (the rest are their twins).
         clean: ``(N,)`` whether the photo has no distractors (text-to-image targets use these).
+        pair_ids: ``(P, image_seq_len)`` vocabulary ids of the two-object scenes.
+        pairs: what each two-object scene shows (same order as ``pair_ids``).
     """
 
     identities: list[Identity]
@@ -578,6 +635,8 @@ class ImageBank:
     owner: np.ndarray
     n_base: int
     clean: np.ndarray
+    pair_ids: torch.Tensor | None = None
+    pairs: list[PairScene] | None = None
 
     def photos_of(self, index: int) -> np.ndarray:
         return np.flatnonzero(self.owner == index)
@@ -609,10 +668,30 @@ def build_image_bank(backend, world: ToyWorld, config: LMTrainConfig, progress: 
             images.append(world.render(identity, rng, distractors=n_distractors))
             owner.append(index)
             clean.append(n_distractors == 0)
+    pairs, pair_images = [], []
+    for index, identity in enumerate(base):
+        for k in range(config.pair_scenes_per_identity):
+            with_twin = k % 2 == 0
+            if with_twin:
+                other = identities[len(base) + index]
+            else:
+                other = world.random_identity(rng, exclude=[identity])
+                while other.shape == identity.shape:  # "what shape is the other one?" needs two shapes
+                    other = world.random_identity(rng, exclude=[identity])
+            layout = "horizontal" if rng.integers(2) == 0 else "vertical"
+            image, (where, other_where) = world.render_pair_scene(identity, other, rng, layout)
+            pairs.append(PairScene(index, other, with_twin, where, other_where))
+            pair_images.append(image)
+    ids = _encode(backend, images, "tokenize photos", progress)
+    pair_ids = _encode(backend, pair_images, "tokenize pair scenes", progress) if pair_images else None
+    return ImageBank(identities, ids, np.asarray(owner), len(base), np.asarray(clean), pair_ids, pairs)
+
+
+def _encode(backend, images: list, desc: str, progress: bool) -> torch.Tensor:
     chunks = []
-    for start in tqdm(range(0, len(images), 512), desc="tokenize photos", disable=not progress):
+    for start in tqdm(range(0, len(images), 512), desc=desc, disable=not progress):
         chunks.append(backend.encode_images(images[start : start + 512]))
-    return ImageBank(identities, torch.cat(chunks), np.asarray(owner), len(base), np.asarray(clean))
+    return torch.cat(chunks)
 
 
 def generation_prompt(description: str, variant: int = 0) -> str:
@@ -634,10 +713,63 @@ def conversation(backend, human: list[int], bot: list[int]) -> tuple[list[int], 
     return ids, labels
 
 
+def choice_question(question: str, factor: str, value: str, rng: np.random.Generator) -> str:
+    """``question`` in the benchmark's multiple-choice form: the right value and 1-3 others, shuffled.
+
+    Option texts are the answer words (``"circle"``, ``"striped"``), which the open answer contains.
+    """
+    right = _factor_word(factor, value)
+    wrong = [_factor_word(factor, v) for v in _FACTOR_VALUES[factor]]
+    wrong = [w for w in wrong if w != right]
+    k = int(rng.integers(1, min(3, len(wrong)) + 1))
+    options = [right] + [wrong[i] for i in rng.choice(len(wrong), size=k, replace=False)]
+    return mc_prompt({"question": question, "options": [options[i] for i in rng.permutation(len(options))]})
+
+
+def _two_options(right: str, wrong: str, rng: np.random.Generator) -> list[str]:
+    return [right, wrong] if rng.integers(2) == 0 else [wrong, right]
+
+
+def _pair_sample(backend, bank: ImageBank, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """A two-object scene and one question about it (the benchmark's visual-question kinds)."""
+    row = int(rng.integers(len(bank.pairs)))
+    scene = bank.pairs[row]
+    identity = bank.identities[scene.index]
+    image = backend.image_span(bank.pair_ids[row].tolist())
+    right, wrong = f"on the {scene.where}", f"on the {scene.other_where}"
+    if scene.with_twin or rng.random() < 0.25:
+        # The twin has the same description, so only a photo of the object can say which one is meant:
+        # like "same object?", this rewards features that carry the marks.
+        reference = backend.image_span(bank.image_ids[int(rng.choice(bank.photos_of(scene.index)))].tolist())
+        question = mc_prompt(
+            {"question": REFERENCE_LOCATION_QUESTION, "options": _two_options(right, wrong, rng)}
+        )
+        human = reference + image + backend.tokenize(" " + question)
+        return conversation(backend, human, backend.tokenize(f"It is {right}."))
+    description = caption(identity).removeprefix("a ")
+    if rng.random() < 0.5:
+        question = f"Where is the {description} in this photo?"
+        answer = f"It is {right}."
+        options = _two_options(right, wrong, rng)
+    else:
+        question = f"What shape is the other object next to the {description}?"
+        answer = f"It is a {scene.other.shape}."
+        options = _two_options(f"a {scene.other.shape}", f"a {identity.shape}", rng)
+    human = image + backend.tokenize(" " + mc_prompt({"question": question, "options": options}))
+    return conversation(backend, human, backend.tokenize(answer))
+
+
 def _sample_sequence(
-    backend, bank: ImageBank, rng: np.random.Generator, mix, qa_turns: bool = False
+    backend,
+    bank: ImageBank,
+    rng: np.random.Generator,
+    mix,
+    qa_turns: bool = False,
+    choice_share: float = 0.0,
 ) -> tuple[list[int], list[int]]:
-    task = int(rng.choice(4, p=mix))
+    task = int(rng.choice(len(_TASKS), p=mix))
+    if task == 4:
+        return _pair_sample(backend, bank, rng)
     index = int(rng.integers(bank.n_base))
     identity = bank.identities[index]
     photos = bank.photos_of(index)
@@ -647,14 +779,21 @@ def _sample_sequence(
         return conversation(backend, human, backend.tokenize(caption(identity).capitalize() + "."))
     if task == 1:
         image = span(int(rng.choice(photos)))
+        pairs = attribute_qa(identity, rng)
+        asked = [
+            choice_question(qa.question, qa.factor, getattr(identity, qa.factor), rng)
+            if rng.random() < choice_share
+            else qa.question
+            for qa in pairs
+        ]
         if not qa_turns:
-            qa = attribute_qa(identity, rng)[int(rng.integers(4))]
+            k = int(rng.integers(len(pairs)))
             return conversation(
-                backend, image + backend.tokenize(" " + qa.question), backend.tokenize(qa.answer)
+                backend, image + backend.tokenize(" " + asked[k]), backend.tokenize(pairs[k].answer)
             )
         # Every question about one photo, in a random order (each one comes first as often as the
         # others, which is the single-question form the gates ask): one image pass, five answers.
-        turns = [(qa.question, qa.answer) for qa in attribute_qa(identity, rng)]
+        turns = [(question, qa.answer) for question, qa in zip(asked, pairs)]
         turns.append((DESCRIBE_QUESTION, caption(identity).capitalize() + "."))
         order = rng.permutation(len(turns))
         ids, labels = conversation(
@@ -782,12 +921,17 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     if config.bf16:
         # CPU flash attention's bf16 backward is slower than eager attention on these short sequences.
         model.set_attn_implementation("eager")
+    if config.mix[4] > 0 and not bank.pairs:
+        raise PretrainError("the mix asks for pair scenes but the image bank has none")
+    if config.compile:
+        # In place, so parameter names (and the saved checkpoint) stay those of the eager module.
+        model.model.compile(dynamic=True)
     recent: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     for step in bar:
         rows = [
-            _sample_sequence(backend, bank, rng, config.mix, config.all_questions)
+            _sample_sequence(backend, bank, rng, config.mix, config.all_questions, config.choice_share)
             for _ in range(config.batch_size)
         ]
         optimizer.zero_grad(set_to_none=True)
@@ -799,6 +943,8 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
         recent = (recent + [loss])[-50:]
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(recent):.3f}")
+    if config.compile:
+        model.model._compiled_call_impl = None  # back to eager for evaluation and saving
     model.set_attn_implementation(attention)
     model.eval()
     for p in params:
