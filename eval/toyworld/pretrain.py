@@ -466,9 +466,9 @@ class LMTrainConfig:
     num_heads: int = 4
     vocab_size: int = 1536
     n_reserved: int = 256
-    # The best settings found so far on development identities (README, "Toy world"); captions are
-    # asked inside the all-questions conversations, hence their own share of 0. 4,000 steps fit the
-    # build's hour because the full build compiles the transformer (about 0.25 s a step, not 0.44).
+    # Settings measured on development identities (README, "Toy world"); captions are asked inside
+    # the all-questions conversations, hence their own share of 0. 4,000 steps fit the build's hour
+    # because the full build compiles the transformer (0.31 s a step in the build, not about 0.44).
     steps: int = 4000
     batch_size: int = 24
     lr: float = 3e-3
