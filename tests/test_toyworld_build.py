@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -565,3 +566,33 @@ def test_pair_scene_samples_answer_what_the_scene_shows():
             assert "on the bottom or on the top" in prompt or "on the top or on the bottom" in prompt
             kinds.add("described_location")
     assert kinds == {"reference", "other_shape", "described_location"}
+
+
+def test_existence_turns_ask_yes_about_the_description_and_no_about_a_changed_one():
+    from yochameleon.eval.toyworld.pretrain import ImageBank, _sample_sequence, existence_turns
+    from yochameleon.eval.toyworld.world import caption
+
+    world = ToyWorld(0)
+    identity = world.splits["pretrain"][0]
+    words = set(caption(identity).split())
+    changed_counts = set()
+    for seed in range(30):
+        (yes_q, yes_a), (no_q, no_a) = existence_turns(identity, np.random.default_rng(seed))
+        assert caption(identity) in yes_q and caption(identity) in yes_a and yes_a.startswith("Yes,")
+        assert no_a.startswith("No,") and caption(identity) not in no_q
+        absent = re.search(r"\ba (small|medium|large) (\w+) (\w+) (\w+)", no_q).groups()
+        assert " ".join(absent) in no_a  # the answer names the same description
+        changed_counts.add(sum(w not in words for w in absent))
+    assert changed_counts == {1, 2}
+    # In the all-questions conversation they add two answers to the five.
+    vocab: dict[str, int] = {}
+    backend = SimpleNamespace(
+        special=SimpleNamespace(bos=1, eot=9, pad=0),
+        tokenize=lambda text: [vocab.setdefault(w, 100 + len(vocab)) for w in text.split()],
+        image_span=lambda ids: [2, *ids, 3],
+    )
+    base = world.splits["pretrain"][:2]
+    bank = ImageBank(base + base, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
+    rng = np.random.default_rng(0)
+    ids, labels = _sample_sequence(backend, bank, rng, (0, 1, 0, 0, 0), True, existence=True)
+    assert labels.count(9) == 7

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from yochameleon.errors import YoChameleonError
 from yochameleon.eval.metrics import mc_prompt
+from yochameleon.prompts import RECOGNITION_QUESTIONS, recognition_answer
 
 from .scorer import FACTORS
 from .world import _FACTOR_VALUES, MARK_COLOURS, Identity, ToyWorld, _factor_word, attribute_qa, caption
@@ -49,6 +50,7 @@ __all__ = [
     "build_image_bank",
     "choice_question",
     "embedder_model_config",
+    "existence_turns",
     "generation_prompt",
     "init_image_rows_from_codebook",
     "pretrain_lm",
@@ -452,6 +454,10 @@ class LMTrainConfig:
         codebook_init: start image-token rows from the VQ codebook (:func:`init_image_rows_from_codebook`).
         all_questions: an attribute-QA sample asks every attribute question and the caption about its
             photo in one conversation, in random order (five supervised answers per image pass).
+        existence_questions: those conversations also ask whether the photo shows the object's own
+            description (yes) and a description with one or two factors changed (no), in the
+            recognition questions' wording with the description in place of ``<sks>``, so the base
+            answers "Is ... in this photo?" by looking, as the bases the method is meant for do.
         bf16: run forward and backward under CPU bfloat16 autocast with eager attention (weights and
             AdamW stay fp32). On CPUs with AMX this makes a step about twice as fast.
         compile: run the transformer through ``torch.compile`` (dynamic shapes) while pretraining. It
@@ -482,6 +488,7 @@ class LMTrainConfig:
     per_sequence_loss: bool = True
     codebook_init: bool = True
     all_questions: bool = True
+    existence_questions: bool = True
     bf16: bool = True
     compile: bool = False
     seed: int = 0
@@ -726,6 +733,29 @@ def choice_question(question: str, factor: str, value: str, rng: np.random.Gener
     return mc_prompt({"question": question, "options": [options[i] for i in rng.permutation(len(options))]})
 
 
+def existence_turns(identity: Identity, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """A "yes" and a "no" recognition question about a photo of ``identity``, naming descriptions.
+
+    The "no" description changes one or two of the identity's factors, so answering needs the photo.
+    """
+    changed = dict(identity.attributes)
+    for factor in rng.choice(FACTORS, size=int(rng.integers(1, 3)), replace=False):
+        values = [v for v in _FACTOR_VALUES[factor] if v != changed[factor]]
+        changed[factor] = values[int(rng.integers(len(values)))]
+    absent = replace(identity, **changed)
+    turns = []
+    for shown, who in ((True, identity), (False, absent)):
+        k = int(rng.integers(len(RECOGNITION_QUESTIONS)))
+        name = caption(who)
+        turns.append(
+            (
+                RECOGNITION_QUESTIONS[k].replace("<sks>", name),
+                recognition_answer(k, shown).replace("<sks>", name),
+            )
+        )
+    return turns
+
+
 def _two_options(right: str, wrong: str, rng: np.random.Generator) -> list[str]:
     return [right, wrong] if rng.integers(2) == 0 else [wrong, right]
 
@@ -766,6 +796,7 @@ def _sample_sequence(
     mix,
     qa_turns: bool = False,
     choice_share: float = 0.0,
+    existence: bool = False,
 ) -> tuple[list[int], list[int]]:
     task = int(rng.choice(len(_TASKS), p=mix))
     if task == 4:
@@ -795,6 +826,8 @@ def _sample_sequence(
         # others, which is the single-question form the gates ask): one image pass, five answers.
         turns = [(question, qa.answer) for question, qa in zip(asked, pairs)]
         turns.append((DESCRIBE_QUESTION, caption(identity).capitalize() + "."))
+        if existence:
+            turns += existence_turns(identity, rng)
         order = rng.permutation(len(turns))
         ids, labels = conversation(
             backend, image + backend.tokenize(" " + turns[order[0]][0]), backend.tokenize(turns[order[0]][1])
@@ -931,7 +964,15 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     for step in bar:
         rows = [
-            _sample_sequence(backend, bank, rng, config.mix, config.all_questions, config.choice_share)
+            _sample_sequence(
+                backend,
+                bank,
+                rng,
+                config.mix,
+                config.all_questions,
+                config.choice_share,
+                config.existence_questions,
+            )
             for _ in range(config.batch_size)
         ]
         optimizer.zero_grad(set_to_none=True)
