@@ -488,7 +488,7 @@ class LMTrainConfig:
     per_sequence_loss: bool = True
     codebook_init: bool = True
     all_questions: bool = True
-    existence_questions: bool = True
+    existence_questions: bool = False  # measured, no better (README, "Toy world")
     bf16: bool = True
     compile: bool = False
     seed: int = 0
