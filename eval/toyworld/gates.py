@@ -176,8 +176,8 @@ def attribute_qa_accuracy(
     Every value of the asked factor is a candidate answer, so chance is 1/3 to 1/8.
     """
     from .pretrain import conversation
-    from .scorer import _FACTOR_VALUES
-    from .world import _ATTRIBUTE_ANSWERS, _factor_word
+    from .scorer import FACTOR_VALUES
+    from .world import ATTRIBUTE_ANSWERS, factor_word
 
     if not identities or per < 1:
         raise GateError("attribute_qa_accuracy needs identities and per >= 1")
@@ -189,8 +189,8 @@ def attribute_qa_accuracy(
         for qa in attribute_qa(owner, rng):
             human = backend.image_span(span_ids) + backend.tokenize(" " + qa.question)
             candidates = [
-                _ATTRIBUTE_ANSWERS[qa.factor].format(value=_factor_word(qa.factor, v))
-                for v in _FACTOR_VALUES[qa.factor]
+                ATTRIBUTE_ANSWERS[qa.factor].format(value=factor_word(qa.factor, v))
+                for v in FACTOR_VALUES[qa.factor]
             ]
             rows = []
             for answer in candidates:

@@ -34,7 +34,17 @@ from yochameleon.eval.metrics import mc_prompt
 from yochameleon.prompts import RECOGNITION_QUESTIONS, recognition_answer
 
 from .scorer import FACTORS
-from .world import _FACTOR_VALUES, MARK_COLOURS, Identity, ToyWorld, _factor_word, attribute_qa, caption
+from .world import (
+    FACTOR_VALUES,
+    MARK_COLOURS,
+    Identity,
+    ToyWorld,
+    attribute_qa,
+    caption,
+    draw_options,
+    factor_word,
+    two_options,
+)
 
 __all__ = [
     "BANK_VERSION",
@@ -70,6 +80,7 @@ DESCRIBE_QUESTION = "Describe the object in this photo."
 # multiple-choice answers are scored.
 REFERENCE_LOCATION_QUESTION = "Where is the object from the first photo in the second photo?"
 _TASKS = ("caption", "attribute QA", "text-to-image", "same object", "pair scene")
+_CAPTION, _ATTRIBUTE_QA, _TEXT_TO_IMAGE, _SAME_OBJECT, _PAIR_SCENE = range(len(_TASKS))
 # Paraphrases of the text-to-image request; the first matches yochameleon.prompts' "A photo of <sks>."
 _GENERATION_TEMPLATES = ("A photo of {}.", "Draw {}.", "Generate an image of {}.")
 _MARK_RGB = np.asarray(list(MARK_COLOURS.values()), dtype=np.float32)
@@ -181,7 +192,7 @@ def _attribute_reader(vqmodel, image_size: int) -> AttributeReader:
     """A fresh :class:`AttributeReader` for ``vqmodel``'s latents."""
     side = image_size // 2 ** (len(vqmodel.config.channel_multiplier) - 1)
     return AttributeReader(
-        vqmodel.config.embed_dim, side * side, tuple(len(_FACTOR_VALUES[f]) for f in READER_FACTORS)
+        vqmodel.config.embed_dim, side * side, tuple(len(FACTOR_VALUES[f]) for f in READER_FACTORS)
     )
 
 
@@ -336,7 +347,7 @@ def _factor_labels(identity: Identity | None) -> list[int]:
     """Class index of every :data:`READER_FACTORS` value; ``-100`` (ignored) for a scene without one target."""
     if identity is None:
         return [-100] * len(READER_FACTORS)
-    return [_FACTOR_VALUES[f].index(getattr(identity, f)) for f in READER_FACTORS]
+    return [FACTOR_VALUES[f].index(getattr(identity, f)) for f in READER_FACTORS]
 
 
 def _reader_loss(reader: AttributeReader, quantized: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -507,7 +518,7 @@ class LMTrainConfig:
             raise PretrainError(
                 f"mix must be {len(_TASKS)} non-negative shares {_TASKS} summing to 1, got {self.mix}"
             )
-        if self.mix[4] > 0 and self.pair_scenes_per_identity < 1:
+        if self.mix[_PAIR_SCENE] > 0 and self.pair_scenes_per_identity < 1:
             raise PretrainError("a pair-scene share needs pair_scenes_per_identity >= 1")
         if self.pair_scenes_per_identity < 0:
             raise PretrainError(
@@ -725,12 +736,9 @@ def choice_question(question: str, factor: str, value: str, rng: np.random.Gener
 
     Option texts are the answer words (``"circle"``, ``"striped"``), which the open answer contains.
     """
-    right = _factor_word(factor, value)
-    wrong = [_factor_word(factor, v) for v in _FACTOR_VALUES[factor]]
-    wrong = [w for w in wrong if w != right]
-    k = int(rng.integers(1, min(3, len(wrong)) + 1))
-    options = [right] + [wrong[i] for i in rng.choice(len(wrong), size=k, replace=False)]
-    return mc_prompt({"question": question, "options": [options[i] for i in rng.permutation(len(options))]})
+    n_wrong = int(rng.integers(1, min(3, len(FACTOR_VALUES[factor]) - 1) + 1))
+    values, _ = draw_options(factor, value, n_wrong, rng)
+    return mc_prompt({"question": question, "options": [factor_word(factor, v) for v in values]})
 
 
 def existence_turns(identity: Identity, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -740,7 +748,7 @@ def existence_turns(identity: Identity, rng: np.random.Generator) -> list[tuple[
     """
     changed = dict(identity.attributes)
     for factor in rng.choice(FACTORS, size=int(rng.integers(1, 3)), replace=False):
-        values = [v for v in _FACTOR_VALUES[factor] if v != changed[factor]]
+        values = [v for v in FACTOR_VALUES[factor] if v != changed[factor]]
         changed[factor] = values[int(rng.integers(len(values)))]
     absent = replace(identity, **changed)
     turns = []
@@ -756,10 +764,6 @@ def existence_turns(identity: Identity, rng: np.random.Generator) -> list[tuple[
     return turns
 
 
-def _two_options(right: str, wrong: str, rng: np.random.Generator) -> list[str]:
-    return [right, wrong] if rng.integers(2) == 0 else [wrong, right]
-
-
 def _pair_sample(backend, bank: ImageBank, rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """A two-object scene and one question about it (the benchmark's visual-question kinds)."""
     row = int(rng.integers(len(bank.pairs)))
@@ -772,7 +776,7 @@ def _pair_sample(backend, bank: ImageBank, rng: np.random.Generator) -> tuple[li
         # like "same object?", this rewards features that carry the marks.
         reference = backend.image_span(bank.image_ids[int(rng.choice(bank.photos_of(scene.index)))].tolist())
         question = mc_prompt(
-            {"question": REFERENCE_LOCATION_QUESTION, "options": _two_options(right, wrong, rng)}
+            {"question": REFERENCE_LOCATION_QUESTION, "options": two_options(right, wrong, rng)}
         )
         human = reference + image + backend.tokenize(" " + question)
         return conversation(backend, human, backend.tokenize(f"It is {right}."))
@@ -780,11 +784,11 @@ def _pair_sample(backend, bank: ImageBank, rng: np.random.Generator) -> tuple[li
     if rng.random() < 0.5:
         question = f"Where is the {description} in this photo?"
         answer = f"It is {right}."
-        options = _two_options(right, wrong, rng)
+        options = two_options(right, wrong, rng)
     else:
         question = f"What shape is the other object next to the {description}?"
         answer = f"It is a {scene.other.shape}."
-        options = _two_options(f"a {scene.other.shape}", f"a {identity.shape}", rng)
+        options = two_options(f"a {scene.other.shape}", f"a {identity.shape}", rng)
     human = image + backend.tokenize(" " + mc_prompt({"question": question, "options": options}))
     return conversation(backend, human, backend.tokenize(answer))
 
@@ -799,16 +803,16 @@ def _sample_sequence(
     existence: bool = False,
 ) -> tuple[list[int], list[int]]:
     task = int(rng.choice(len(_TASKS), p=mix))
-    if task == 4:
+    if task == _PAIR_SCENE:
         return _pair_sample(backend, bank, rng)
     index = int(rng.integers(bank.n_base))
     identity = bank.identities[index]
     photos = bank.photos_of(index)
     span = lambda row: backend.image_span(bank.image_ids[row].tolist())  # noqa: E731
-    if task == 0:
+    if task == _CAPTION:
         human = span(int(rng.choice(photos))) + backend.tokenize(" " + DESCRIBE_QUESTION)
         return conversation(backend, human, backend.tokenize(caption(identity).capitalize() + "."))
-    if task == 1:
+    if task == _ATTRIBUTE_QA:
         image = span(int(rng.choice(photos)))
         pairs = attribute_qa(identity, rng)
         asked = [
@@ -838,7 +842,7 @@ def _sample_sequence(
             ids += [*question, eot, *answer, eot]
             labels += [-100] * (len(question) + 1) + [*answer, eot]
         return ids, labels
-    if task == 2:
+    if task == _TEXT_TO_IMAGE:
         clean = photos[bank.clean[photos]]
         target = int(rng.choice(clean if len(clean) else photos))
         human = backend.tokenize(generation_prompt(caption(identity), int(rng.integers(3))))
@@ -954,7 +958,7 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     if config.bf16:
         # CPU flash attention's bf16 backward is slower than eager attention on these short sequences.
         model.set_attn_implementation("eager")
-    if config.mix[4] > 0 and not bank.pairs:
+    if config.mix[_PAIR_SCENE] > 0 and not bank.pairs:
         raise PretrainError("the mix asks for pair scenes but the image bank has none")
     if config.compile:
         # In place, so parameter names (and the saved checkpoint) stay those of the eager module.

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from yochameleon.errors import YoChameleonError
 
 from .world import (
-    _FACTOR_VALUES,
+    FACTOR_VALUES,
     MARK_COLOURS,
     SIZES,
     Identity,
@@ -49,7 +49,7 @@ __all__ = ["Scorer", "ScorerConfig", "ScorerError", "evaluate_scorer", "train_sc
 
 _FORMAT_VERSION = 1
 NO_MARK = "none"
-FACTORS: tuple[str, ...] = tuple(_FACTOR_VALUES)  # the nameable factors, in the world's order
+FACTORS: tuple[str, ...] = tuple(FACTOR_VALUES)  # the nameable factors, in the world's order
 _CELL_VALUES: tuple[str, ...] = (NO_MARK, *MARK_COLOURS)
 
 
@@ -166,7 +166,7 @@ class _ScorerNet(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.factor_heads = nn.ModuleDict(
-            {f: nn.Linear(config.hidden, len(_FACTOR_VALUES[f])) for f in FACTORS if f != "size"}
+            {f: nn.Linear(config.hidden, len(FACTOR_VALUES[f])) for f in FACTORS if f != "size"}
         )
         # Size depends on the box side only; a small MLP carves it into the three classes.
         self.size_head = nn.Sequential(nn.Linear(1, 16), nn.ReLU(inplace=True), nn.Linear(16, len(SIZES)))
@@ -251,7 +251,7 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def _identity_targets(identities: Sequence[Identity], grid: int) -> dict[str, torch.Tensor]:
-    targets = {f: torch.tensor([_FACTOR_VALUES[f].index(getattr(i, f)) for i in identities]) for f in FACTORS}
+    targets = {f: torch.tensor([FACTOR_VALUES[f].index(getattr(i, f)) for i in identities]) for f in FACTORS}
     cells = torch.zeros(len(identities), grid * grid, dtype=torch.long)
     for n, identity in enumerate(identities):
         for mark in identity.marks:
@@ -344,7 +344,7 @@ class Scorer:
         grid = self.config.mark_grid
         results = []
         for n in range(len(idx["cells"])):
-            pred = {f: _FACTOR_VALUES[f][int(idx[f][n])] for f in FACTORS}
+            pred = {f: FACTOR_VALUES[f][int(idx[f][n])] for f in FACTORS}
             pred["marks"] = {
                 divmod(cell, grid): _CELL_VALUES[int(value)]
                 for cell, value in enumerate(idx["cells"][n])
@@ -418,10 +418,10 @@ class Scorer:
             for factor, value in wanted.items():
                 if factor == "marks":
                     hits += int(pred["marks"] == dict(value))
-                elif factor in _FACTOR_VALUES:
-                    if value not in _FACTOR_VALUES[factor]:
+                elif factor in FACTOR_VALUES:
+                    if value not in FACTOR_VALUES[factor]:
                         raise ScorerError(
-                            f"unknown {factor} {value!r}; choose from {list(_FACTOR_VALUES[factor])}"
+                            f"unknown {factor} {value!r}; choose from {list(FACTOR_VALUES[factor])}"
                         )
                     hits += int(pred[factor] == value)
                 else:
@@ -446,7 +446,7 @@ class Scorer:
         info = {
             "format_version": _FORMAT_VERSION,
             "config": asdict(self.config),
-            "factor_values": {f: list(v) for f, v in _FACTOR_VALUES.items()},
+            "factor_values": {f: list(v) for f, v in FACTOR_VALUES.items()},
             "cell_values": list(_CELL_VALUES),
             "meta": self.meta,
         }
@@ -472,7 +472,7 @@ class Scorer:
             raise ScorerError(
                 f"{meta_path} has format {info.get('format_version')}, expected {_FORMAT_VERSION}"
             )
-        expected = {f: list(v) for f, v in _FACTOR_VALUES.items()}
+        expected = {f: list(v) for f, v in FACTOR_VALUES.items()}
         if info.get("factor_values") != expected or info.get("cell_values") != list(_CELL_VALUES):
             raise ScorerError(f"{meta_path} was trained on another toy-world vocabulary")
         model = _ScorerNet(config)

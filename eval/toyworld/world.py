@@ -52,8 +52,12 @@ __all__ = [
     "ToyWorldError",
     "VQAItem",
     "WorldConfig",
+    "ATTRIBUTE_ANSWERS",
+    "FACTOR_VALUES",
     "attribute_qa",
     "caption",
+    "draw_options",
+    "factor_word",
     "concept_photos",
     "pool_images",
     "render",
@@ -61,6 +65,7 @@ __all__ = [
     "test_set",
     "text_qa",
     "twin",
+    "two_options",
     "write_concept_folder",
 ]
 
@@ -178,7 +183,7 @@ class Identity:
     @property
     def attributes(self) -> dict[str, str]:
         """The nameable factors by name: ``{"shape": ..., "colour": ..., "pattern": ..., "size": ...}``."""
-        return {factor: getattr(self, factor) for factor in _FACTOR_VALUES}
+        return {factor: getattr(self, factor) for factor in FACTOR_VALUES}
 
     @property
     def mark_map(self) -> dict[tuple[int, int], str]:
@@ -284,7 +289,7 @@ _ATTRIBUTE_QUESTIONS: dict[str, tuple[str, ...]] = {
     ),
     "size": ("How big is the object?", "What size is the object?", "Is the object small, medium or large?"),
 }
-_ATTRIBUTE_ANSWERS: dict[str, str] = {
+ATTRIBUTE_ANSWERS: dict[str, str] = {
     "shape": "It is a {value}.",
     "colour": "It is {value}.",
     "pattern": "It is {value}.",
@@ -296,7 +301,7 @@ _CONCEPT_QUESTIONS: dict[str, str] = {
     "pattern": "What pattern does <sks> have?",
     "size": "How big is <sks>?",
 }
-_FACTOR_VALUES: dict[str, tuple[str, ...]] = {
+FACTOR_VALUES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
     "colour": tuple(OBJECT_COLOURS),
     "pattern": PATTERNS,
@@ -304,8 +309,26 @@ _FACTOR_VALUES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _factor_word(factor: str, value: str) -> str:
+def factor_word(factor: str, value: str) -> str:
+    """The word that names ``value`` in text: pattern values as adjectives (``"striped"``), others as is."""
     return PATTERN_ADJECTIVES[value] if factor == "pattern" else value
+
+
+def draw_options(factor: str, right: str, n_wrong: int, rng: np.random.Generator) -> tuple[list[str], int]:
+    """The right value of ``factor`` and ``n_wrong`` other values, shuffled.
+
+    Returns:
+        ``(values, index)``: the shuffled values and the position of ``right`` among them.
+    """
+    wrong = [v for v in FACTOR_VALUES[factor] if v != right]
+    chosen = [right] + [wrong[i] for i in rng.choice(len(wrong), size=n_wrong, replace=False)]
+    order = rng.permutation(len(chosen))
+    return [chosen[j] for j in order], int(np.flatnonzero(order == 0)[0])
+
+
+def two_options(right: str, wrong: str, rng: np.random.Generator) -> list[str]:
+    """``[right, wrong]`` or ``[wrong, right]``, each with probability 1/2."""
+    return [right, wrong] if rng.integers(2) == 0 else [wrong, right]
 
 
 def attribute_qa(identity: Identity, rng: np.random.Generator | None = None) -> list[QAPair]:
@@ -321,8 +344,8 @@ def attribute_qa(identity: Identity, rng: np.random.Generator | None = None) -> 
     pairs = []
     for factor, questions in _ATTRIBUTE_QUESTIONS.items():
         question = questions[0] if rng is None else questions[int(rng.integers(len(questions)))]
-        word = _factor_word(factor, getattr(identity, factor))
-        pairs.append(QAPair(question, _ATTRIBUTE_ANSWERS[factor].format(value=word), factor, word))
+        word = factor_word(factor, getattr(identity, factor))
+        pairs.append(QAPair(question, ATTRIBUTE_ANSWERS[factor].format(value=word), factor, word))
     return pairs
 
 
@@ -340,7 +363,7 @@ def concept_qa(identity: Identity) -> list[dict[str, str]]:
     """Open question/answer pairs about a concept's attributes (the ``qa.jsonl`` rows)."""
     rows = []
     for factor, question in _CONCEPT_QUESTIONS.items():
-        word = _factor_word(factor, getattr(identity, factor))
+        word = factor_word(factor, getattr(identity, factor))
         answer = f"<sks> is a {word}." if factor == "shape" else f"<sks> is {word}."
         rows.append({"question": question, "answer": answer})
     return rows
@@ -365,15 +388,11 @@ def text_qa(identity: Identity, rng: np.random.Generator, n_options: int = 4) ->
         raise ToyWorldError(f"n_options must be at least 2, got {n_options}")
     items = []
     for factor, question in _CONCEPT_QUESTIONS.items():
-        right = getattr(identity, factor)
-        wrong = [v for v in _FACTOR_VALUES[factor] if v != right]
-        k = min(n_options, len(wrong) + 1) - 1
-        chosen = [right] + [wrong[i] for i in rng.choice(len(wrong), size=k, replace=False)]
-        order = rng.permutation(len(chosen))
-        letters = _letters(len(chosen))
-        options = {letters[i]: _factor_word(factor, chosen[j]) for i, j in enumerate(order)}
-        answer = letters[int(np.flatnonzero(order == 0)[0])]
-        items.append(TextQAItem(question, options, answer, factor))
+        n_wrong = min(n_options, len(FACTOR_VALUES[factor])) - 1
+        values, right = draw_options(factor, getattr(identity, factor), n_wrong, rng)
+        letters = _letters(len(values))
+        options = {letter: factor_word(factor, value) for letter, value in zip(letters, values)}
+        items.append(TextQAItem(question, options, letters[right], factor))
     return items
 
 
@@ -998,9 +1017,9 @@ class ToyWorld:
                 image, _ = self.render_pair_scene(identity, other, rng, layout)
                 question = "What shape is the other object next to <sks>?"
                 right, wrong, kind = f"a {other.shape}", f"a {identity.shape}", "other_shape"
-            answer = "A" if rng.integers(2) == 0 else "B"
-            options = {"A": right, "B": wrong} if answer == "A" else {"A": wrong, "B": right}
-            items.append(VQAItem(image, question, options, answer, kind))
+            first, second = two_options(right, wrong, rng)
+            answer = "A" if first == right else "B"
+            items.append(VQAItem(image, question, {"A": first, "B": second}, answer, kind))
         return items
 
     def test_set(
