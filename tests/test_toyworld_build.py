@@ -149,6 +149,8 @@ def test_build_config_validation_and_reduced(tmp_path):
         BuildConfig(out=str(tmp_path), seed=-1)
     with pytest.raises(BuildError, match="10,000"):
         BuildConfig(out=str(tmp_path), pool_size=500)
+    with pytest.raises(BuildError, match="at least 2054"):
+        BuildConfig.create(tmp_path, vq=VQTrainConfig(num_embeddings=1536))
     full, reduced = BuildConfig.create(tmp_path), BuildConfig.create(tmp_path, reduced=True)
     assert full.pool_size >= 10_000 and reduced.pool_size < full.pool_size
     assert reduced.vq.steps < full.vq.steps and reduced.lm.steps < full.lm.steps
@@ -201,6 +203,44 @@ def test_refine_vq_trains_on_object_weighted_photos():
     assert np.isfinite(stats["final_recon_loss"]) and not vqmodel.training
     changed = [k for k, v in vqmodel.state_dict().items() if not torch.equal(v, before[k])]
     assert any("encoder" in k for k in changed)
+
+
+def test_weighted_dead_code_restarts_land_on_the_weighted_cells():
+    from transformers import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    from yochameleon.eval.toyworld.pretrain import _restart_dead_codes
+
+    with pytest.raises(PretrainError, match="restart_object_weight"):
+        VQTrainConfig(restart_object_weight=-1)
+    torch.manual_seed(0)
+    vqmodel = ChameleonVQVAE(ChameleonVQVAEConfig(**vq_config(VQTrainConfig(num_embeddings=32), 32)))
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    usage = torch.ones(32)
+    usage[[3, 7, 11]] = 0
+    cells = torch.zeros(2, 1, 8, 8)
+    cells[1, 0, 5, 2] = 1.0  # only this latent cell may be drawn
+    with torch.no_grad():
+        target = vqmodel.quant_conv(vqmodel.encoder(pixels))[1, :, 5, 2]
+        kept = vqmodel.quantize.embedding.weight[0].clone()
+    assert _restart_dead_codes(vqmodel, pixels, usage, cells) == 3
+    weight = vqmodel.quantize.embedding.weight.detach()
+    for code in (3, 7, 11):
+        assert torch.allclose(weight[code], target, atol=0.1 * float(target.abs().max()))
+    assert torch.equal(weight[0], kept)  # live codes stay
+
+
+def test_train_vq_with_object_weights_and_weighted_restarts_runs():
+    config = VQTrainConfig(
+        num_embeddings=32,
+        steps=4,
+        batch_size=4,
+        restart_every=2,
+        object_weight=4.0,
+        restart_object_weight=8.0,
+    )
+    vqmodel, _, stats = train_vq(ToyWorld(0), config, progress=False)
+    assert np.isfinite(stats["final_recon_loss"]) and stats["dead_code_restarts"] > 0
 
 
 def test_vq_without_mid_attention_builds_encoder_and_decoder_without_it():

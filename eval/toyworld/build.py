@@ -151,6 +151,13 @@ class BuildConfig:
             )
         if self.pool_size < 1:
             raise BuildError(f"pool_size must be positive, got {self.pool_size}")
+        # 4 specials, <boi>/<eoi> and 256 byte-level entries besides the image codes and reserved rows.
+        needed = self.vq.num_embeddings + self.lm.n_reserved + 6 + 256
+        if self.lm.vocab_size < needed:
+            raise BuildError(
+                f"lm.vocab_size {self.lm.vocab_size} cannot hold {self.vq.num_embeddings} image codes, "
+                f"{self.lm.n_reserved} reserved rows and the text tokens: use at least {needed}"
+            )
         if self.pool_size < 10_000 and not self.reduced:
             raise BuildError(f"the full build needs a pool of at least 10,000 images, got {self.pool_size}")
 

@@ -120,8 +120,14 @@ class VQTrainConfig:
             ``ChameleonVQVAE`` architecture (``resolution`` is the world's image size).
         steps, batch_size, lr: Adam steps, freshly rendered photos per step and peak learning rate.
         mark_weight: extra loss weight on pixels of a mark colour (marks are a few pixels each).
+        object_weight: extra loss weight on the object's pixels (the renderer's coverage mask), as in
+            :class:`VQRefineConfig`; 0 leaves the objects to the refinement stage.
         restart_every: every this many steps, codes unused since the last restart are moved onto
             random encoder outputs (dead-code restarts).
+        restart_object_weight: a latent cell the object covers fully is this many times more likely,
+            plus one, to receive a restarted code (0: every cell alike). Why: cells drawn uniformly are
+            mostly background, so restarted codes go to backgrounds while the object's outlines and
+            patterns share a few codes and blur.
         mid_attention: keep the encoder's and decoder's global self-attention block (upstream's
             ``attn_type="vanilla"``). Why off: with it every code depends on the whole image, so an
             attribute is spread over context-dependent codes that a small model reads only slowly.
@@ -139,7 +145,9 @@ class VQTrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     mark_weight: float = 8.0
+    object_weight: float = 0.0
     restart_every: int = 100
+    restart_object_weight: float = 0.0
     mid_attention: bool = False
     semantic_weight: float = 0.1
     seed: int = 0
@@ -153,8 +161,9 @@ class VQTrainConfig:
             raise PretrainError(
                 f"base_channels must be a multiple of 32 (GroupNorm), got {self.base_channels}"
             )
-        if self.mark_weight < 0:
-            raise PretrainError(f"mark_weight must be non-negative, got {self.mark_weight}")
+        for name in ("mark_weight", "object_weight", "restart_object_weight"):
+            if getattr(self, name) < 0:
+                raise PretrainError(f"{name} must be non-negative, got {getattr(self, name)}")
 
 
 def vq_config(config: VQTrainConfig, image_size: int) -> dict:
@@ -179,13 +188,6 @@ def mark_weights(images: np.ndarray, weight: float) -> torch.Tensor:
     """Per-pixel loss weights ``(N, 1, H, W)``: ``1 + weight`` where a pixel is near a mark colour."""
     dist = np.abs(images[..., None, :].astype(np.float32) - _MARK_RGB).max(-1).min(-1)
     return torch.from_numpy(1.0 + weight * (dist < 48).astype(np.float32))[:, None]
-
-
-def _vq_batch(world: ToyWorld, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training photos (pretraining identities with distractors, random scenes and two-object scenes)
-    and their factor labels: :func:`_annotated_vq_batch` without the masks (same photos, same stream)."""
-    images, _, labels = _annotated_vq_batch(world, rng, n)
-    return images, labels
 
 
 def _attribute_reader(vqmodel, image_size: int) -> AttributeReader:
@@ -226,8 +228,10 @@ def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
     restarts = 0
     bar = tqdm(range(config.steps), desc="vq", disable=not progress)
     for step in bar:
-        images, labels = _vq_batch(world, rng, config.batch_size)
-        pixels, weights = _to_pixels(images), mark_weights(images, config.mark_weight)
+        images, masks, labels = _annotated_vq_batch(world, rng, config.batch_size)
+        coverage = torch.from_numpy(masks)[:, None]
+        pixels = _to_pixels(images)
+        weights = mark_weights(images, config.mark_weight) + config.object_weight * coverage
         out = reconstruct(vqmodel, decoder, pixels)
         recon = (((out.pixels - pixels) ** 2).mean(1, keepdim=True) * weights).sum() / weights.sum()
         loss = recon + out.embedding_loss
@@ -241,7 +245,12 @@ def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
         scheduler.step()
         usage += torch.bincount(out.codes.flatten(), minlength=config.num_embeddings).float()
         if (step + 1) % config.restart_every == 0 and step + 1 < config.steps * 0.9:
-            restarts += _restart_dead_codes(vqmodel, pixels, usage)
+            cells = None
+            if config.restart_object_weight > 0:
+                cells = 1 + config.restart_object_weight * F.adaptive_avg_pool2d(
+                    coverage, out.quantized.shape[-2:]
+                )
+            restarts += _restart_dead_codes(vqmodel, pixels, usage, cells)
             usage.zero_()
         if step % 25 == 0:
             bar.set_postfix(recon=f"{recon.item():.4f}", vq=f"{out.embedding_loss.item():.4f}")
@@ -258,14 +267,24 @@ def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
 
 
 @torch.no_grad()
-def _restart_dead_codes(vqmodel, pixels: torch.Tensor, usage: torch.Tensor) -> int:
-    """Move codes unused in the last window onto random (slightly perturbed) encoder outputs."""
+def _restart_dead_codes(
+    vqmodel, pixels: torch.Tensor, usage: torch.Tensor, cell_weights: torch.Tensor | None = None
+) -> int:
+    """Move codes unused in the last window onto random (slightly perturbed) encoder outputs.
+
+    ``cell_weights`` (``(N, 1, h, w)`` at the latent grid, optional) makes a cell's chance of being
+    drawn proportional to its weight; without it every cell is equally likely.
+    """
     dead = torch.nonzero(usage == 0).flatten()
     if dead.numel() == 0:
         return 0
     latents = vqmodel.quant_conv(vqmodel.encoder(pixels))
     flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-    picks = flat[torch.randint(len(flat), (dead.numel(),))]
+    if cell_weights is None:
+        rows = torch.randint(len(flat), (dead.numel(),))
+    else:
+        rows = torch.multinomial(cell_weights.permute(0, 2, 3, 1).reshape(-1), dead.numel(), replacement=True)
+    picks = flat[rows]
     weight = vqmodel.quantize.embedding.weight
     weight[dead] = picks + 0.01 * torch.randn_like(picks) * picks.std()
     return int(dead.numel())
@@ -363,8 +382,9 @@ def _reader_loss(reader: AttributeReader, quantized: torch.Tensor, labels: torch
 def _annotated_vq_batch(
     world: ToyWorld, rng: np.random.Generator, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Photos as in :func:`_vq_batch`, each one's object mask (zero for scenes without a target) and
-    factor labels (:func:`_factor_labels`; ignored for empty and two-object scenes)."""
+    """VQ training photos (pretraining identities with distractors, random scenes and two-object
+    scenes), each one's object mask (zero for scenes without a target) and factor labels
+    (:func:`_factor_labels`; ignored for empty and two-object scenes)."""
     pretrain = world.splits["pretrain"]
     side = world.config.image_size
     images, masks, labels = [], [], []
