@@ -141,7 +141,9 @@ class VQTrainConfig:
     embed_dim: int = 16
     num_embeddings: int = 512
     num_res_blocks: int = 1
-    steps: int = 1000
+    # Why 2,000: after the refinement the scorer reads shape / colour / pattern / size on 256 held-out
+    # reconstructions at 0.887 / 0.996 / 0.641 / 0.977 against 0.805 / 0.93 / 0.605 / 0.914 at 1,000 steps.
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 2e-3
     mark_weight: float = 8.0
