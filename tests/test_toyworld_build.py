@@ -187,15 +187,21 @@ def test_mark_weights_highlight_mark_pixels():
     assert weights[0, 0, 0, 0] == 9.0 and weights[0, 0, 1, 1] == 1.0
 
 
-def test_refine_vq_trains_on_object_weighted_photos():
+def _small_vq_config():
+    """A 32-code VQ of the toy world's architecture at 32 px."""
     from transformers import ChameleonVQVAEConfig
+
+    return ChameleonVQVAEConfig(**vq_config(VQTrainConfig(num_embeddings=32), 32))
+
+
+def test_refine_vq_trains_on_object_weighted_photos():
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
     from yochameleon.backends.chameleon_vq import ChameleonVQDecoder
 
     with pytest.raises(PretrainError, match="object_weight"):
         VQRefineConfig(object_weight=-1)
-    cfg = ChameleonVQVAEConfig(**vq_config(VQTrainConfig(num_embeddings=32), 32))
+    cfg = _small_vq_config()
     torch.manual_seed(0)
     vqmodel, decoder = ChameleonVQVAE(cfg), ChameleonVQDecoder(cfg)
     before = {k: v.clone() for k, v in vqmodel.state_dict().items()}
@@ -206,7 +212,6 @@ def test_refine_vq_trains_on_object_weighted_photos():
 
 
 def test_weighted_dead_code_restarts_land_on_the_weighted_cells():
-    from transformers import ChameleonVQVAEConfig
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
     from yochameleon.eval.toyworld.pretrain import _restart_dead_codes
@@ -214,7 +219,7 @@ def test_weighted_dead_code_restarts_land_on_the_weighted_cells():
     with pytest.raises(PretrainError, match="restart_object_weight"):
         VQTrainConfig(restart_object_weight=-1)
     torch.manual_seed(0)
-    vqmodel = ChameleonVQVAE(ChameleonVQVAEConfig(**vq_config(VQTrainConfig(num_embeddings=32), 32)))
+    vqmodel = ChameleonVQVAE(_small_vq_config())
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     usage = torch.ones(32)
     usage[[3, 7, 11]] = 0
@@ -244,13 +249,12 @@ def test_train_vq_with_object_weights_and_weighted_restarts_runs():
 
 
 def test_vq_without_mid_attention_builds_encoder_and_decoder_without_it():
-    from transformers import ChameleonVQVAEConfig
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
     from yochameleon.backends.chameleon_vq import ChameleonVQDecoder, reconstruct
 
     assert vq_config(VQTrainConfig(mid_attention=True), 32)["attn_type"] == "vanilla"
-    cfg = ChameleonVQVAEConfig(**vq_config(VQTrainConfig(num_embeddings=32), 32))  # the default: none
+    cfg = _small_vq_config()  # the default: none
     vqmodel, decoder = ChameleonVQVAE(cfg), ChameleonVQDecoder(cfg)
     assert isinstance(vqmodel.encoder.mid.attn_1, torch.nn.Identity)
     assert isinstance(decoder.mid.attn_1, torch.nn.Identity)

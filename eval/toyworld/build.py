@@ -151,8 +151,9 @@ class BuildConfig:
             )
         if self.pool_size < 1:
             raise BuildError(f"pool_size must be positive, got {self.pool_size}")
-        # 4 specials, <boi>/<eoi> and 256 byte-level entries besides the image codes and reserved rows.
-        needed = self.vq.num_embeddings + self.lm.n_reserved + 6 + 256
+        from yochameleon.backends.tiny import minimum_vocab_size
+
+        needed = minimum_vocab_size(self.vq.num_embeddings, self.lm.n_reserved)
         if self.lm.vocab_size < needed:
             raise BuildError(
                 f"lm.vocab_size {self.lm.vocab_size} cannot hold {self.vq.num_embeddings} image codes, "

@@ -231,9 +231,8 @@ def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
     bar = tqdm(range(config.steps), desc="vq", disable=not progress)
     for step in bar:
         images, masks, labels = _annotated_vq_batch(world, rng, config.batch_size)
-        coverage = torch.from_numpy(masks)[:, None]
         pixels = _to_pixels(images)
-        weights = mark_weights(images, config.mark_weight) + config.object_weight * coverage
+        weights = _pixel_weights(images, masks, config.mark_weight, config.object_weight)
         out = reconstruct(vqmodel, decoder, pixels)
         recon = (((out.pixels - pixels) ** 2).mean(1, keepdim=True) * weights).sum() / weights.sum()
         loss = recon + out.embedding_loss
@@ -250,7 +249,7 @@ def train_vq(world: ToyWorld, config: VQTrainConfig, progress: bool = True):
             cells = None
             if config.restart_object_weight > 0:
                 cells = 1 + config.restart_object_weight * F.adaptive_avg_pool2d(
-                    coverage, out.quantized.shape[-2:]
+                    torch.from_numpy(masks)[:, None], out.quantized.shape[-2:]
                 )
             restarts += _restart_dead_codes(vqmodel, pixels, usage, cells)
             usage.zero_()
@@ -381,6 +380,12 @@ def _reader_loss(reader: AttributeReader, quantized: torch.Tensor, labels: torch
     )
 
 
+def _pixel_weights(images: np.ndarray, masks: np.ndarray, mark_weight: float, object_weight: float):
+    """Per-pixel reconstruction weights ``(N, 1, H, W)``: :func:`mark_weights` plus ``object_weight``
+    on the object's coverage mask."""
+    return mark_weights(images, mark_weight) + object_weight * torch.from_numpy(masks)[:, None]
+
+
 def _annotated_vq_batch(
     world: ToyWorld, rng: np.random.Generator, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -434,9 +439,7 @@ def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progres
     for step in bar:
         images, masks, labels = _annotated_vq_batch(world, rng, config.batch_size)
         pixels = _to_pixels(images)
-        weights = (
-            mark_weights(images, config.mark_weight) + config.object_weight * torch.from_numpy(masks)[:, None]
-        )
+        weights = _pixel_weights(images, masks, config.mark_weight, config.object_weight)
         out = reconstruct(vqmodel, decoder, pixels)
         recon = (((out.pixels - pixels) ** 2).mean(1, keepdim=True) * weights).sum() / weights.sum()
         loss = recon + out.embedding_loss
