@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -424,8 +425,15 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
     lines: list[str] = []
     again = build(config, progress=False, log=lines.append)  # every stage cached: only copying is left
     assert not any("building" in line for line in lines)
-    assert sum("cached" in line for line in lines) == 6  # scorer, vq, vq_refine, base, embedder + pool index
+    # scorer, vq, vq_refine, base, base_gates, embedder + pool index
+    assert sum("cached" in line for line in lines) == 7
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
+    # Measuring the gates differently re-measures them and retrains nothing.
+    lines.clear()
+    remeasured = replace(config, gates=replace(config.gates, probe_photos=config.gates.probe_photos + 3))
+    build(remeasured, progress=False, log=lines.append)
+    assert [line.split("]")[0] for line in lines if "building" in line] == ["[base_gates"]
+    build(config, progress=False, log=lines.append)  # the shared artifacts' report as it was
 
 
 # ---- base-model pretraining pieces -------------------------------------------------------------------

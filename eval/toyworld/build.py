@@ -7,8 +7,9 @@ first unfinished stage and a changed setting rebuilds only what depends on it:
 1. ``scorer``: the independent attribute/mark scorer (:func:`train_scorer`), and its gates.
 2. ``vq``: the VQ tokenizer (``ChameleonVQVAE`` encoder + our decoder); then ``vq_refine``: its
    object-weighted refinement, and the mark-retention gate.
-3. ``base``: the base model directory (``make_tiny`` layout) pretrained on pretraining identities, and
-   the attribute-QA, text-to-image and twin-probe gates.
+3. ``base``: the base model directory (``make_tiny`` layout) pretrained on pretraining identities; then
+   ``base_gates``: its attribute-QA, text-to-image and twin-probe gates, cached apart so that a change
+   in how they are measured never retrains the base.
 4. ``embedder``: the OpenCLIP-architecture ViT (model-config JSON + safetensors weights).
 5. ``pool``: >= 10k pool images (pretraining identities and clutter) indexed with FAISS.
 
@@ -391,21 +392,25 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
         _enforce(config, "vq_refine", results["vq_refine"], log)
 
         # 3. base model -------------------------------------------------------------------------------------
-        base_key = {
-            "world": world_key,
-            "lm": asdict(config.lm),
-            "vq": vq_dir.name,
-            "scorer": scorer_dir.name,
-            "gates": asdict(config.gates),
-        }
+        base_key = {"world": world_key, "lm": asdict(config.lm), "vq": vq_dir.name}
 
         def base_stage(folder: Path) -> dict:
-            return _base_stage(config, world, scorer, vq_dir, folder / "base", heldout, progress)
+            return _base_stage(config, world, vq_dir, folder / "base", progress)
 
         t0 = time.perf_counter()
         base_dir, results["base"] = cache.run("base", base_key, base_stage)
         stage_seconds["base"] = time.perf_counter() - t0
-        _enforce(config, "base", results["base"], log)
+
+        # 3b. the base model's gates: a stage of their own, so measuring differently never retrains it ----
+        base_gates_key = {"base": base_dir.name, "scorer": scorer_dir.name, "gates": asdict(config.gates)}
+
+        def base_gates_stage(folder: Path) -> dict:
+            return _base_gates_stage(config, world, scorer, base_dir / "base", folder, heldout)
+
+        t0 = time.perf_counter()
+        _, results["base_gates"] = cache.run("base_gates", base_gates_key, base_gates_stage)
+        stage_seconds["base_gates"] = time.perf_counter() - t0
+        _enforce(config, "base_gates", results["base_gates"], log)
 
         # 4. embedder ---------------------------------------------------------------------------------------
         embedder_key = {"world": world_key, "embedder": asdict(config.embedder)}
@@ -430,7 +435,7 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
     _replace_tree(embedder_dir / "embedder", out / "embedder")
     for suffix in (".safetensors", ".json"):
         shutil.copy2(scorer_dir / f"scorer{suffix}", out / f"scorer{suffix}")
-    gates = [g for stage in ("scorer", "vq_refine", "base") for g in _gates_from(results[stage])]
+    gates = [g for stage in ("scorer", "vq_refine", "base_gates") for g in _gates_from(results[stage])]
     report = {
         "seed": config.seed,
         "world_seed": config.world_seed,
@@ -488,16 +493,10 @@ def _load_vq(config: BuildConfig, vq_dir: Path):
     return vqmodel.eval(), decoder.eval()
 
 
-def _base_stage(
-    config: BuildConfig,
-    world: ToyWorld,
-    scorer: Scorer,
-    vq_dir: Path,
-    base_dir: Path,
-    heldout,
-    progress: bool,
-) -> dict:
+def _base_stage(config: BuildConfig, world: ToyWorld, vq_dir: Path, base_dir: Path, progress: bool) -> dict:
     from safetensors.torch import load_file
+    from transformers import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
     from yochameleon.backends import load_backend
     from yochameleon.backends.chameleon_vq import attach_vq_decoder
@@ -505,9 +504,6 @@ def _base_stage(
     spec = base_spec(config.lm, config.vq, config.image_size)
     vq_state = load_file(str(vq_dir / "vq.safetensors"))
     # The decoder travels through the same writer and reader as a real checkpoint's.
-    from transformers import ChameleonVQVAEConfig
-    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
-
     vqmodel = ChameleonVQVAE(ChameleonVQVAEConfig(**spec.vq))
     vqmodel.load_state_dict(vq_state)
     decoder = attach_vq_decoder(vqmodel, vq_dir / "vq_decoder.safetensors", dtype=torch.float32)
@@ -516,17 +512,25 @@ def _base_stage(
     bank = build_image_bank(backend, world, config.lm, progress)
     stats = pretrain_lm(backend, bank, config.lm, progress)
     write_base_dir(base_dir, spec, vq_state, decoder, seed=config.seed, model=backend.model)
-    # Gates read the model back from disk (fp16 on disk), exactly as users get it.
-    backend = load_backend(base_dir)
+    return {"stats": stats}
+
+
+def _base_gates_stage(
+    config: BuildConfig, world: ToyWorld, scorer: Scorer, base_dir: Path, folder: Path, heldout
+) -> dict:
+    """Attribute QA, text-to-image and the twin probe, on the base read back from disk (fp16)."""
+    from yochameleon.backends import load_backend
+
+    backend = load_backend(base_dir)  # exactly as users get it
     g = config.gates
     qa = attribute_qa_accuracy(backend, world, heldout, g.qa_photos, config.seed)
     t2i, images = text_to_image_accuracy(backend, scorer, heldout, g.t2i_per_identity, config.seed)
-    samples = base_dir.parent / "t2i_samples"
+    samples = folder / "t2i_samples"
     samples.mkdir(exist_ok=True)
     for i, image in enumerate(images[:16]):
         image.save(samples / f"{i:02d}.png")
     probe = twin_probe_accuracy(backend, world, heldout[: g.probe_identities], g.probe_photos, config.seed)
-    return {"stats": stats, "gates": {"attribute_qa": qa, "text_to_image": t2i, "twin_probe": probe}}
+    return {"gates": {"attribute_qa": qa, "text_to_image": t2i, "twin_probe": probe}}
 
 
 def _pool_stage(
