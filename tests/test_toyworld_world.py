@@ -14,6 +14,7 @@ from yochameleon.eval.toyworld.world import (
     MARK_COLOURS,
     OBJECT_COLOURS,
     PATTERN_ADJECTIVES,
+    PATTERNS,
     SHAPES,
     Identity,
     Mark,
@@ -395,3 +396,24 @@ def test_palettes_are_disjoint():
     assert not set(MARK_COLOURS) & set(OBJECT_COLOURS)
     assert not set(MARK_COLOURS.values()) & set(OBJECT_COLOURS.values())
     assert len(SHAPES) == 6
+
+
+def test_patterns_survive_the_tokenizer_cells(world):
+    # Seen through the VQ tokenizer's 4-px cells (each cell's mean colour), every pattern of the
+    # smallest object must differ from the plain object and from every other pattern somewhere by a
+    # clear margin; the earlier fainter, finer patterns missed this (a 7.9 minimum for dots).
+    cell = 4
+    side = world.config.image_size // cell
+    weakest = np.inf
+    for shape in SHAPES:
+        mark = (Mark(*world.valid_cells(shape)[0], "white"),)
+        for colour in OBJECT_COLOURS:
+            pooled = {}
+            for pattern in PATTERNS:
+                identity = world.check_identity(Identity(shape, colour, pattern, "small", mark))
+                photo = np.asarray(world.render(identity, np.random.default_rng(1), distractors=0), float)
+                pooled[pattern] = photo.reshape(side, cell, side, cell, 3).mean((1, 3))
+            for i, a in enumerate(PATTERNS):
+                for b in PATTERNS[i + 1 :]:
+                    weakest = min(weakest, np.abs(pooled[a] - pooled[b]).sum(-1).max())
+    assert weakest >= 25.0, weakest

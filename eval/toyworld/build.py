@@ -78,7 +78,8 @@ __all__ = [
 ]
 
 # Bump when a stage's code changes in a way its config does not show, so caches are not reused wrongly.
-STAGE_VERSION = 2  # 2: coarse patterns, VQ without mid attention and with the attribute reader
+# 2: coarse patterns, VQ without mid attention and with the attribute reader; 3: bolder patterns.
+STAGE_VERSION = 3
 COMMITTED = ("base", "embedder", "scorer.safetensors", "scorer.json", "build_report.json")
 
 

@@ -423,21 +423,23 @@ def _pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Where the pattern uses the secondary shade; object-local, so it moves and scales with the object."""
     if pattern == "solid":
         return np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
-    # Coarse on purpose: every pattern element is at least ~3 px on a small (12 px) object, because
-    # finer ones fall below the VQ tokenizer's 4-px cell and no reader of its tokens could tell them apart.
-    if pattern == "stripes":
-        return np.broadcast_to(np.floor(v * 4) % 2 == 1, np.broadcast_shapes(u.shape, v.shape))
+    # Coarse and dark on purpose: every element is at least ~4 px on a small (12 px) object and the
+    # second shade is far from the first, because finer or fainter patterns were rebuilt as plain bodies
+    # by the VQ tokenizer (4-px cells), so no reader of its tokens could name them.
+    if pattern == "stripes":  # one broad band across the middle third
+        return np.broadcast_to(np.floor(v * 3) % 2 == 1, np.broadcast_shapes(u.shape, v.shape))
     if pattern == "dots":
         fu, fv = (u * 2) % 1 - 0.5, (v * 2) % 1 - 0.5
-        return fu * fu + fv * fv <= 0.09
+        return fu * fu + fv * fv <= 0.1225
     if pattern == "checker":  # odd count keeps it mirror-symmetric
         return (np.floor(u * 3) + np.floor(v * 3)) % 2 == 1
     raise ToyWorldError(f"unknown pattern {pattern!r}")
 
 
 def _secondary_shade(rgb: tuple[int, int, int]) -> np.ndarray:
-    # A darker shade of the same colour: patterns never introduce a new colour name.
-    return np.asarray(rgb, dtype=np.float32) * 0.55 + 30.0
+    # A much darker shade of the same colour: patterns never introduce a new colour name, and never
+    # reach the mark palette's black.
+    return np.asarray(rgb, dtype=np.float32) * 0.42 + 18.0
 
 
 # --------------------------------------------------------------------------------------------------------
