@@ -95,18 +95,18 @@ def image_token_name(code: int) -> str:
     return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
-_N_SPECIALS = 6  # <pad> <s> </s> <unk> and the image span's <racm3:break> / <eoss>
+_TEXT_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+_IMAGE_SPECIALS = ("<eoss>", "<racm3:break>")  # end and start of an image span, after the codes
 _N_BYTES = 256  # byte-level BPE's base alphabet
 
 
 def minimum_vocab_size(n_codes: int, n_reserved: int) -> int:
     """The smallest ``vocab_size`` that holds the specials, ``n_codes`` image tokens, ``n_reserved``
     reserved rows and the byte-level text alphabet."""
-    return _N_SPECIALS + n_codes + n_reserved + _N_BYTES
+    return len(_TEXT_SPECIALS) + n_codes + len(_IMAGE_SPECIALS) + n_reserved + _N_BYTES
 
 
 def _vocabulary(size: TinySize) -> tuple[list[str], dict[str, str]]:
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
     n_codes = size.vq["num_embeddings"]
     image_tokens = [image_token_name(c) for c in range(n_codes)]
     # The reserved block mimics Anole: the first entry is the end-of-turn separator, the second is
@@ -124,7 +124,7 @@ def _vocabulary(size: TinySize) -> tuple[list[str], dict[str, str]]:
         "boi": "<racm3:break>",
         "eoi": "<eoss>",
     }
-    ordered = specials + image_tokens + ["<eoss>", "<racm3:break>"] + reserved
+    ordered = [*_TEXT_SPECIALS, *image_tokens, *_IMAGE_SPECIALS, *reserved]
     if minimum_vocab_size(n_codes, size.n_reserved) > size.vocab_size:
         raise ConfigError(f"vocab_size {size.vocab_size} is too small for {len(ordered)} special entries")
     return ordered, roles
