@@ -160,14 +160,14 @@ def test_build_config_validation_and_reduced(tmp_path):
 
 def test_pretrain_config_validation():
     with pytest.raises(PretrainError, match="mix"):
-        LMTrainConfig(mix=(0.5, 0.5, 0.5, 0.0, 0.0))
-    with pytest.raises(PretrainError, match="5 non-negative shares"):
-        LMTrainConfig(mix=(0.0, 0.45, 0.30, 0.25))  # a 4-task mix from before pair scenes
+        LMTrainConfig(mix=(0.5, 0.5, 0.5, 0.0, 0.0, 0.0))
+    with pytest.raises(PretrainError, match="6 non-negative shares"):
+        LMTrainConfig(mix=(0.0, 0.40, 0.30, 0.20, 0.10))  # a 5-task mix from before redraws
     with pytest.raises(PretrainError, match="pair_scenes_per_identity"):
         LMTrainConfig(pair_scenes_per_identity=0)
     with pytest.raises(PretrainError, match="choice_share"):
         LMTrainConfig(choice_share=1.5)
-    assert LMTrainConfig(mix=[0, 0.5, 0.5, 0, 0], pair_scenes_per_identity=0).mix == (0, 0.5, 0.5, 0, 0)
+    assert LMTrainConfig(mix=[0, 0.5, 0.5, 0, 0, 0], pair_scenes_per_identity=0).mix == (0, 0.5, 0.5, 0, 0, 0)
     with pytest.raises(PretrainError, match="GroupNorm"):
         VQTrainConfig(base_channels=48)
     with pytest.raises(PretrainError, match="steps"):
@@ -342,6 +342,63 @@ def test_image_bank_never_shows_dev_or_heldout_identities():
         build_image_bank(backend, world, LMTrainConfig(n_identities=41), progress=False)
 
 
+def test_image_bank_holds_one_canonical_view_per_pretraining_identity():
+    world = ToyWorld(0, WorldConfig(n_pretrain=6, n_dev=2, n_heldout=2))
+    seen = []
+
+    def encode(images):  # records what is tokenized, returns one distinct row per image
+        seen.extend(np.asarray(i) for i in images)
+        return torch.arange(len(seen) - len(images), len(seen)).repeat_interleave(4).view(-1, 4)
+
+    backend = SimpleNamespace(encode_images=encode)
+    bank = build_image_bank(backend, world, LMTrainConfig(n_identities=6), progress=False)
+    assert bank.canonical_ids.shape == (6, 4)
+    views = seen[-6:]  # encoded last, in identity order
+    for identity, view in zip(bank.identities[:6], views):
+        assert np.array_equal(view, np.asarray(world.canonical_view(identity)))
+    no_redraw = LMTrainConfig(n_identities=6, mix=(0.0, 0.45, 0.30, 0.15, 0.10, 0.0))
+    assert build_image_bank(backend, world, no_redraw, progress=False).canonical_ids is None
+
+
+def test_redraw_sample_asks_for_the_canonical_view_of_the_photo_s_object():
+    from yochameleon.eval.toyworld.pretrain import REDRAW_REQUEST, ImageBank, _sample_sequence, pretrain_lm
+
+    backend = _word_backend()
+    world = ToyWorld(0)
+    base = world.splits["pretrain"][:2]
+    bank = ImageBank(
+        base + base,
+        torch.tensor([[5] * 4, [5] * 4, [6] * 4, [6] * 4, [0] * 4, [0] * 4]),
+        np.array([0, 0, 1, 1, 2, 3]),
+        2,
+        np.ones(6, bool),
+        canonical_ids=torch.tensor([[7] * 4, [8] * 4]),
+    )
+    shown = set()
+    for seed in range(20):
+        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 0, 1), True)
+        prompt = [t for t, lab in zip(ids, labels) if lab == -100]
+        photo = ids[2]  # <s> <boi> photo...
+        assert backend.text(prompt[7:-1]) == REDRAW_REQUEST
+        # The target is the canonical view of the identity the photo shows, as an image span.
+        assert [t for t in labels if t != -100] == [2, *[photo + 2] * 4, 3, 9]
+        shown.add(photo)
+    assert shown == {5, 6}
+    with pytest.raises(PretrainError, match="canonical views"):
+        pretrain_lm(
+            SimpleNamespace(model=torch.nn.Linear(1, 1)),
+            replace(bank, canonical_ids=None),
+            LMTrainConfig(
+                steps=1,
+                n_identities=2,
+                codebook_init=False,
+                pair_scenes_per_identity=0,
+                mix=(0.0, 0.5, 0.0, 0.0, 0.0, 0.5),
+            ),
+            progress=False,
+        )
+
+
 # ---- checksums and CLI --------------------------------------------------------------------------------
 def test_sha256sums_cover_committed_files_only(tmp_path):
     (tmp_path / "base").mkdir()
@@ -461,7 +518,7 @@ def test_compiled_pretraining_matches_eager_and_leaves_an_eager_model(tiny_dir):
             steps=3,
             batch_size=4,
             n_identities=2,
-            mix=(0.2,) * 5,
+            mix=(0.2,) * 5 + (0.0,),
             bf16=False,
             codebook_init=False,
             compile=compiled,
@@ -534,7 +591,7 @@ def test_all_questions_sample_asks_every_question_once_with_only_answers_labelle
     bank = ImageBank(base + twins, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
     firsts = set()
     for seed in range(12):
-        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 1, 0, 0, 0), True)
+        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 1, 0, 0, 0, 0), True)
         assert len(ids) == len(labels) and ids[:2] == [1, 2]
         answered = [t for t in labels if t != -100]
         assert labels.count(9) == 5  # five answers, each closed by <eot>
@@ -600,7 +657,7 @@ def test_pair_scene_samples_answer_what_the_scene_shows():
     )
     kinds = set()
     for seed in range(60):
-        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 1), True)
+        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 1, 0), True)
         prompt = backend.text([t for t, lab in zip(ids, labels) if lab == -100])
         answer = backend.text([t for t in labels if t != -100])
         n_images = ids.count(2)
@@ -646,5 +703,5 @@ def test_existence_turns_ask_yes_about_the_description_and_no_about_a_changed_on
     base = world.splits["pretrain"][:2]
     bank = ImageBank(base + base, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
     rng = np.random.default_rng(0)
-    ids, labels = _sample_sequence(backend, bank, rng, (0, 1, 0, 0, 0), True, existence=True)
+    ids, labels = _sample_sequence(backend, bank, rng, (0, 1, 0, 0, 0, 0), True, existence=True)
     assert labels.count(9) == 7

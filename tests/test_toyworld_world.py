@@ -417,3 +417,20 @@ def test_patterns_survive_the_tokenizer_cells(world):
                 for b in PATTERNS[i + 1 :]:
                     weakest = min(weakest, np.abs(pooled[a] - pooled[b]).sum(-1).max())
     assert weakest >= 25.0, weakest
+
+
+def test_canonical_view_is_one_fixed_centred_drawing_per_identity(world, concept):
+    view = np.asarray(world.canonical_view(concept))
+    assert np.array_equal(view, np.asarray(world.canonical_view(concept)))  # no randomness
+    # It is the centred photo at scale 1 on the first background colour: find a seed drawing that one.
+    for seed in range(100):
+        placed = np.asarray(
+            world.render(
+                concept, np.random.default_rng(seed), position=(16, 16), scale=1.0, background="plain"
+            )
+        )
+        if np.array_equal(placed[0, 0], view[0, 0]):
+            break
+    assert np.array_equal(view, placed)
+    twin = world.twin(concept, np.random.default_rng(0))
+    assert not np.array_equal(view, np.asarray(world.canonical_view(twin)))

@@ -72,15 +72,16 @@ __all__ = [
     "write_base_dir",
 ]
 
-BANK_VERSION = 2
+BANK_VERSION = 3
 SAME_OBJECT_QUESTION = "Is the object in the first photo the same object as in the second photo?"
 DESCRIBE_QUESTION = "Describe the object in this photo."
 # Two-object scenes ask what the benchmark's visual questions ask, about a described or a shown object
 # instead of <sks> (the base never sees <sks>); answers contain the option text, which is how
 # multiple-choice answers are scored.
 REFERENCE_LOCATION_QUESTION = "Where is the object from the first photo in the second photo?"
-_TASKS = ("caption", "attribute QA", "text-to-image", "same object", "pair scene")
-_CAPTION, _ATTRIBUTE_QA, _TEXT_TO_IMAGE, _SAME_OBJECT, _PAIR_SCENE = range(len(_TASKS))
+REDRAW_REQUEST = "Draw the object from this photo alone, in the middle of a plain background."
+_TASKS = ("caption", "attribute QA", "text-to-image", "same object", "pair scene", "redraw")
+_CAPTION, _ATTRIBUTE_QA, _TEXT_TO_IMAGE, _SAME_OBJECT, _PAIR_SCENE, _REDRAW = range(len(_TASKS))
 # Paraphrases of the text-to-image request; the first matches yochameleon.prompts' "A photo of <sks>."
 _GENERATION_TEMPLATES = ("A photo of {}.", "Draw {}.", "Generate an image of {}.")
 _MARK_RGB = np.asarray(list(MARK_COLOURS.values()), dtype=np.float32)
@@ -479,9 +480,13 @@ class LMTrainConfig:
         steps, batch_size, lr, weight_decay: AdamW pretraining.
         n_identities: pretraining identities used (photos come from these and their twins only).
         photos_per_identity, photos_per_twin: pre-rendered, pre-tokenized photos per identity.
-        mix: task shares ``(caption, attribute QA, text-to-image, same object, pair scene)``. A pair
-            scene shows two objects; it asks where one of them is (named by its description, or shown
-            in a first photo when the other object is its twin) or what shape the other one is.
+        mix: task shares ``(caption, attribute QA, text-to-image, same object, pair scene, redraw)``.
+            A pair scene shows two objects; it asks where one of them is (named by its description, or
+            shown in a first photo when the other object is its twin) or what shape the other one is.
+            A redraw asks for the object of a photo drawn again in its canonical view
+            (:meth:`~yochameleon.eval.toyworld.world.ToyWorld.canonical_view`): the one task whose
+            every target token, the marks' included, depends on what the photo shows beyond its
+            description, so it asks the features to carry the marks without any word naming them.
         pair_scenes_per_identity: pre-rendered two-object scenes per pretraining identity; they
             alternate between the identity beside its twin and beside a random object of another shape.
         choice_share: share of attribute questions asked in the benchmark's multiple-choice form
@@ -518,13 +523,15 @@ class LMTrainConfig:
     n_identities: int = 4096
     photos_per_identity: int = 3
     photos_per_twin: int = 1
-    mix: tuple[float, ...] = (0.0, 0.40, 0.30, 0.20, 0.10)
+    mix: tuple[float, ...] = (0.0, 0.40, 0.22, 0.15, 0.10, 0.13)
     pair_scenes_per_identity: int = 1
     choice_share: float = 0.3
     per_sequence_loss: bool = True
     codebook_init: bool = True
     all_questions: bool = True
-    existence_questions: bool = False  # measured, no better (README, "Toy world")
+    # No gate moved with them (README, "Toy world"), but without them the base never hears a
+    # recognition question, so nothing trained on it can learn to answer "no".
+    existence_questions: bool = True
     bf16: bool = True
     compile: bool = False
     seed: int = 0
@@ -671,6 +678,8 @@ class ImageBank:
         clean: ``(N,)`` whether the photo has no distractors (text-to-image targets use these).
         pair_ids: ``(P, image_seq_len)`` vocabulary ids of the two-object scenes.
         pairs: what each two-object scene shows (same order as ``pair_ids``).
+        canonical_ids: ``(n_base, image_seq_len)`` vocabulary ids of each pretraining identity's
+            canonical view (the redraw task's targets).
     """
 
     identities: list[Identity]
@@ -680,6 +689,7 @@ class ImageBank:
     clean: np.ndarray
     pair_ids: torch.Tensor | None = None
     pairs: list[PairScene] | None = None
+    canonical_ids: torch.Tensor | None = None
 
     def photos_of(self, index: int) -> np.ndarray:
         return np.flatnonzero(self.owner == index)
@@ -727,7 +737,13 @@ def build_image_bank(backend, world: ToyWorld, config: LMTrainConfig, progress: 
             pair_images.append(image)
     ids = _encode(backend, images, "tokenize photos", progress)
     pair_ids = _encode(backend, pair_images, "tokenize pair scenes", progress) if pair_images else None
-    return ImageBank(identities, ids, np.asarray(owner), len(base), np.asarray(clean), pair_ids, pairs)
+    canonical_ids = None
+    if config.mix[_REDRAW] > 0:
+        views = [world.canonical_view(identity) for identity in base]
+        canonical_ids = _encode(backend, views, "tokenize canonical views", progress)
+    return ImageBank(
+        identities, ids, np.asarray(owner), len(base), np.asarray(clean), pair_ids, pairs, canonical_ids
+    )
 
 
 def _encode(backend, images: list, desc: str, progress: bool) -> torch.Tensor:
@@ -867,6 +883,9 @@ def _sample_sequence(
             ids += [*question, eot, *answer, eot]
             labels += [-100] * (len(question) + 1) + [*answer, eot]
         return ids, labels
+    if task == _REDRAW:
+        human = span(int(rng.choice(photos))) + backend.tokenize(" " + REDRAW_REQUEST)
+        return conversation(backend, human, backend.image_span(bank.canonical_ids[index].tolist()))
     if task == _TEXT_TO_IMAGE:
         clean = photos[bank.clean[photos]]
         target = int(rng.choice(clean if len(clean) else photos))
@@ -961,6 +980,11 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     Returns:
         Training facts: final loss (mean of the last 50 steps), steps and seconds.
     """
+    # Checked first, so that a bank without a task's data fails before any weight changes.
+    if config.mix[_PAIR_SCENE] > 0 and not bank.pairs:
+        raise PretrainError("the mix asks for pair scenes but the image bank has none")
+    if config.mix[_REDRAW] > 0 and (bank.canonical_ids is None or len(bank.canonical_ids) < bank.n_base):
+        raise PretrainError("the mix asks for redraws but the image bank has no canonical views")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 0x1A1A])
     model = backend.model
@@ -983,8 +1007,6 @@ def pretrain_lm(backend, bank: ImageBank, config: LMTrainConfig, progress: bool 
     if config.bf16:
         # CPU flash attention's bf16 backward is slower than eager attention on these short sequences.
         model.set_attn_implementation("eager")
-    if config.mix[_PAIR_SCENE] > 0 and not bank.pairs:
-        raise PretrainError("the mix asks for pair scenes but the image bank has none")
     if config.compile:
         # In place, so parameter names (and the saved checkpoint) stay those of the eager module.
         model.model.compile(dynamic=True)

@@ -941,6 +941,29 @@ class ToyWorld:
         where = (slots[swap % 2], slots[(1 + swap) % 2])
         return Image.fromarray(array, mode="RGB"), where
 
+    def canonical_view(self, identity: Identity) -> Image.Image:
+        """``identity`` alone in the middle at its nominal size, on the first background colour.
+
+        Why: one fixed view per identity is a drawing target every pixel of which, marks included,
+        follows from any photo of the object, which is what "draw this object again" pretraining needs.
+        """
+        self.check_identity(identity)
+        res = len(self._coords)
+        canvas = np.empty((res, res, 3), dtype=np.float32)
+        canvas[:] = np.asarray(_BACKGROUND_COLOURS[0], dtype=np.float32)
+        centre = self.config.image_size / 2
+        self._paint(
+            canvas,
+            identity.shape,
+            OBJECT_COLOURS[identity.colour],
+            identity.pattern,
+            self.config.size_px(identity.size),
+            centre,
+            centre,
+            identity.marks,
+        )
+        return Image.fromarray(self._finish(canvas, False), mode="RGB")
+
     # ---- scenes and sets ---------------------------------------------------------------------------------
     def random_scene(
         self, rng: np.random.Generator, exclude: Iterable[Identity] = (), clutter_prob: float = 0.2
