@@ -351,7 +351,8 @@ def test_image_bank_holds_one_canonical_view_per_pretraining_identity():
         return torch.arange(len(seen) - len(images), len(seen)).repeat_interleave(4).view(-1, 4)
 
     backend = SimpleNamespace(encode_images=encode)
-    bank = build_image_bank(backend, world, LMTrainConfig(n_identities=6), progress=False)
+    redraw = LMTrainConfig(n_identities=6, mix=(0.0, 0.40, 0.22, 0.15, 0.10, 0.13))
+    bank = build_image_bank(backend, world, redraw, progress=False)
     assert bank.canonical_ids.shape == (6, 4)
     views = seen[-6:]  # encoded last, in identity order
     for identity, view in zip(bank.identities[:6], views):
