@@ -779,12 +779,18 @@ class ToyWorld:
         distractors: int,
         flip: bool,
         coverage: np.ndarray | None = None,
+        fill: tuple[int, int, int] | None = None,
     ) -> np.ndarray:
+        # ``fill`` paints the background one fixed colour instead of drawing one from ``rng``.
         if background is None:
             background = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
         if not isinstance(distractors, (int, np.integer)) or distractors < 0:
             raise ToyWorldError(f"distractors must be a non-negative integer, got {distractors!r}")
-        canvas = self._background(background, rng)
+        if fill is None:
+            canvas = self._background(background, rng)
+        else:
+            canvas = np.empty((len(self._coords),) * 2 + (3,), dtype=np.float32)
+            canvas[:] = np.asarray(fill, dtype=np.float32)
         boxes = [(p.cx, p.cy, self.config.size_px(p.identity.size) * p.scale) for p in placements]
         for _ in range(int(distractors)):
             self._paint_distractor(canvas, rng, boxes)
@@ -947,22 +953,10 @@ class ToyWorld:
         Why: one fixed view per identity is a drawing target every pixel of which, marks included,
         follows from any photo of the object, which is what "draw this object again" pretraining needs.
         """
-        self.check_identity(identity)
-        res = len(self._coords)
-        canvas = np.empty((res, res, 3), dtype=np.float32)
-        canvas[:] = np.asarray(_BACKGROUND_COLOURS[0], dtype=np.float32)
         centre = self.config.image_size / 2
-        self._paint(
-            canvas,
-            identity.shape,
-            OBJECT_COLOURS[identity.colour],
-            identity.pattern,
-            self.config.size_px(identity.size),
-            centre,
-            centre,
-            identity.marks,
-        )
-        return Image.fromarray(self._finish(canvas, False), mode="RGB")
+        placement = _Placement(self.check_identity(identity), centre, centre, 1.0)
+        array = self._compose([placement], None, "plain", 0, False, fill=_BACKGROUND_COLOURS[0])
+        return Image.fromarray(array, mode="RGB")
 
     # ---- scenes and sets ---------------------------------------------------------------------------------
     def random_scene(
