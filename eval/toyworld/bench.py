@@ -562,7 +562,7 @@ def run_bench(
                 )
 
                 def fidelity(images, identity=identity) -> float:
-                    return float(np.mean(scorer.identity_correct(images, identity, accept_mirror=True)))
+                    return float(np.mean(scorer.identity_correct(images, identity)))
 
                 for method_name in config.methods:
                     bar.set_postfix_str(f"{name} seed {seed} {method_name}")

@@ -8,7 +8,7 @@ first unfinished stage and a changed setting rebuilds only what depends on it:
 2. ``vq``: the VQ tokenizer (``ChameleonVQVAE`` encoder + our decoder); then ``vq_refine``: its
    object-weighted refinement, and the mark-retention gate.
 3. ``base``: the base model directory (``make_tiny`` layout) pretrained on pretraining identities; then
-   ``base_gates``: its attribute-QA, text-to-image and twin-probe gates, cached apart so that a change
+   ``base_gates``: its attribute-QA, existence, text-to-image and twin-separation gates, cached apart so that a change
    in how they are measured never retrains the base.
 4. ``embedder``: the OpenCLIP-architecture ViT (model-config JSON + safetensors weights).
 5. ``pool``: >= 10k pool images (pretraining identities and clutter) indexed with FAISS.
@@ -42,11 +42,12 @@ from .gates import (
     GateResult,
     attribute_qa_accuracy,
     check_gates,
+    existence_accuracy,
     format_gates,
     make_gate,
     text_to_image_accuracy,
-    twin_probe_accuracy,
-    vq_mark_retention,
+    twin_separation_accuracy,
+    vq_retention,
 )
 from .pretrain import (
     EMBEDDER_NAME,
@@ -78,8 +79,9 @@ __all__ = [
 ]
 
 # Bump when a stage's code changes in a way its config does not show, so caches are not reused wrongly.
-# 2: coarse patterns, VQ without mid attention and with the attribute reader; 3: bolder patterns.
-STAGE_VERSION = 3
+# 2: coarse patterns, VQ without mid attention and with the attribute reader; 3: bolder patterns;
+# 4: toy world v2 (mark-colour twins, marks named in pretraining, simplified factors).
+STAGE_VERSION = 4
 COMMITTED = ("base", "embedder", "scorer.safetensors", "scorer.json", "build_report.json")
 
 
@@ -99,16 +101,14 @@ class GateSizes:
     identities: int = 32
     vq_photos: int = 8
     qa_photos: int = 2
+    existence_photos: int = 5
     t2i_per_identity: int = 2
-    probe_identities: int = 10
-    probe_photos: int = 24
+    twin_photos: int = 8
     scorer_photos: int = 10
 
     def __post_init__(self) -> None:
         if min(asdict(self).values()) < 1:
             raise BuildError(f"gate sizes must be positive: {self}")
-        if self.probe_photos < 6:
-            raise BuildError(f"probe_photos must be at least 6, got {self.probe_photos}")
 
 
 @dataclass(frozen=True)
@@ -183,9 +183,9 @@ class BuildConfig:
                     identities=6,
                     vq_photos=4,
                     qa_photos=1,
+                    existence_photos=1,
                     t2i_per_identity=1,
-                    probe_identities=2,
-                    probe_photos=9,
+                    twin_photos=2,
                     scorer_photos=4,
                 ),
                 "scorer_steps": 60,
@@ -357,9 +357,7 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
                 {k: v.contiguous() for k, v in vqmodel.state_dict().items()}, str(folder / "vq.safetensors")
             )
             save_vq_decoder_state(decoder, folder / "vq_decoder.safetensors")
-            marks = vq_mark_retention(
-                vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed
-            )
+            marks = vq_retention(vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed)
             # Informational: the gate is measured after the refinement below.
             return {"stats": stats, "marks": marks}
 
@@ -382,10 +380,9 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
                 {k: v.contiguous() for k, v in vqmodel.state_dict().items()}, str(folder / "vq.safetensors")
             )
             save_vq_decoder_state(decoder, folder / "vq_decoder.safetensors")
-            marks = vq_mark_retention(
-                vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed
-            )
-            return {"stats": stats, "marks": marks, "gates": {"vq_marks": marks["kept"]}}
+            marks = vq_retention(vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed)
+            gates = {"vq_marks": marks["kept"], "vq_factors": min(marks["factors"].values())}
+            return {"stats": stats, "marks": marks, "gates": gates}
 
         t0 = time.perf_counter()
         vq_dir, results["vq_refine"] = cache.run("vq_refine", refine_key, refine_stage)
@@ -519,19 +516,32 @@ def _base_stage(config: BuildConfig, world: ToyWorld, vq_dir: Path, base_dir: Pa
 def _base_gates_stage(
     config: BuildConfig, world: ToyWorld, scorer: Scorer, base_dir: Path, folder: Path, heldout
 ) -> dict:
-    """Attribute QA, text-to-image and the twin probe, on the base read back from disk (fp16)."""
+    """Attribute QA, existence, text-to-image and twin separation, on the base read back from disk."""
     from yochameleon.backends import load_backend
 
     backend = load_backend(base_dir)  # exactly as users get it
     g = config.gates
     qa = attribute_qa_accuracy(backend, world, heldout, g.qa_photos, config.seed)
+    existence = existence_accuracy(backend, world, heldout, g.existence_photos, config.seed)
     t2i, images = text_to_image_accuracy(backend, scorer, heldout, g.t2i_per_identity, config.seed)
     samples = folder / "t2i_samples"
     samples.mkdir(exist_ok=True)
     for i, image in enumerate(images[:16]):
         image.save(samples / f"{i:02d}.png")
-    probe = twin_probe_accuracy(backend, world, heldout[: g.probe_identities], g.probe_photos, config.seed)
-    return {"gates": {"attribute_qa": qa, "text_to_image": t2i, "twin_probe": probe}}
+    twins = twin_separation_accuracy(backend, world, heldout, g.twin_photos, config.seed)
+    return {
+        "attribute_qa": qa,
+        "existence": existence,
+        "text_to_image": t2i,
+        "gates": {
+            "attribute_qa": qa["all"],
+            "attribute_qa_min_factor": min(v for k, v in qa.items() if k != "all"),
+            "existence": existence["all"],
+            "existence_marks": existence["marks"],
+            "text_to_image": t2i["all"],
+            "twin_separation": twins,
+        },
+    }
 
 
 def _pool_stage(

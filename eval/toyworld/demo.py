@@ -155,8 +155,7 @@ def run_demo(
     gen_dir.mkdir(exist_ok=True)
     for i, image in enumerate(generated):
         image.save(gen_dir / f"{i:02d}.png")
-    # Training flips photos, so the mirrored concept counts as drawn too.
-    correct = scorer.identity_correct(generated, identity, accept_mirror=True)
+    correct = scorer.identity_correct(generated, identity)
     wanted = identity.attributes
     attributes = [scorer.attribute_accuracy([image], wanted) for image in generated]
     sheet = root / "compare.png"

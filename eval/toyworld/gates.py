@@ -1,14 +1,20 @@
-"""Quality gates of the toy-world base artifacts (issue 8): each is measured, printed, and must pass.
+"""Quality gates of the toy-world base artifacts (toy world v2): each is measured, printed, and must pass.
 
-* ``vq_marks``: VQ reconstructions keep the marks right (scorer's mark predictions) in >= 90% of the
-  photos whose marks the scorer reads right on the original (so the gate measures the VQ, not the scorer).
-* ``attribute_qa``: the base model answers attribute questions about photos of held-out identities
-  (likelihood ranking over every value of the factor) >= 90%.
-* ``text_to_image``: images the base model generates from held-out captions show the captioned shape,
-  colour, pattern and size (scored by the scorer) >= 60% of the time.
-* ``twin_probe``: a linear probe on the base model's pooled hidden states tells a held-out identity's
-  photos from photos of its twins >= 80% on unseen photos.
-* ``scorer_identity`` >= 95% on held-out photos and ``scorer_random`` <= 2% on random scenes.
+* ``scorer_identity`` >= 95% on held-out photos (four factors and the set of mark colours) and
+  ``scorer_random`` <= 5% on random scenes.
+* ``vq_marks`` >= 95%: VQ reconstructions keep the set of mark colours (read by the scorer) among photos
+  whose original the scorer reads right; ``vq_factors`` >= 90%: the same for each nameable factor (the
+  gate value is the lowest of the four).
+* ``attribute_qa`` >= 90%: the base model answers attribute questions about new photos of held-out
+  identities, mark-colour questions included (likelihood ranking over every value of the factor);
+  ``attribute_qa_min_factor`` >= 85%: its worst factor.
+* ``existence`` >= 90%: "Is <description> in this photo?" answered yes for the photo's object and no for a
+  description with exactly one factor changed (balanced); ``existence_marks`` >= 85%: the "no" questions
+  whose changed factor is the marks, with the "yes" questions of the same photos.
+* ``text_to_image`` >= 60%: images generated from held-out full captions show the captioned shape, colour,
+  pattern, size and mark colours (mean over the five, read by the scorer).
+* ``twin_separation`` >= 85%: asked with the identity's full (oracle) description, yes on new photos of
+  the identity and no on photos of its twins (balanced).
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from PIL import Image
 
 from yochameleon.errors import YoChameleonError
 
-from .world import Identity, ToyWorld, attribute_qa, caption
+from .world import (
+    QA_FACTORS,
+    Identity,
+    ToyWorld,
+    attribute_qa,
+    factor_values,
+    factor_word,
+    full_caption,
+)
 
 __all__ = [
     "GateError",
@@ -30,22 +44,26 @@ __all__ = [
     "THRESHOLDS",
     "attribute_qa_accuracy",
     "check_gates",
+    "existence_accuracy",
     "format_gates",
-    "linear_probe_accuracy",
     "make_gate",
     "text_to_image_accuracy",
-    "twin_probe_accuracy",
-    "vq_mark_retention",
+    "twin_separation_accuracy",
+    "vq_retention",
 ]
 
 # name -> (threshold, higher_is_better)
 THRESHOLDS: dict[str, tuple[float, bool]] = {
-    "vq_marks": (0.90, True),
-    "attribute_qa": (0.90, True),
-    "text_to_image": (0.60, True),
-    "twin_probe": (0.80, True),
     "scorer_identity": (0.95, True),
-    "scorer_random": (0.02, False),
+    "scorer_random": (0.05, False),
+    "vq_marks": (0.95, True),
+    "vq_factors": (0.90, True),
+    "attribute_qa": (0.90, True),
+    "attribute_qa_min_factor": (0.85, True),
+    "existence": (0.90, True),
+    "existence_marks": (0.85, True),
+    "text_to_image": (0.60, True),
+    "twin_separation": (0.85, True),
 }
 
 
@@ -114,21 +132,27 @@ def _photos(world: ToyWorld, identities: Sequence[Identity], per: int, rng: np.r
 
 
 @torch.no_grad()
-def vq_mark_retention(
+def vq_retention(
     vqmodel, decoder, scorer, world: ToyWorld, identities: Sequence[Identity], per: int = 8, seed: int = 0
-) -> dict[str, float]:
-    """How often VQ reconstructions keep the marks right, read by the scorer.
+) -> dict:
+    """How often VQ reconstructions keep the mark colours and each nameable factor, read by the scorer.
+
+    Each is counted among the photos whose original the scorer reads right on that factor (so the
+    gate measures the VQ, not the scorer), with the object located in the original (a blurred outline
+    in the reconstruction cannot move the mark cells).
 
     Returns:
-        ``kept`` (the gate): marks right on the reconstruction, read at the object's place in the original,
-        among photos whose original the scorer reads right; ``retained``: the same with the object located
-        in the reconstruction itself (a blurred outline then also moves the cells); ``absolute``
-        (``retained`` over all photos) and ``original`` (the scorer's mark accuracy on the originals).
+        ``kept`` (mark colours; the ``vq_marks`` gate), ``factors`` (``{factor: kept}`` for the four
+        nameable factors; their minimum is the ``vq_factors`` gate), ``retained`` (mark colours with the
+        object located in the reconstruction itself) and ``original`` (the scorer's mark-colour accuracy
+        on the originals).
     """
     from yochameleon.backends.chameleon_vq import reconstruct
 
+    from .scorer import FACTORS
+
     if not identities or per < 1:
-        raise GateError("vq_mark_retention needs identities and per >= 1")
+        raise GateError("vq_retention needs identities and per >= 1")
     rng = np.random.default_rng([seed, 0x7A11])
     images, owners = _photos(world, identities, per, rng)
     arrays = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
@@ -138,15 +162,21 @@ def vq_mark_retention(
         out = reconstruct(vqmodel, decoder, pixels).pixels.clamp(-1, 1)
         recon.append(((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     recon_arr = np.concatenate(recon)
-    truth = [o.mark_map for o in owners]
-    orig_ok = np.array([p["marks"] == t for p, t in zip(scorer.predict(arrays), truth)])
-    rec_ok = np.array([p["marks"] == t for p, t in zip(scorer.predict(recon_arr), truth)])
-    kept = np.array([p["marks"] == t for p, t in zip(scorer.predict(recon_arr, boxes_from=arrays), truth)])
+    original = scorer.predict(arrays)
+    located = scorer.predict(recon_arr, boxes_from=arrays)
+    own = scorer.predict(recon_arr)
+
+    def kept(key: str, truth: list, preds: list[dict]) -> float:
+        ok = np.array([p[key] == t for p, t in zip(original, truth)])
+        hit = np.array([p[key] == t for p, t in zip(preds, truth)])
+        return float(hit[ok].mean()) if ok.any() else 0.0
+
+    colours = [o.mark_colours for o in owners]
     return {
-        "kept": float(kept[orig_ok].mean()) if orig_ok.any() else 0.0,
-        "retained": float(rec_ok[orig_ok].mean()) if orig_ok.any() else 0.0,
-        "absolute": float(rec_ok.mean()),
-        "original": float(orig_ok.mean()),
+        "kept": kept("mark_colours", colours, located),
+        "factors": {f: kept(f, [getattr(o, f) for o in owners], located) for f in FACTORS},
+        "retained": kept("mark_colours", colours, own),
+        "original": float(np.mean([p["mark_colours"] == t for p, t in zip(original, colours)])),
     }
 
 
@@ -170,36 +200,114 @@ def _answer_logprob(backend, rows: list[tuple[list[int], int]]) -> np.ndarray:
 @torch.no_grad()
 def attribute_qa_accuracy(
     backend, world: ToyWorld, identities: Sequence[Identity], per: int = 3, seed: int = 0
-) -> float:
+) -> dict[str, float]:
     """Multiple-choice attribute QA on new photos: the answer with the highest likelihood must be right.
 
-    Every value of the asked factor is a candidate answer, so chance is 1/3 to 1/8.
+    Every value of the asked factor is a candidate answer (every set of mark colours for the marks
+    question), so chance is 1/10 to 1/2.
+
+    Returns:
+        ``{"all": accuracy, factor: accuracy, ...}`` over :data:`~.world.QA_FACTORS`.
     """
     from .pretrain import conversation
-    from .scorer import FACTOR_VALUES
-    from .world import ATTRIBUTE_ANSWERS, factor_word
+    from .world import ATTRIBUTE_ANSWERS
 
     if not identities or per < 1:
         raise GateError("attribute_qa_accuracy needs identities and per >= 1")
     rng = np.random.default_rng([seed, 0x0A0A])
     images, owners = _photos(world, identities, per, rng)
     spans = backend.encode_images(images)
-    hits = total = 0
+    hits = {factor: [] for factor in QA_FACTORS}
     for span_ids, owner in zip(spans.tolist(), owners):
         for qa in attribute_qa(owner, rng):
             human = backend.image_span(span_ids) + backend.tokenize(" " + qa.question)
             candidates = [
                 ATTRIBUTE_ANSWERS[qa.factor].format(value=factor_word(qa.factor, v))
-                for v in FACTOR_VALUES[qa.factor]
+                for v in factor_values(qa.factor)
             ]
             rows = []
             for answer in candidates:
                 ids, _ = conversation(backend, human, backend.tokenize(answer))
                 rows.append((ids, len(backend.tokenize(answer)) + 1))
             best = int(np.argmax(_answer_logprob(backend, rows)))
-            hits += int(candidates[best] == qa.answer)
-            total += 1
-    return hits / total
+            hits[qa.factor].append(candidates[best] == qa.answer)
+    result = {"all": float(np.mean([h for per_factor in hits.values() for h in per_factor]))}
+    result.update({factor: float(np.mean(h)) for factor, h in hits.items()})
+    return result
+
+
+def _says_yes(backend, image_spans: list[list[int]], descriptions: list[str], rng: np.random.Generator):
+    """Whether the base answers "Yes" (over "No") to a recognition question naming each description."""
+    from yochameleon.prompts import RECOGNITION_QUESTIONS
+
+    yes, no = backend.tokenize("Yes")[0], backend.tokenize("No")[0]
+    rows = []
+    for span, description in zip(image_spans, descriptions):
+        k = int(rng.integers(len(RECOGNITION_QUESTIONS)))
+        question = RECOGNITION_QUESTIONS[k].replace("<sks>", description)
+        prefix = [backend.special.bos, *backend.image_span(span), *backend.tokenize(" " + question)]
+        prefix.append(backend.special.eot)
+        rows += [([*prefix, yes], 1), ([*prefix, no], 1)]
+    scores = _answer_logprob(backend, rows).reshape(-1, 2)
+    return scores[:, 0] > scores[:, 1]
+
+
+@torch.no_grad()
+def existence_accuracy(
+    backend, world: ToyWorld, identities: Sequence[Identity], per: int = 3, seed: int = 0
+) -> dict[str, float]:
+    """Grounded yes/no: each new photo is asked about its own object and about one changed description.
+
+    The "no" description changes exactly one factor of the object's full caption, cycling through
+    :data:`~.world.QA_FACTORS` (marks included), so the set is balanced in answers and in factors.
+
+    Returns:
+        ``{"all": accuracy, factor: accuracy, ...}``: per factor over that factor's "no" questions and
+        the "yes" questions of the same photos.
+    """
+    from .pretrain import changed_description
+
+    if not identities or per < 1:
+        raise GateError("existence_accuracy needs identities and per >= 1")
+    rng = np.random.default_rng([seed, 0xE715])
+    images, owners = _photos(world, identities, per, rng)
+    spans = backend.encode_images(images).tolist()
+    factors = [QA_FACTORS[k % len(QA_FACTORS)] for k in range(len(owners))]
+    descriptions = []
+    for owner, factor in zip(owners, factors):
+        descriptions += [full_caption(owner), changed_description(owner, (factor,), rng)]
+    doubled = [span for span in spans for _ in range(2)]
+    yes = _says_yes(backend, doubled, descriptions, rng).reshape(-1, 2)
+    right = np.stack([yes[:, 0], ~yes[:, 1]], axis=1)
+    result = {"all": float(right.mean())}
+    for factor in QA_FACTORS:
+        rows = np.array([f == factor for f in factors])
+        result[factor] = float(right[rows].mean()) if rows.any() else 0.0
+    return result
+
+
+@torch.no_grad()
+def twin_separation_accuracy(
+    backend, world: ToyWorld, identities: Sequence[Identity], per: int = 6, seed: int = 0
+) -> float:
+    """Asked with each identity's full (oracle) description: yes on its photos, no on its twins' photos.
+
+    ``per`` new photos of each identity and ``per`` photos of fresh twins (same description without the
+    marks, another set of mark colours); the accuracy is over both, so chance is 1/2.
+    """
+    if not identities or per < 1:
+        raise GateError("twin_separation_accuracy needs identities and per >= 1")
+    rng = np.random.default_rng([seed, 0x7715])
+    images, truth, descriptions = [], [], []
+    for identity in identities:
+        for _ in range(per):
+            for shown, who in ((True, identity), (False, world.twin(identity, rng))):
+                images.append(world.render(who, rng, distractors=int(rng.integers(0, 3))))
+                truth.append(shown)
+                descriptions.append(full_caption(identity))
+    spans = backend.encode_images(images).tolist()
+    yes = _says_yes(backend, spans, descriptions, rng)
+    return float((yes == np.array(truth)).mean())
 
 
 @torch.no_grad()
@@ -232,100 +340,20 @@ def generate_images(
 
 def text_to_image_accuracy(
     backend, scorer, identities: Sequence[Identity], per: int = 2, seed: int = 0
-) -> tuple[float, list[Image.Image]]:
-    """Attribute accuracy (shape, colour, pattern, size) of images generated from captions.
+) -> tuple[dict[str, float], list[Image.Image]]:
+    """Attribute accuracy of images generated from full captions (marks named).
 
     Returns:
-        The accuracy and the generated images (for inspection).
+        ``({"all": mean over shape, colour, pattern, size and mark colours, "every": share of images with
+        all five right}, generated images)``.
     """
     from .pretrain import generation_prompt
 
     if not identities or per < 1:
         raise GateError("text_to_image_accuracy needs identities and per >= 1")
     targets = [identity for identity in identities for _ in range(per)]
-    prompts = [generation_prompt(caption(identity)) for identity in targets]
+    prompts = [generation_prompt(full_caption(identity)) for identity in targets]
     images = generate_images(backend, prompts, seed=seed)
-    wanted = [t.attributes for t in targets]
-    return scorer.attribute_accuracy(images, wanted), images
-
-
-def linear_probe_accuracy(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    l2: float = 1e-2,
-    steps: int = 200,
-) -> float:
-    """Test accuracy of an L2-regularised logistic regression (standardised features, LBFGS).
-
-    Raises:
-        GateError: on mismatched shapes or labels that are not both 0 and 1 in training.
-    """
-    train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
-    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise GateError(
-            f"probe features must be 2-D with equal widths, got {train_x.shape} and {test_x.shape}"
-        )
-    if len(train_x) != len(train_y) or len(test_x) != len(test_y) or len(test_x) == 0:
-        raise GateError("probe features and labels differ in length (or the test set is empty)")
-    if set(np.unique(train_y).tolist()) != {0, 1}:
-        raise GateError("probe training labels must contain both classes 0 and 1")
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    x = torch.tensor((train_x - mean) / std)
-    y = torch.tensor(train_y, dtype=torch.float64)
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        pred = (torch.tensor((test_x - mean) / std) @ w + b) > 0
-    return float((pred.numpy() == test_y.astype(bool)).mean())
-
-
-@torch.no_grad()
-def image_features(backend, images: Sequence[Image.Image]) -> np.ndarray:
-    """Mean final hidden state over each photo's image span (in a ``<s> <boi> ids <eoi>`` sequence)."""
-    spans = backend.encode_images(list(images))
-    rows = [[backend.special.bos, *backend.image_span(s)] for s in spans.tolist()]
-    ids = torch.tensor(rows)
-    feats = []
-    for start in range(0, len(ids), 64):
-        hidden, _ = backend.hidden_states(ids[start : start + 64])
-        feats.append(hidden[:, 2:-1].mean(1).float().numpy())
-    return np.concatenate(feats)
-
-
-def twin_probe_accuracy(
-    backend, world: ToyWorld, identities: Sequence[Identity], per: int = 24, seed: int = 0
-) -> float:
-    """Mean over identities of a linear probe's accuracy telling the identity from its twins.
-
-    For each identity: ``per`` photos of it and ``per`` photos of random twins; the probe trains on two
-    thirds and is tested on the rest (unseen photos and, mostly, unseen twins).
-    """
-    if not identities or per < 6:
-        raise GateError("twin_probe_accuracy needs identities and per >= 6")
-    rng = np.random.default_rng([seed, 0x7714])
-    accs = []
-    for identity in identities:
-        pos = [world.render(identity, rng, distractors=int(rng.integers(0, 2))) for _ in range(per)]
-        neg = [
-            world.render(world.twin(identity, rng), rng, distractors=int(rng.integers(0, 2)))
-            for _ in range(per)
-        ]
-        feats = image_features(backend, pos + neg)
-        labels = np.array([1] * per + [0] * per)
-        split = (2 * per) // 3
-        train = np.r_[0:split, per : per + split]
-        test = np.r_[split:per, per + split : 2 * per]
-        accs.append(linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]))
-    return float(np.mean(accs))
+    wanted = [{**t.attributes, "marks": t.mark_colours} for t in targets]
+    every = [scorer.attribute_accuracy([image], w) == 1.0 for image, w in zip(images, wanted)]
+    return {"all": scorer.attribute_accuracy(images, wanted), "every": float(np.mean(every))}, images

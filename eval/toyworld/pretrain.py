@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,16 @@ from .scorer import FACTORS
 from .world import (
     FACTOR_VALUES,
     MARK_COLOURS,
+    QA_FACTORS,
     Identity,
     ToyWorld,
     attribute_qa,
     caption,
     draw_options,
+    factor_value,
+    factor_values,
     factor_word,
+    full_caption,
     two_options,
 )
 
@@ -496,9 +500,10 @@ class LMTrainConfig:
         all_questions: an attribute-QA sample asks every attribute question and the caption about its
             photo in one conversation, in random order (five supervised answers per image pass).
         existence_questions: those conversations also ask whether the photo shows the object's own
-            description (yes) and a description with one or two factors changed (no), in the
-            recognition questions' wording with the description in place of ``<sks>``, so the base
-            answers "Is ... in this photo?" by looking, as the bases the method is meant for do.
+            description (yes) and a description with one factor changed, marks included (no, or two
+            factors a quarter of the time), in the recognition questions' wording with the description
+            in place of ``<sks>``, so the base answers "Is ... in this photo?" by looking, as the
+            bases the method is meant for do (see :func:`existence_turns`).
         bf16: run forward and backward under CPU bfloat16 autocast with eager attention (weights and
             AdamW stay fp32). On CPUs with AMX this makes a step about twice as fast.
         compile: run the transformer through ``torch.compile`` (dynamic shapes) while pretraining. It
@@ -513,16 +518,16 @@ class LMTrainConfig:
     num_heads: int = 4
     vocab_size: int = 1536
     n_reserved: int = 256
-    # Settings measured on development identities (README, "Toy world"); captions are asked inside
-    # the all-questions conversations, hence their own share of 0; redraws (13%, with existence
-    # questions) and a 0.50 attribute-QA share were measured no better. 4,000 steps fit the build's hour
-    # because the full build compiles the transformer (0.31 s a step in the build, not about 0.44).
-    steps: int = 4000
+    # Settings measured on development identities (eval/toyworld/README.md); captions are asked inside
+    # the all-questions conversations, hence their own share of 0; redraws were measured no better.
+    # The full build compiles the transformer (about a third faster a step), which pays for 6,000 steps
+    # in toy world v2's two-hour build budget.
+    steps: int = 6000
     batch_size: int = 24
     lr: float = 3e-3
     weight_decay: float = 0.01
-    n_identities: int = 4096
-    photos_per_identity: int = 3
+    n_identities: int = 2000
+    photos_per_identity: int = 4
     photos_per_twin: int = 1
     mix: tuple[float, ...] = (0.0, 0.40, 0.30, 0.20, 0.10, 0.0)
     pair_scenes_per_identity: int = 1
@@ -530,7 +535,7 @@ class LMTrainConfig:
     per_sequence_loss: bool = True
     codebook_init: bool = True
     all_questions: bool = True
-    existence_questions: bool = False  # measured, no better (README, "Toy world")
+    existence_questions: bool = True
     bf16: bool = True
     compile: bool = False
     seed: int = 0
@@ -703,14 +708,15 @@ def build_image_bank(backend, world: ToyWorld, config: LMTrainConfig, progress: 
             f"the world has {len(pretrain)} pretraining identities, {config.n_identities} asked"
         )
     base = list(pretrain[: config.n_identities])
-    known = set(pretrain) | set(world.protected)
+    by_signature = {identity.signature: identity for identity in pretrain}
     twins = []
     for identity in base:
         candidate = world.twin(identity, rng)
-        # A twin must never be a dev or held-out identity (nor collide with another pretraining one).
-        while candidate in known:
+        # A twin must never look like a dev or held-out identity; one that looks like a pretraining
+        # identity is that identity (its marks drawn where that identity has them).
+        while world.is_protected(candidate):
             candidate = world.twin(identity, rng)
-        twins.append(candidate)
+        twins.append(by_signature.get(candidate.signature, candidate))
     identities = base + twins
     images, owner, clean = [], [], []
     for index, identity in enumerate(identities):
@@ -776,32 +782,66 @@ def choice_question(question: str, factor: str, value: str, rng: np.random.Gener
 
     Option texts are the answer words (``"circle"``, ``"striped"``), which the open answer contains.
     """
-    n_wrong = int(rng.integers(1, min(3, len(FACTOR_VALUES[factor]) - 1) + 1))
+    n_wrong = int(rng.integers(1, min(3, len(factor_values(factor)) - 1) + 1))
     values, _ = draw_options(factor, value, n_wrong, rng)
     return mc_prompt({"question": question, "options": [factor_word(factor, v) for v in values]})
 
 
-def existence_turns(identity: Identity, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """A "yes" and a "no" recognition question about a photo of ``identity``, naming descriptions.
+# Existence questions change the marks in this share of "no" descriptions, and one other factor in the rest
+# (two factors in TWO_FACTOR_SHARE of them): the marks are what tells a concept from its twins.
+MARKS_CHANGED_SHARE = 0.4
+TWO_FACTOR_SHARE = 0.25
+# Share of existence descriptions that leave the marks out (plain captions describe twins too: "yes").
+PLAIN_DESCRIPTION_SHARE = 0.25
 
-    The "no" description changes one or two of the identity's factors, so answering needs the photo.
+
+def changed_description(identity: Identity, factors: tuple[str, ...], rng: np.random.Generator) -> str:
+    """``identity``'s full caption with each of ``factors`` (from :data:`QA_FACTORS`) set to another value."""
+    values = {factor: factor_value(identity, factor) for factor in QA_FACTORS}
+    for factor in factors:
+        others = [v for v in factor_values(factor) if v != values[factor]]
+        values[factor] = others[int(rng.integers(len(others)))]
+    pattern = factor_word("pattern", values["pattern"])
+    return f"a {values['size']} {values['colour']} {pattern} {values['shape']} with {values['marks']}"
+
+
+def existence_description(identity: Identity, rng: np.random.Generator) -> tuple[str, str, str | None]:
+    """A described object for a "yes" and one for a "no" question about a photo of ``identity``.
+
+    Returns:
+        ``(present, absent, changed)``: the description of the photo's object (its full caption, or
+        its plain caption a quarter of the time), one that differs from it (the marks changed with
+        probability :data:`MARKS_CHANGED_SHARE`, else another factor, plus a second factor in
+        :data:`TWO_FACTOR_SHARE` of cases) and the first changed factor.
     """
-    changed = dict(identity.attributes)
-    for factor in rng.choice(FACTORS, size=int(rng.integers(1, 3)), replace=False):
-        values = [v for v in FACTOR_VALUES[factor] if v != changed[factor]]
-        changed[factor] = values[int(rng.integers(len(values)))]
-    absent = replace(identity, **changed)
-    turns = []
-    for shown, who in ((True, identity), (False, absent)):
-        k = int(rng.integers(len(RECOGNITION_QUESTIONS)))
-        name = caption(who)
-        turns.append(
-            (
-                RECOGNITION_QUESTIONS[k].replace("<sks>", name),
-                recognition_answer(k, shown).replace("<sks>", name),
-            )
-        )
-    return turns
+    present = caption(identity) if rng.random() < PLAIN_DESCRIPTION_SHARE else full_caption(identity)
+    if rng.random() < MARKS_CHANGED_SHARE:
+        factors: tuple[str, ...] = ("marks",)
+    else:
+        others = [f for f in QA_FACTORS if f != "marks"]
+        factors = (others[int(rng.integers(len(others)))],)
+    if rng.random() < TWO_FACTOR_SHARE:
+        rest = [f for f in QA_FACTORS if f not in factors]
+        factors = (*factors, rest[int(rng.integers(len(rest)))])
+    absent = changed_description(identity, factors, rng)
+    if "marks" not in factors and rng.random() < PLAIN_DESCRIPTION_SHARE:
+        absent = absent.split(" with ")[0]
+    return present, absent, factors[0]
+
+
+def existence_question(description: str, shown: bool, rng: np.random.Generator) -> tuple[str, str]:
+    """A recognition question and its answer with ``description`` in place of ``<sks>``."""
+    k = int(rng.integers(len(RECOGNITION_QUESTIONS)))
+    return (
+        RECOGNITION_QUESTIONS[k].replace("<sks>", description),
+        recognition_answer(k, shown).replace("<sks>", description),
+    )
+
+
+def existence_turns(identity: Identity, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """A "yes" and a "no" recognition question about a photo of ``identity`` (:func:`existence_description`)."""
+    present, absent, _ = existence_description(identity, rng)
+    return [existence_question(present, True, rng), existence_question(absent, False, rng)]
 
 
 def _pair_sample(backend, bank: ImageBank, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -851,12 +891,12 @@ def _sample_sequence(
     span = lambda row: backend.image_span(bank.image_ids[row].tolist())  # noqa: E731
     if task == _CAPTION:
         human = span(int(rng.choice(photos))) + backend.tokenize(" " + DESCRIBE_QUESTION)
-        return conversation(backend, human, backend.tokenize(caption(identity).capitalize() + "."))
+        return conversation(backend, human, backend.tokenize(full_caption(identity).capitalize() + "."))
     if task == _ATTRIBUTE_QA:
         image = span(int(rng.choice(photos)))
         pairs = attribute_qa(identity, rng)
         asked = [
-            choice_question(qa.question, qa.factor, getattr(identity, qa.factor), rng)
+            choice_question(qa.question, qa.factor, factor_value(identity, qa.factor), rng)
             if rng.random() < choice_share
             else qa.question
             for qa in pairs
@@ -869,7 +909,7 @@ def _sample_sequence(
         # Every question about one photo, in a random order (each one comes first as often as the
         # others, which is the single-question form the gates ask): one image pass, five answers.
         turns = [(question, qa.answer) for question, qa in zip(asked, pairs)]
-        turns.append((DESCRIBE_QUESTION, caption(identity).capitalize() + "."))
+        turns.append((DESCRIBE_QUESTION, full_caption(identity).capitalize() + "."))
         if existence:
             turns += existence_turns(identity, rng)
         order = rng.permutation(len(turns))
@@ -888,7 +928,7 @@ def _sample_sequence(
     if task == _TEXT_TO_IMAGE:
         clean = photos[bank.clean[photos]]
         target = int(rng.choice(clean if len(clean) else photos))
-        human = backend.tokenize(generation_prompt(caption(identity), int(rng.integers(3))))
+        human = backend.tokenize(generation_prompt(full_caption(identity), int(rng.integers(3))))
         return conversation(backend, human, span(target))
     first, second = (int(x) for x in rng.choice(photos, size=2, replace=False))
     roll = rng.random()

@@ -3,8 +3,9 @@
 Small CNNs in three steps: a full-resolution segmenter votes for the object's box, the box is corrected
 in a canonical crop, and a classifier reading that crop has one head per nameable factor (shape, colour,
 pattern; size reads the box side) and one head per mark-grid cell. A cell head chooses among ``"none"`` and the mark colours, so the predicted mark set is the set of
-cells not predicted ``"none"``. A photo shows an identity *correctly* only when every head agrees with it:
-all four factors and all ``G x G`` cells (an extra, missing, moved or recoloured mark is wrong).
+cells not predicted ``"none"``. A photo shows an identity *correctly* only when it matches the identity's
+signature: all four factors and the set of mark colours read from the cells (an extra, missing or
+recoloured mark is wrong; a mark read in another cell is not, since twins differ by colour).
 
 The scorer trains on freshly rendered photos of random identities that are never dev or held-out
 identities, so its gate numbers on held-out identities measure generalisation, not memory.
@@ -42,6 +43,7 @@ from .world import (
     Identity,
     Mark,
     ToyWorld,
+    ToyWorldError,
     WorldConfig,
 )
 
@@ -168,11 +170,13 @@ class _ScorerNet(nn.Module):
         self.factor_heads = nn.ModuleDict(
             {f: nn.Linear(config.hidden, len(FACTOR_VALUES[f])) for f in FACTORS if f != "size"}
         )
-        # Size depends on the box side only; a small MLP carves it into the three classes.
+        # Size depends on the box side only; a small MLP carves it into the classes.
         self.size_head = nn.Sequential(nn.Linear(1, 16), nn.ReLU(inplace=True), nn.Linear(16, len(SIZES)))
         self.cell_head = nn.Linear(config.hidden, config.n_cells * len(_CELL_VALUES))
         self.box_head = nn.Linear(config.hidden, 3)
-        self._medium_px = WorldConfig(image_size=config.image_size, n_pretrain=0).size_px("medium")
+        # The size head reads the box side relative to the mean size class.
+        world = WorldConfig(image_size=config.image_size, n_pretrain=0)
+        self._reference_px = float(np.mean([world.size_px(size) for size in SIZES]))
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel maps ``(N, 5, H, W)``: object logit, then distances to the box's left, top, right and
@@ -220,7 +224,7 @@ class _ScorerNet(nn.Module):
     def classify(self, x: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.classifier(self.crop(x, boxes))
         out = {f: head(h) for f, head in self.factor_heads.items()}
-        out["size"] = self.size_head(((boxes[:, 2:3] / self._medium_px) - 1.0) * 8.0)
+        out["size"] = self.size_head(((boxes[:, 2:3] / self._reference_px) - 1.0) * 8.0)
         out["cells"] = self.cell_head(h).view(-1, self.config.n_cells, len(_CELL_VALUES))
         out["box_delta"] = self.box_head(h)
         return out
@@ -248,6 +252,20 @@ class _ScorerNet(nn.Module):
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _colour_set(colours) -> tuple[str, ...]:
+    """Mark colour names as a set in the palette's order (the form of ``Identity.mark_colours``)."""
+    colours = set(colours)
+    unknown = colours - set(MARK_COLOURS)
+    if unknown:
+        raise ScorerError(f"unknown mark colours {sorted(unknown)}; choose from {list(MARK_COLOURS)}")
+    return tuple(c for c in MARK_COLOURS if c in colours)
+
+
+def _signature(pred: dict) -> tuple:
+    """A prediction in the form of ``Identity.signature``."""
+    return (*(pred[f] for f in FACTORS), pred["mark_colours"])
 
 
 def _identity_targets(identities: Sequence[Identity], grid: int) -> dict[str, torch.Tensor]:
@@ -334,8 +352,9 @@ class Scorer:
                 outline cannot move the mark cells).
 
         Returns:
-            One dict per image: ``shape``, ``colour``, ``pattern``, ``size`` (value names) and ``marks``
-            (``{(row, col): colour}`` for every cell not predicted empty).
+            One dict per image: ``shape``, ``colour``, ``pattern``, ``size`` (value names), ``marks``
+            (``{(row, col): colour}`` for every cell not predicted empty) and ``mark_colours`` (the set of
+            those colours, in the palette's order).
 
         Raises:
             ScorerError: on anything that is not an image.
@@ -350,40 +369,33 @@ class Scorer:
                 for cell, value in enumerate(idx["cells"][n])
                 if value
             }
+            pred["mark_colours"] = _colour_set(pred["marks"].values())
             results.append(pred)
         return results
 
     def predict_identities(self, images: Sequence[Image.Image] | np.ndarray) -> list[Identity | None]:
-        """The identity each image shows, or ``None`` where the predicted marks are not 1–2 marks."""
+        """The identity each image shows, or ``None`` where the marks read are not 1–2 distinct colours."""
         out: list[Identity | None] = []
         for pred in self.predict(images):
             marks = tuple(Mark(r, c, colour) for (r, c), colour in pred["marks"].items())
-            ok = 1 <= len(marks) <= 2
-            out.append(
-                Identity(pred["shape"], pred["colour"], pred["pattern"], pred["size"], marks) if ok else None
-            )
+            try:
+                out.append(Identity(pred["shape"], pred["colour"], pred["pattern"], pred["size"], marks))
+            except ToyWorldError:
+                out.append(None)
         return out
 
-    def identity_correct(
-        self, images: Sequence[Image.Image] | np.ndarray, identity: Identity, accept_mirror: bool = False
-    ) -> list[bool]:
-        """Whether each image shows exactly ``identity``: every factor head and every cell head right.
+    def identity_correct(self, images: Sequence[Image.Image] | np.ndarray, identity: Identity) -> list[bool]:
+        """Whether each image shows ``identity``: its four factors and its set of mark colours.
 
-        Args:
-            images: photos to judge.
-            identity: the target.
-            accept_mirror: also accept the horizontally mirrored marks (use when the method trained with
-                flip augmentation, which teaches it that the mirror image is the concept too).
+        Mark cells do not count (a flipped photo moves them, and twins differ by colour), so a photo is
+        right when every factor head agrees and the cells read exactly the identity's mark colours.
 
         Raises:
             ScorerError: on a bad image or a target that is not an :class:`Identity`.
         """
         if not isinstance(identity, Identity):
             raise ScorerError(f"target must be an Identity, got {type(identity).__name__}")
-        targets = {identity}
-        if accept_mirror:
-            targets.add(identity.mirrored(self.config.mark_grid))
-        return [pred in targets for pred in self.predict_identities(images)]
+        return [_signature(pred) == identity.signature for pred in self.predict(images)]
 
     def attribute_accuracy(
         self,
@@ -395,8 +407,8 @@ class Scorer:
         Args:
             images: photos to judge.
             attributes: ``{factor: value}`` applied to every image (as in a caption), or one such dict per
-                image. Factors: ``shape``, ``colour``, ``pattern``, ``size``; a ``marks`` entry (a
-                ``{(row, col): colour}`` dict) counts as one more factor, right only if all cells are.
+                image. Factors: ``shape``, ``colour``, ``pattern``, ``size``; a ``marks`` entry (mark
+                colour names) counts as one more factor, right only if exactly those colours are read.
 
         Returns:
             The accuracy in ``[0, 1]``.
@@ -417,7 +429,7 @@ class Scorer:
                 raise ScorerError("attribute dicts must name at least one factor")
             for factor, value in wanted.items():
                 if factor == "marks":
-                    hits += int(pred["marks"] == dict(value))
+                    hits += int(pred["mark_colours"] == _colour_set(value))
                 elif factor in FACTOR_VALUES:
                     if value not in FACTOR_VALUES[factor]:
                         raise ScorerError(
@@ -702,7 +714,7 @@ def evaluate_scorer(
         ]
         hits["identity"] += sum(scorer.identity_correct(photos, identity))
         for pred in scorer.predict(photos):
-            hits["marks"] += int(pred["marks"] == identity.mark_map)
+            hits["marks"] += int(pred["mark_colours"] == identity.mark_colours)
             for f in FACTORS:
                 hits[f] += int(pred[f] == getattr(identity, f))
         scenes = [world.random_scene(rng, exclude=[identity])[0] for _ in range(random_scenes_per_identity)]

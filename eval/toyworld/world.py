@@ -2,10 +2,15 @@
 
 Every scene holds at most a few objects on a textured background. An object has a shape, a colour, a
 pattern and a size, and carries one or two *marks*: cells of a ``G x G`` grid laid over its bounding box,
-filled with a colour from a high-contrast palette that no object, background or distractor ever uses.
-Captions and questions name shape, colour, pattern and size but never a mark, so a concept (one
-:class:`Identity`, marks included) can only be told from its *twins* (same everything, other marks) by
-looking.
+filled with distinct colours from a high-contrast palette that no object, background or distractor ever
+uses. An identity is the four nameable factors plus the *set of its mark colours*; a concept's *twins* have
+the same four factors and another set of mark colours (never the same colours moved elsewhere), so
+they differ in what the marks look like, not only in where they sit.
+
+The base model learns mark colours by name (:func:`full_caption`: "a large red striped circle with a
+cyan mark and a black mark"), but a concept's user description (:func:`caption`, what ``concept.yaml``
+holds and the text-prompt baseline reads) leaves the marks out, as people leave out details: the learned
+tokens must recover from a few photos what the words missed.
 
 Everything is drawn with numpy at ``supersample`` times the output resolution and box-filtered down, which
 gives soft edges at thousands of images per second. All randomness comes from a ``numpy.random.Generator``
@@ -17,11 +22,14 @@ Example:
     >>> photo = world.render(concept, np.random.default_rng(1), distractors=2)
     >>> caption(concept)
     'a large red striped circle'
+    >>> full_caption(concept)
+    'a large red striped circle with a cyan mark'
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,8 +62,12 @@ __all__ = [
     "WorldConfig",
     "ATTRIBUTE_ANSWERS",
     "FACTOR_VALUES",
+    "MARK_SETS",
+    "QA_FACTORS",
     "attribute_qa",
     "caption",
+    "full_caption",
+    "mark_phrase",
     "draw_options",
     "factor_word",
     "concept_photos",
@@ -78,7 +90,9 @@ class ToyWorldError(YoChameleonError):
 # Vocabulary. Object colours are mid-tone and saturated, backgrounds are muted, marks are extreme: the three
 # palettes never overlap, so a mark-coloured pixel can only belong to a mark.
 # --------------------------------------------------------------------------------------------------------
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
+# v2 drops what the 4-px tokenizer cells lost most (measured, eval/toyworld/README.md): the ring, the
+# dotted pattern and the 12-px size class.
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (210, 45, 45),
     "orange": (235, 135, 30),
@@ -89,15 +103,15 @@ OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 145, 185),
     "brown": (135, 90, 50),
 }
-PATTERNS: tuple[str, ...] = ("solid", "stripes", "dots", "checker")
+PATTERNS: tuple[str, ...] = ("solid", "stripes", "checker")
 PATTERN_ADJECTIVES: dict[str, str] = {
     "solid": "plain",
     "stripes": "striped",
     "dots": "dotted",
     "checker": "checkered",
 }
-SIZES: tuple[str, ...] = ("small", "medium", "large")
-# Internal names only: no caption, question or answer ever contains them.
+SIZES: tuple[str, ...] = ("small", "large")
+# Named in the base model's pretraining text (full captions, mark questions), never in a user description.
 MARK_COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (12, 12, 12),
     "white": (250, 250, 250),
@@ -114,7 +128,7 @@ _BACKGROUND_COLOURS: tuple[tuple[int, int, int], ...] = (
     (150, 140, 128),  # taupe
 )
 # Bounding-box side in pixels at 32 px; scale jitter (WorldConfig.scale_jitter) never lets classes overlap.
-_SIZE_PX_AT_32: dict[str, float] = {"small": 12.0, "medium": 16.5, "large": 21.0}
+_SIZE_PX_AT_32: dict[str, float] = {"small": 16.5, "large": 21.0}
 _DISTRACTOR_PX_AT_32: tuple[float, float] = (5.0, 8.0)
 
 
@@ -138,10 +152,12 @@ class Mark:
 
 @dataclass(frozen=True)
 class Identity:
-    """One object identity: a fixed shape, colour, pattern, size and set of 1–2 marks.
+    """One object identity: a fixed shape, colour, pattern, size and 1–2 marks of distinct colours.
 
-    Identities are hashable and compare by value, so sets of them prove split disjointness. Marks are
-    stored sorted by cell, so two identities with the same marks listed in another order are equal.
+    Identities are hashable and compare by value (mark cells included, which fixes how photos are drawn).
+    Marks are stored sorted by cell, so two identities with the same marks listed in another order are
+    equal. What tells identities apart for the benchmark is :attr:`signature` (the four factors and the set
+    of mark colours): the world never holds two identities with one signature.
 
     Attributes:
         shape: one of :data:`SHAPES`.
@@ -173,6 +189,8 @@ class Identity:
             raise ToyWorldError("marks must be Mark instances")
         if len({(m.row, m.col) for m in marks}) != len(marks):
             raise ToyWorldError(f"two marks share a cell: {marks}")
+        if len({m.colour for m in marks}) != len(marks):
+            raise ToyWorldError(f"two marks share a colour: {marks}")
         object.__setattr__(self, "marks", marks)
 
     @property
@@ -184,6 +202,16 @@ class Identity:
     def attributes(self) -> dict[str, str]:
         """The nameable factors by name: ``{"shape": ..., "colour": ..., "pattern": ..., "size": ...}``."""
         return {factor: getattr(self, factor) for factor in FACTOR_VALUES}
+
+    @property
+    def mark_colours(self) -> tuple[str, ...]:
+        """The set of mark colours, in the palette's order (e.g. ``("black", "cyan")``)."""
+        return tuple(c for c in MARK_COLOURS if c in {m.colour for m in self.marks})
+
+    @property
+    def signature(self) -> tuple[str, str, str, str, tuple[str, ...]]:
+        """What tells identities apart: the four nameable factors and the set of mark colours."""
+        return (*self.base, self.mark_colours)
 
     @property
     def mark_map(self) -> dict[tuple[int, int], str]:
@@ -233,11 +261,29 @@ class Identity:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Text: captions and question/answer items. None of them mentions a mark.
+# Text: captions and question/answer items. Mark colours are named only by full captions and mark
+# questions (the base model's pretraining and the oracle baseline), never by a user description.
 # --------------------------------------------------------------------------------------------------------
 def caption(identity: Identity) -> str:
-    """A caption naming every nameable factor, e.g. ``"a large red striped circle"``."""
+    """The user's description, without marks, e.g. ``"a large red striped circle"``."""
     return f"a {identity.size} {identity.colour} {PATTERN_ADJECTIVES[identity.pattern]} {identity.shape}"
+
+
+def mark_phrase(colours: Sequence[str]) -> str:
+    """``"a cyan mark"`` or ``"a black mark and a cyan mark"`` (colours in the palette's order).
+
+    Raises:
+        ToyWorldError: on an empty set or an unknown colour.
+    """
+    if not colours or any(c not in MARK_COLOURS for c in colours):
+        raise ToyWorldError(f"mark colours must be 1 or more of {list(MARK_COLOURS)}, got {list(colours)}")
+    ordered = [c for c in MARK_COLOURS if c in set(colours)]
+    return " and ".join(f"a {c} mark" for c in ordered)
+
+
+def full_caption(identity: Identity) -> str:
+    """The description with the marks named, e.g. ``"a large red striped circle with a cyan mark"``."""
+    return f"{caption(identity)} with {mark_phrase(identity.mark_colours)}"
 
 
 @dataclass(frozen=True)
@@ -287,13 +333,19 @@ _ATTRIBUTE_QUESTIONS: dict[str, tuple[str, ...]] = {
         "How is the object patterned?",
         "What is on the surface?",
     ),
-    "size": ("How big is the object?", "What size is the object?", "Is the object small, medium or large?"),
+    "size": ("How big is the object?", "What size is the object?", "Is the object small or large?"),
+    "marks": (
+        "What marks does the object have?",
+        "What colour are the marks on the object?",
+        "Which marks are on the object?",
+    ),
 }
 ATTRIBUTE_ANSWERS: dict[str, str] = {
     "shape": "It is a {value}.",
     "colour": "It is {value}.",
     "pattern": "It is {value}.",
     "size": "It is {value}.",
+    "marks": "It has {value}.",
 }
 _CONCEPT_QUESTIONS: dict[str, str] = {
     "shape": "What shape is <sks>?",
@@ -307,6 +359,25 @@ FACTOR_VALUES: dict[str, tuple[str, ...]] = {
     "pattern": PATTERNS,
     "size": SIZES,
 }
+# Every set of 1-2 distinct mark colours, as its phrase ("a cyan mark and a black mark"): the values of the
+# "marks" question. Each plain description therefore has len(MARK_SETS) - 1 = 9 possible twins.
+MARK_SETS: tuple[str, ...] = tuple(
+    mark_phrase(combo)
+    for n in (1, 2)
+    for combo in itertools.combinations(MARK_COLOURS, n)
+)
+# The factors attribute questions ask about: the nameable four and the marks.
+QA_FACTORS: tuple[str, ...] = (*FACTOR_VALUES, "marks")
+
+
+def factor_values(factor: str) -> tuple[str, ...]:
+    """Every value a question about ``factor`` (one of :data:`QA_FACTORS`) can have."""
+    return MARK_SETS if factor == "marks" else FACTOR_VALUES[factor]
+
+
+def factor_value(identity: Identity, factor: str) -> str:
+    """``identity``'s value of ``factor``; for ``"marks"`` its mark phrase."""
+    return mark_phrase(identity.mark_colours) if factor == "marks" else getattr(identity, factor)
 
 
 def factor_word(factor: str, value: str) -> str:
@@ -320,7 +391,7 @@ def draw_options(factor: str, right: str, n_wrong: int, rng: np.random.Generator
     Returns:
         ``(values, index)``: the shuffled values and the position of ``right`` among them.
     """
-    wrong = [v for v in FACTOR_VALUES[factor] if v != right]
+    wrong = [v for v in factor_values(factor) if v != right]
     chosen = [right] + [wrong[i] for i in rng.choice(len(wrong), size=n_wrong, replace=False)]
     order = rng.permutation(len(chosen))
     return [chosen[j] for j in order], int(np.flatnonzero(order == 0)[0])
@@ -332,19 +403,19 @@ def two_options(right: str, wrong: str, rng: np.random.Generator) -> list[str]:
 
 
 def attribute_qa(identity: Identity, rng: np.random.Generator | None = None) -> list[QAPair]:
-    """One question per nameable factor about a photo of ``identity`` (paraphrase drawn from ``rng``).
+    """One question per factor about a photo of ``identity`` (paraphrase drawn from ``rng``).
 
     Args:
         identity: the object shown in the photo.
         rng: picks the paraphrase; ``None`` always uses the first one.
 
     Returns:
-        Four :class:`QAPair` (shape, colour, pattern, size).
+        Five :class:`QAPair` (shape, colour, pattern, size, marks).
     """
     pairs = []
     for factor, questions in _ATTRIBUTE_QUESTIONS.items():
         question = questions[0] if rng is None else questions[int(rng.integers(len(questions)))]
-        word = factor_word(factor, getattr(identity, factor))
+        word = factor_word(factor, factor_value(identity, factor))
         pairs.append(QAPair(question, ATTRIBUTE_ANSWERS[factor].format(value=word), factor, word))
     return pairs
 
@@ -445,6 +516,9 @@ def _secondary_shade(rgb: tuple[int, int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 # World
 # --------------------------------------------------------------------------------------------------------
+N_SIGNATURES = len(SHAPES) * len(OBJECT_COLOURS) * len(PATTERNS) * len(SIZES) * len(MARK_SETS)
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """Rendering and split settings.
@@ -461,7 +535,7 @@ class WorldConfig:
     mark_grid: int = 4
     supersample: int = 2
     scale_jitter: float = 0.08
-    n_pretrain: int = 4096
+    n_pretrain: int = 2000
     n_dev: int = 16
     n_heldout: int = 32
 
@@ -478,6 +552,12 @@ class WorldConfig:
             )
         if min(self.n_pretrain, self.n_dev, self.n_heldout) < 0 or self.n_heldout + self.n_dev < 1:
             raise ToyWorldError("split sizes must be non-negative and dev + heldout at least 1")
+        total = self.n_pretrain + self.n_dev + self.n_heldout
+        if total > N_SIGNATURES:
+            raise ToyWorldError(
+                f"the splits ask for {total} identities but the world has only {N_SIGNATURES} "
+                "(shape x colour x pattern x size x mark-colour set)"
+            )
 
     def size_px(self, size: str) -> float:
         """Nominal bounding-box side of a size class, in output pixels."""
@@ -594,7 +674,8 @@ class ToyWorld:
         n = int(rng.integers(1, 3)) if n_marks is None else n_marks
         picks = rng.choice(len(cells), size=n, replace=False)
         colours = list(MARK_COLOURS)
-        return tuple(Mark(*cells[int(i)], colours[int(rng.integers(len(colours)))]) for i in picks)
+        hues = rng.choice(len(colours), size=n, replace=False)
+        return tuple(Mark(*cells[int(i)], colours[int(h)]) for i, h in zip(picks, hues))
 
     def _draw_identity(self, rng: np.random.Generator) -> Identity:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -607,7 +688,7 @@ class ToyWorld:
     def splits(self) -> dict[str, list[Identity]]:
         """Disjoint identity lists ``{"pretrain", "dev", "heldout"}``, fixed by ``world_seed``."""
         rng = np.random.default_rng([self.world_seed, 0x7079])
-        seen: set[Identity] = set()
+        seen: set[tuple] = set()
         out: dict[str, list[Identity]] = {}
         # Held-out and dev first, so their draws do not depend on the (configurable) pretraining count.
         for split, count in (
@@ -618,55 +699,62 @@ class ToyWorld:
             items: list[Identity] = []
             while len(items) < count:
                 identity = self._draw_identity(rng)
-                if identity not in seen:
-                    seen.add(identity)
+                if identity.signature not in seen:
+                    seen.add(identity.signature)
                     items.append(identity)
             out[split] = items
         return {"pretrain": out["pretrain"], "dev": out["dev"], "heldout": out["heldout"]}
 
     @cached_property
-    def protected(self) -> frozenset[Identity]:
-        """Dev and held-out identities: random scenes never show them."""
-        return frozenset(self.splits["dev"]) | frozenset(self.splits["heldout"])
+    def protected(self) -> frozenset[tuple]:
+        """Signatures of dev and held-out identities: random scenes and pretraining never show them."""
+        return frozenset(i.signature for i in (*self.splits["dev"], *self.splits["heldout"]))
+
+    def is_protected(self, identity: Identity) -> bool:
+        """Whether ``identity`` looks like a dev or held-out identity (same signature)."""
+        return identity.signature in self.protected
 
     def random_identity(self, rng: np.random.Generator, exclude: Iterable[Identity] = ()) -> Identity:
-        """A fresh random identity that is neither dev, held-out, nor in ``exclude``."""
-        banned = set(exclude)
+        """A fresh random identity whose signature is neither dev, held-out, nor one of ``exclude``'s."""
+        banned = {i.signature for i in exclude}
         while True:
             identity = self._draw_identity(rng)
-            if identity not in self.protected and identity not in banned:
+            if identity.signature not in self.protected and identity.signature not in banned:
                 return identity
 
     def twin(self, identity: Identity, rng: np.random.Generator) -> Identity:
-        """A hard negative: the same shape, colour, pattern and size with different marks.
+        """A hard negative: the same shape, colour, pattern and size with another set of mark colours.
 
-        One of three edits, chosen at random: move a mark to another cell, recolour a mark, or add/remove
-        a mark. The result always differs from ``identity``.
+        One of three edits, chosen at random: recolour a mark with a colour the identity lacks, add a
+        mark of such a colour, or remove one of two marks. Half the time every mark then moves to fresh
+        cells. The set of mark colours always differs from ``identity``'s, so no twin differs by
+        position alone.
         """
         self.check_identity(identity)
         cells = self._valid_cells[identity.shape]
-        colours = list(MARK_COLOURS)
         while True:
             marks = list(identity.marks)
+            unused = [c for c in MARK_COLOURS if c not in identity.mark_colours]
             edit = int(rng.integers(3))
             i = int(rng.integers(len(marks)))
             used = {(m.row, m.col) for m in marks}
             free = [c for c in cells if c not in used]
-            if edit == 0 and free:
-                cell = free[int(rng.integers(len(free)))]
-                marks[i] = Mark(cell[0], cell[1], marks[i].colour)
-            elif edit == 1:
-                others = [c for c in colours if c != marks[i].colour]
-                marks[i] = Mark(marks[i].row, marks[i].col, others[int(rng.integers(len(others)))])
+            if edit == 0:
+                marks[i] = Mark(marks[i].row, marks[i].col, unused[int(rng.integers(len(unused)))])
             elif len(marks) == 2:
                 marks.pop(i)
             elif free:
                 cell = free[int(rng.integers(len(free)))]
-                marks.append(Mark(cell[0], cell[1], colours[int(rng.integers(len(colours)))]))
+                marks.append(Mark(cell[0], cell[1], unused[int(rng.integers(len(unused)))]))
+            else:
+                continue
+            if rng.random() < 0.5:
+                picks = rng.choice(len(cells), size=len(marks), replace=False)
+                marks = [Mark(*cells[int(k)], m.colour) for k, m in zip(picks, marks)]
             candidate = Identity(
                 identity.shape, identity.colour, identity.pattern, identity.size, tuple(marks)
             )
-            if candidate != identity:
+            if candidate.mark_colours != identity.mark_colours:
                 return candidate
 
     # ---- rendering --------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ circle square triangle diamond cross ring star heart striped dotted solid checke
 colour color shape size mark marks object objects scene background what which who where how many
 does do did can could would should will has have had your my our their his her there here
 question answer describe caption generate draw show me same different one two three four five
-dog cat mug cup toy person man woman child bird car house tree flower table chair book bag
+dog cat mug cup toy person man woman child bird car house tree flower table chair book bag magenta
+checkered it has a mark and a cyan mark. It is a circle. Is a small red plain square in this photo?
 Yes, No, I see. It is. This is not. Is there? Can you see? A photo of. Answer with yes or no.
 """
 
@@ -145,7 +146,10 @@ def build_tokenizer(size: TinySize):
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = [line for line in _CORPUS.splitlines() if line.strip()] * 50
+    # Every line starts with a space so that its first word is learned in its mid-sentence form too:
+    # otherwise " a" stays two tokens (a space, then "a") and a space then predicts whatever most often
+    # follows one in training data, e.g. a concept token.
+    corpus = [" " + line for line in _CORPUS.splitlines() if line.strip()] * 50
     if size.vocab_size > 4096:
         # A large vocabulary needs more distinct text to fill its merges.
         corpus += [" ".join(f"w{i}x{j}" for j in range(64)) for i in range(2000)]
