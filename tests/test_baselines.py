@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,7 +62,15 @@ def setup(tmp_path_factory):
             [{"question": "Is <sks> a cat or a dog?", "options": {"A": "cat", "B": "dog"}, "answer": "A"}]
         )
     )
-    data = ConceptData("sks", concept, photos, "<sks> is a tabby cat.", root / "data", root / "index")
+    data = ConceptData(
+        "sks",
+        concept,
+        photos,
+        "<sks> is a tabby cat.",
+        "<sks> is a tabby cat with a white tail tip.",
+        root / "data",
+        root / "index",
+    )
     return root, data, TestSet.load(test)
 
 
@@ -88,6 +97,22 @@ def test_every_method_runs_end_to_end(backend, setup, name, tmp_path):
         assert tokens == 0
     elif name == "image_prompt":
         assert tokens > backend.image_seq_len
+
+
+def test_oracle_text_prompt_reads_the_oracle_description_and_refuses_a_concept_without_one(
+    backend, setup, tmp_path
+):
+    _, data, _ = setup
+    plain, oracle = build_method("text_prompt", backend), build_method("text_prompt_oracle", backend)
+    plain.fit(data, tmp_path)
+    oracle.fit(data, tmp_path)
+    text = backend.decode_text(oracle.prompt("Is <sks> here?").ids)
+    assert "white tail tip" in text and "white tail tip" not in backend.decode_text(
+        plain.prompt("Is <sks> here?").ids
+    )
+    assert oracle.prompt_tokens() > plain.prompt_tokens()
+    with pytest.raises(ConfigError, match="oracle description"):
+        build_method("text_prompt_oracle", backend).fit(replace(data, oracle_description=""), tmp_path)
 
 
 def test_unknown_method_and_bad_test_dirs(backend, tmp_path):

@@ -16,7 +16,7 @@ from yochameleon.data.photos import load_photos, load_rgb
 from yochameleon.data.pipeline import PrepareOptions, prepare_concept, token_lookup
 from yochameleon.data.records import RecordOptions, build_records
 from yochameleon.data.token_cache import TokenCache
-from yochameleon.errors import DataError
+from yochameleon.errors import ConfigError, DataError
 
 
 def _photo(path: Path, seed: int, mode: str = "RGB", size=(48, 40)) -> Path:
@@ -305,3 +305,21 @@ def test_text_qa_from_an_answerer_when_no_qa_file(backend, concept_dir, tmp_path
         "What colour is <sks>?", __import__("PIL.Image").Image.new("RGB", (64, 64))
     )
     assert isinstance(answer, str)
+
+
+def test_recipe_text_qa_repeats_sets_how_often_each_qa_pair_is_asked(concept_dir, tmp_path):
+    from yochameleon.train.config import DataConfig, TrainConfig
+
+    n_pairs = sum(1 for line in (concept_dir / "qa.jsonl").read_text().splitlines() if line.strip())
+    counts = {}
+    for repeats in (1, 3):
+        cfg = TrainConfig(data=DataConfig(text_qa_repeats=repeats))
+        opts = PrepareOptions.from_train_config(cfg)
+        opts = PrepareOptions(**{**opts.__dict__, "n_g": 4, "n_recognition": 4})
+        prepare_concept(concept_dir, tmp_path / f"d{repeats}", None, opts)
+        records = read_manifest(tmp_path / f"d{repeats}").record_dicts()
+        counts[repeats] = sum(r["kind"] == "text_qa" for r in records)
+    # qa.jsonl rows and the facts of concept.yaml, each asked once, then three times.
+    assert counts[1] >= n_pairs > 0 and counts[3] == 3 * counts[1]
+    with pytest.raises(ConfigError, match="text_qa_repeats"):
+        DataConfig(text_qa_repeats=0)

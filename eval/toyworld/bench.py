@@ -46,7 +46,7 @@ from yochameleon.errors import ConfigError
 
 from .build import default_out_dir
 from .pretrain import EMBEDDER_NAME
-from .world import ConceptTestSet, Identity, ToyWorld, WorldConfig, caption
+from .world import ConceptTestSet, Identity, ToyWorld, WorldConfig, caption, full_caption
 
 __all__ = [
     "BENCH_RECIPE",
@@ -557,6 +557,7 @@ def run_bench(
                     concept_dir=concept_dir,
                     photos=photos,
                     description=f"<sks> is {caption(identity)}.",
+                    oracle_description=f"<sks> is {full_caption(identity)}.",
                     data_dir=data_dir if needs_data else None,
                     index_dir=index_dir,
                 )

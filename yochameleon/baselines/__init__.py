@@ -5,7 +5,7 @@ from __future__ import annotations
 from yochameleon.baselines.base import ConceptData, Method, Prompted
 from yochameleon.errors import ConfigError
 
-PROMPTING = ("none", "text_prompt", "image_prompt")
+PROMPTING = ("none", "text_prompt", "text_prompt_oracle", "image_prompt")
 
 
 def method_names() -> list[str]:
@@ -23,6 +23,8 @@ def build_method(name: str, backend, **options) -> Method:
         return prompting.NoPersonalization(backend)
     if name == "text_prompt":
         return prompting.TextPrompt(backend)
+    if name == "text_prompt_oracle":
+        return prompting.OracleTextPrompt(backend)
     if name == "image_prompt":
         return prompting.ImagePrompt(backend, **options)
     if name == "myvlm":

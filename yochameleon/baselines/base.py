@@ -30,6 +30,7 @@ class ConceptData:
     concept_dir: Path
     photos: list[Path]
     description: str = ""
+    oracle_description: str = ""
     data_dir: Path | None = None
     index_dir: Path | None = None
 

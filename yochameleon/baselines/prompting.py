@@ -9,6 +9,7 @@ from PIL import Image
 
 from yochameleon.baselines.base import ConceptData, Method, Prompted
 from yochameleon.data.photos import load_rgb
+from yochameleon.errors import ConfigError
 
 # With no learned identifier, the concept is called by a plain word, as the paper's prompting rows do.
 PLAIN_NAME = "sks"
@@ -37,6 +38,26 @@ class TextPrompt(Method):
 
     def prompt_tokens(self) -> int:
         return len(self.backend.tokenize(self.description))
+
+
+class OracleTextPrompt(TextPrompt):
+    """``text_prompt_oracle``: the upper-bound text row, a description that names every detail.
+
+    It reads :attr:`ConceptData.oracle_description`, which a benchmark that knows the ground truth
+    fills in (the toy world names the marks a user's description leaves out); a concept without one
+    is refused rather than silently scored as ``text_prompt``.
+    """
+
+    name = "text_prompt_oracle"
+
+    def fit(self, concept: ConceptData, workdir: Path) -> None:
+        if not concept.oracle_description:
+            raise ConfigError(
+                f"text_prompt_oracle needs an oracle description for concept {concept.name!r} "
+                "(ConceptData.oracle_description); only benchmarks with ground truth provide one"
+            )
+        Method.fit(self, concept, workdir)
+        self.description = concept.oracle_description.replace("<sks>", PLAIN_NAME)
 
 
 class ImagePrompt(Method):

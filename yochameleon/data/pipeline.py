@@ -27,6 +27,7 @@ class PrepareOptions:
     n_soft_positives: int = 1000
     soft_prompt_form: str = "paper"
     flip: bool = True
+    text_qa_repeats: int = 5
     seed: int = 0
     min_photos: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
@@ -42,6 +43,7 @@ class PrepareOptions:
             n_soft_positives=d.n_soft_positives,
             soft_prompt_form=d.soft_prompt_form,
             flip=d.flip,
+            text_qa_repeats=d.text_qa_repeats,
             seed=d.seed,
         )
 
@@ -156,6 +158,7 @@ def prepare_concept(
             flip=opts.flip,
             seed=opts.seed,
             soft_prompt_form=opts.soft_prompt_form,
+            text_qa_photos=opts.text_qa_repeats,
         ),
     )
     return write_manifest(data, name or folder.name, opts.n_g, records)

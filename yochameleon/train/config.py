@@ -74,6 +74,8 @@ class DataConfig:
         soft_prompt_form: ``paper`` (``<sks> is <g1..gm>. A photo of <sks>.``) or ``code``
             (``A photo of <g1..gm>.``).
         flip: horizontal-flip augmentation.
+        text_qa_repeats: each text question/answer pair is asked once per photo, for at most this many
+            photos; raise it to weigh text QA against recognition (which has ``n_recognition`` samples).
         eval_dir: optional folder of held-out photos (``photos/`` and ``negatives/``) for checkpoint
             selection; without it the training positives are used.
     """
@@ -86,10 +88,13 @@ class DataConfig:
     n_soft_positives: int = 1000
     soft_prompt_form: Literal["paper", "code"] = "paper"
     flip: bool = True
+    text_qa_repeats: int = 5
     eval_dir: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.text_qa_repeats < 1:
+            raise ConfigError(f"data.text_qa_repeats must be at least 1, got {self.text_qa_repeats}")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ConfigError(f"data.tasks must be a non-empty subset of {list(TASKS)}, got {self.tasks}")
