@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write a random-init tiny Chameleon-class model (no downloads)")
     p.add_argument("out_dir")
-    p.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "anole-tiny"])
     p.add_argument("--family", default="chameleon", choices=["chameleon", "emu3", "janus"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
