@@ -88,6 +88,28 @@ SIZES = {
             "resolution": 256,
         },
     ),
+    # 14.4M parameters: the tiny Anole the training-memory targets are set on (issue 27). A quarter
+    # of Anole's vocabulary around its full 8,192-code codebook; 128 px images, 256 tokens each.
+    "anole-tiny": TinySize(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        vocab_size=18432,
+        n_reserved=2048,
+        image_size=128,
+        vq={
+            "embed_dim": 64,
+            "num_embeddings": 8192,
+            "latent_channels": 64,
+            "base_channels": 32,
+            "channel_multiplier": [1, 2, 2, 4],
+            "num_res_blocks": 1,
+            "resolution": 128,
+        },
+    ),
 }
 
 
@@ -183,8 +205,9 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
 
     Args:
         out_dir: destination directory (created).
-        size: ``"tiny"`` (hidden 256, 4 layers, 64 image tokens) or ``"small"`` (about 100M
-            parameters, 65,536-entry vocabulary, 1,024 image tokens).
+        size: ``"tiny"`` (hidden 256, 4 layers, 64 image tokens), ``"small"`` (about 100M
+            parameters, 65,536-entry vocabulary, 1,024 image tokens) or ``"anole-tiny"`` (14.4M
+            parameters, 18,432-entry vocabulary, 8,192 codes, 256 image tokens).
         seed: seed of the random initialisation; the same seed writes identical weights.
 
     Returns:
