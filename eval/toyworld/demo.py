@@ -4,9 +4,11 @@ The concept is a development identity of world 0 (never seen in pretraining, nev
 benchmark's held-out numbers). The demo writes its four photos, indexes a pool of world photos with the
 toy embedder, trains with ``recipes/toyworld.yaml``, then
 
-* asks the recognition question about new photos of the concept, its twins and random scenes;
+* loads the concept file that training wrote onto a fresh copy of the base (the user's path);
+* asks the recognition question about 3 new photos of the concept, 3 of its twins (same description,
+  other mark colours) and 3 random scenes, and 2 text questions about the concept;
 * generates images of ``<sks>`` and writes ``compare.png``: the real photos on top, the generated ones
-  below, each judged by the scorer (all factors and marks right = the concept was drawn).
+  below, each judged by the scorer (all factors and the mark colours right = the concept was drawn).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from .build import default_out_dir
 from .pretrain import EMBEDDER_NAME
 from .world import ToyWorld
 
-__all__ = ["DEMO_RECIPE", "artifacts_ready", "run_demo"]
+__all__ = ["DEMO_QUESTIONS", "DEMO_RECIPE", "artifacts_ready", "run_demo"]
+# Text questions asked without a photo: what the concept's tokens carry from training (qa.jsonl).
+DEMO_QUESTIONS = ("What colour is <sks>?", "What shape is <sks>?")
 
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld.yaml"
 
@@ -59,6 +63,7 @@ def run_demo(
     concept_index: int = 0,
     pool_size: int = 1000,
     n_generated: int = 8,
+    n_per_group: int = 3,
     overrides: list[str] | None = None,
 ) -> dict:
     """Personalize development concept ``concept_index`` on the toy base and report what it learned.
@@ -70,6 +75,7 @@ def run_demo(
         concept_index: which development identity to personalize.
         pool_size: world photos in the retrieval pool (pretraining identities and clutter only).
         n_generated: images generated from ``"A photo of <sks>."``.
+        n_per_group: recognition photos per group (new photos, twins, random scenes).
         overrides: extra ``key=value`` recipe overrides.
 
     Returns:
@@ -135,19 +141,26 @@ def run_demo(
         f"concept file {result.concept_files['sks']}"
     )
 
-    pm = PersonalizedModel(trainer.backend)
-    tests = world.test_set(identity, seed=1, n_positives=4, n_hard=4, n_easy=4, n_vqa=0)
+    # What users run: the base from disk and the concept file training wrote, nothing in memory.
+    pm = PersonalizedModel.load(str(art / "base"), [result.concept_files["sks"]], device="cpu")
+    tests = world.test_set(
+        identity, seed=1, n_positives=n_per_group, n_hard=n_per_group, n_easy=n_per_group, n_vqa=0
+    )
     groups = {
         "new photos of <sks>": tests.positives,
         "twins": tests.hard_negatives,
         "random": tests.easy_negatives,
     }
-    print("[4/5] 'Is <sks> in this photo?' (Yes-vs-No likelihood)")
+    print("[4/5] concept file loaded onto the base; 'Is <sks> in this photo?' (Yes-vs-No likelihood)")
     recognition = {}
     for group, images in groups.items():
         answers = [pm.recognize(image) for image in images]
         recognition[group] = answers
         print(f"      {group:20s} " + " ".join("yes" if a else "no " for a in answers))
+    questions = {}
+    for question in DEMO_QUESTIONS:
+        questions[question] = pm.ask(question, max_new_tokens=16)
+        print(f"      Q: {question}  A: {questions[question]}")
 
     scorer = Scorer.load(art / "scorer")
     generated = pm.generate_image("A photo of <sks>.", n=n_generated, seed=0)
@@ -161,8 +174,10 @@ def run_demo(
     sheet = root / "compare.png"
     _sheet([photos, generated]).save(sheet)
     print(
-        f"[5/5] {len(generated)} generated images in {gen_dir}; scorer: {sum(correct)}/{len(correct)} show the "
-        f"concept exactly (marks included), attribute accuracy {np.mean(attributes):.2f}\n"
+        f"[5/5] {len(generated)} generated images in {gen_dir}: "
+        + ", ".join(str(gen_dir / f"{i:02d}.png") for i in range(len(generated)))
+        + f"\n      scorer: {sum(correct)}/{len(correct)} show the concept exactly (mark colours included), "
+        f"attribute accuracy {np.mean(attributes):.2f}\n"
         f"      real photos (top) beside generated ones (bottom): {sheet}"
     )
     summary = {
@@ -171,6 +186,7 @@ def run_demo(
         "loss_first": result.losses[0],
         "loss_last": result.losses[-1],
         "recognition": recognition,
+        "questions": questions,
         "generated_identity_correct": correct,
         "generated_attribute_accuracy": attributes,
         "compare": str(sheet),
