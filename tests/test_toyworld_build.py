@@ -6,7 +6,7 @@ import argparse
 import hashlib
 import json
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,10 +25,10 @@ from yochameleon.eval.toyworld.build import (
 )
 from yochameleon.eval.toyworld.cli import register
 from yochameleon.eval.toyworld.gates import (
+    THRESHOLDS,
     GateError,
     check_gates,
     format_gates,
-    linear_probe_accuracy,
     make_gate,
 )
 from yochameleon.eval.toyworld.pretrain import (
@@ -107,41 +107,62 @@ def test_stage_digest_is_stable_and_sensitive():
 
 
 # ---- gates --------------------------------------------------------------------------------------------
+# Every gate toy world v2 measures (scorer, VQ, base model) and its direction.
+V2_GATES = {
+    "scorer_identity": (0.95, True),
+    "scorer_random": (0.05, False),
+    "vq_marks": (0.95, True),
+    "vq_factors": (0.90, True),
+    "attribute_qa": (0.90, True),
+    "attribute_qa_min_factor": (0.85, True),
+    "existence": (0.90, True),
+    "existence_marks": (0.85, True),
+    "text_to_image": (0.60, True),
+    "twin_separation": (0.85, True),
+}
+
+
+def test_gate_thresholds_are_toy_world_v2_s():
+    assert THRESHOLDS == V2_GATES
+    for removed in ("twin_probe",):
+        with pytest.raises(GateError, match="unknown gate"):
+            make_gate(removed, 0.9)
+
+
 def test_gates_pass_and_fail_by_direction():
     assert make_gate("attribute_qa", 0.9).passed and not make_gate("attribute_qa", 0.89).passed
-    assert make_gate("scorer_random", 0.0).passed and not make_gate("scorer_random", 0.05).passed
-    results = [make_gate("vq_marks", 0.95), make_gate("twin_probe", 0.5)]
-    assert "PASS  vq_marks" in format_gates(results) and "FAIL  twin_probe" in format_gates(results)
-    with pytest.raises(GateError, match="twin_probe") as info:
+    assert make_gate("scorer_random", 0.05).passed and not make_gate("scorer_random", 0.06).passed
+    assert make_gate("vq_marks", 0.95).passed and not make_gate("vq_marks", 0.94).passed
+    assert make_gate("existence_marks", 0.85).passed and not make_gate("existence_marks", 0.84).passed
+    results = [make_gate("vq_marks", 0.95), make_gate("twin_separation", 0.5)]
+    assert "PASS  vq_marks" in format_gates(results) and "FAIL  twin_separation" in format_gates(results)
+    with pytest.raises(GateError, match="twin_separation") as info:
         check_gates(results)
     assert "vq_marks" not in str(info.value)
     check_gates(results[:1])
 
 
-@pytest.mark.parametrize("name,value", [("nope", 0.5), ("attribute_qa", 1.5), ("attribute_qa", float("nan"))])
+@pytest.mark.parametrize(
+    "name,value",
+    [("nope", 0.5), ("twin_probe", 0.9), ("attribute_qa", 1.5), ("attribute_qa", float("nan"))],
+)
 def test_bad_gate_input(name, value):
     with pytest.raises(GateError):
         make_gate(name, value)
 
 
-def test_linear_probe_separates_separable_data_and_not_noise():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(240, 20))
-    y = (x[:, 3] + 0.5 * x[:, 7] > 0).astype(int)
-    assert linear_probe_accuracy(x[:160], y[:160], x[160:], y[160:]) >= 0.9
-    noise_y = rng.integers(0, 2, size=400)
-    noise_x = rng.normal(size=(400, 20))
-    assert 0.3 <= linear_probe_accuracy(noise_x[:200], noise_y[:200], noise_x[200:], noise_y[200:]) <= 0.7
+def test_gate_sizes_measure_existence_and_twins_not_a_probe(tmp_path):
+    from yochameleon.eval.toyworld.build import GateSizes
 
-
-def test_linear_probe_rejects_bad_input():
-    x, y = np.zeros((4, 3)), np.array([0, 1, 0, 1])
-    with pytest.raises(GateError, match="widths"):
-        linear_probe_accuracy(x, y, np.zeros((2, 4)), np.array([0, 1]))
-    with pytest.raises(GateError, match="both classes"):
-        linear_probe_accuracy(x, np.zeros(4, int), x, y)
-    with pytest.raises(GateError, match="length"):
-        linear_probe_accuracy(x, y[:3], x, y)
+    fields = set(asdict(GateSizes()))
+    assert {"existence_photos", "twin_photos"} <= fields
+    assert not fields & {"probe_identities", "probe_photos"}
+    with pytest.raises(BuildError, match="positive"):
+        GateSizes(twin_photos=0)
+    with pytest.raises(BuildError, match="positive"):
+        GateSizes(existence_photos=0)
+    reduced = BuildConfig.create(tmp_path, reduced=True).gates
+    assert reduced.existence_photos >= 1 and reduced.twin_photos >= 1
 
 
 # ---- configs ------------------------------------------------------------------------------------------
@@ -321,14 +342,14 @@ def test_image_bank_never_shows_dev_or_heldout_identities():
     backend = SimpleNamespace(encode_images=lambda images: torch.zeros(len(images), 64, dtype=torch.long))
     config = LMTrainConfig(n_identities=40, photos_per_identity=2, photos_per_twin=1)
     bank = build_image_bank(backend, world, config, progress=False)
-    assert not set(bank.identities) & set(world.protected)
+    assert not any(world.is_protected(i) for i in bank.identities)
     assert bank.identities[: bank.n_base] == world.splits["pretrain"]
     assert len(bank.image_ids) == 40 * 2 + 40 and bank.clean.any()
     # One two-object scene per identity, alternating twin / a random object of another shape.
     assert len(bank.pair_ids) == len(bank.pairs) == 40
     for scene in bank.pairs:
         shown = bank.identities[scene.index]
-        assert scene.other not in world.protected and scene.other != shown
+        assert not world.is_protected(scene.other) and scene.other.signature != shown.signature
         if scene.with_twin:
             assert scene.other == bank.identities[bank.n_base + scene.index]
         else:
@@ -337,9 +358,29 @@ def test_image_bank_never_shows_dev_or_heldout_identities():
     assert [s.with_twin for s in bank.pairs[:4]] == [True] * 4  # k = 0 for every identity at 1 scene each
     for index in range(bank.n_base):
         twin = bank.identities[bank.n_base + index]
-        assert twin.base == bank.identities[index].base and twin != bank.identities[index]
+        assert twin.base == bank.identities[index].base
+        assert twin.mark_colours != bank.identities[index].mark_colours
     with pytest.raises(PretrainError, match="pretraining identities"):
         build_image_bank(backend, world, LMTrainConfig(n_identities=41), progress=False)
+
+
+def test_image_bank_twins_are_never_protected_and_are_the_pretraining_identity_they_look_like():
+    # The default world holds most signatures, so many twins share one with a pretraining identity.
+    world = ToyWorld(0)
+    backend = SimpleNamespace(encode_images=lambda images: torch.zeros(len(images), 4, dtype=torch.long))
+    config = LMTrainConfig(n_identities=120, photos_per_identity=2, photos_per_twin=1)
+    bank = build_image_bank(backend, world, config, progress=False)
+    pretrain = {i.signature: i for i in world.splits["pretrain"]}
+    twins = bank.identities[bank.n_base :]
+    assert len(twins) == 120
+    collided = 0
+    for identity, twin in zip(bank.identities[: bank.n_base], twins):
+        assert not world.is_protected(twin)
+        assert twin.base == identity.base and twin.mark_colours != identity.mark_colours
+        if twin.signature in pretrain:
+            assert twin == pretrain[twin.signature]  # the same identity, marks where it has them
+            collided += 1
+    assert collided > 0
 
 
 def test_image_bank_holds_one_canonical_view_per_pretraining_identity():
@@ -416,7 +457,7 @@ def test_sha256sums_cover_committed_files_only(tmp_path):
 def test_keep_going_defers_a_missed_gate_to_the_end(tmp_path):
     from yochameleon.eval.toyworld.build import _enforce, _fail_on_missed_gates
 
-    result = {"gates": {"attribute_qa": 0.5, "twin_probe": 0.95}}
+    result = {"gates": {"attribute_qa": 0.5, "twin_separation": 0.95}}
     strict = BuildConfig.create(tmp_path)
     with pytest.raises(BuildError, match="attribute_qa"):
         _enforce(strict, "base", result, log=lambda _: None)
@@ -427,7 +468,7 @@ def test_keep_going_defers_a_missed_gate_to_the_end(tmp_path):
     gates = [make_gate(name, value) for name, value in result["gates"].items()]
     with pytest.raises(BuildError, match="gates missed: attribute_qa;") as info:
         _fail_on_missed_gates(lenient, gates)
-    assert "twin_probe" not in str(info.value) and "kept for inspection" in str(info.value)
+    assert "twin_separation" not in str(info.value) and "kept for inspection" in str(info.value)
     _fail_on_missed_gates(lenient, gates[1:])  # all passed: nothing to raise
     _fail_on_missed_gates(BuildConfig.create(tmp_path, reduced=True, keep_going=True), gates)
 
@@ -455,14 +496,7 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
 
     config, report = reduced_toyworld
     out = Path(config.out)
-    assert set(report["gates"]) == {
-        "scorer_identity",
-        "scorer_random",
-        "vq_marks",
-        "attribute_qa",
-        "text_to_image",
-        "twin_probe",
-    }
+    assert set(report["gates"]) == set(V2_GATES)
     assert all(0.0 <= g["value"] <= 1.0 for g in report["gates"].values())
     backend = load_backend(out / "base")
     assert backend.image_seq_len == 64 and backend.image_size == 32
@@ -488,7 +522,7 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
     # Measuring the gates differently re-measures them and retrains nothing.
     lines.clear()
-    remeasured = replace(config, gates=replace(config.gates, probe_photos=config.gates.probe_photos + 3))
+    remeasured = replace(config, gates=replace(config.gates, twin_photos=config.gates.twin_photos + 3))
     build(remeasured, progress=False, log=lines.append)
     assert [line.split("]")[0] for line in lines if "building" in line] == ["[base_gates"]
     build(config, progress=False, log=lines.append)  # the shared artifacts' report as it was
@@ -577,7 +611,7 @@ def test_per_sequence_loss_weights_every_sequence_equally(backend):
 
 def test_all_questions_sample_asks_every_question_once_with_only_answers_labelled():
     from yochameleon.eval.toyworld.pretrain import ImageBank, _sample_sequence
-    from yochameleon.eval.toyworld.world import attribute_qa, caption
+    from yochameleon.eval.toyworld.world import attribute_qa, full_caption
 
     vocab: dict[str, int] = {}
     tokenize = lambda text: [vocab.setdefault(w, 100 + len(vocab)) for w in text.split()]  # noqa: E731
@@ -595,8 +629,11 @@ def test_all_questions_sample_asks_every_question_once_with_only_answers_labelle
         ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 1, 0, 0, 0, 0), True)
         assert len(ids) == len(labels) and ids[:2] == [1, 2]
         answered = [t for t in labels if t != -100]
-        assert labels.count(9) == 5  # five answers, each closed by <eot>
-        owner = next(i for i in base if all(w in answered for w in tokenize(caption(i).capitalize() + ".")))
+        assert labels.count(9) == 6  # five attribute answers and the caption, each closed by <eot>
+        owner = next(
+            i for i in base if all(w in answered for w in tokenize(full_caption(i).capitalize() + "."))
+        )
+        assert len(attribute_qa(owner)) == 5
         for qa in attribute_qa(owner):
             assert all(t in answered for t in tokenize(qa.answer))
         firsts.add(ids[8])  # first word of the first question, right after the image span
@@ -620,14 +657,14 @@ def _word_backend():
 def test_choice_question_is_the_benchmark_form_and_its_open_answer_scores_right():
     from yochameleon.eval.metrics import score_choice
     from yochameleon.eval.toyworld.pretrain import choice_question
-    from yochameleon.eval.toyworld.world import attribute_qa
+    from yochameleon.eval.toyworld.world import attribute_qa, factor_value
 
     identity = ToyWorld(0).splits["pretrain"][0]
     rng = np.random.default_rng(0)
     seen_counts = set()
     for _ in range(40):
         for qa in attribute_qa(identity, rng):
-            text = choice_question(qa.question, qa.factor, getattr(identity, qa.factor), rng)
+            text = choice_question(qa.question, qa.factor, factor_value(identity, qa.factor), rng)
             assert text.startswith(qa.question + " ") and text.endswith("?")
             listed = text[len(qa.question) + 1 : -1]
             options = listed.replace(" or ", ", ").split(", ")
@@ -678,21 +715,41 @@ def test_pair_scene_samples_answer_what_the_scene_shows():
     assert kinds == {"reference", "other_shape", "described_location"}
 
 
+# A described object in existence questions: "a <size> <colour> <pattern> <shape>[ with <marks>]".
+_DESCRIPTION = re.compile(r"\ba (small|large) (\w+) (\w+) (\w+)(?: with (a \w+ mark(?: and a \w+ mark)?))?")
+
+
+def _described(text: str) -> dict[str, str]:
+    """The factors a description in ``text`` names (``marks`` only when it names them)."""
+    size, colour, pattern, shape, marks = _DESCRIPTION.search(text).groups()
+    named = {"size": size, "colour": colour, "pattern": pattern, "shape": shape}
+    return named if marks is None else {**named, "marks": marks}
+
+
+def _changed_factors(identity, text: str) -> set[str]:
+    from yochameleon.eval.toyworld.world import factor_value, factor_word
+
+    truth = {
+        f: factor_word(f, factor_value(identity, f)) for f in ("shape", "colour", "pattern", "size", "marks")
+    }
+    return {f for f, v in _described(text).items() if v != truth[f]}
+
+
 def test_existence_turns_ask_yes_about_the_description_and_no_about_a_changed_one():
     from yochameleon.eval.toyworld.pretrain import ImageBank, _sample_sequence, existence_turns
-    from yochameleon.eval.toyworld.world import caption
+    from yochameleon.eval.toyworld.world import caption, full_caption
 
     world = ToyWorld(0)
     identity = world.splits["pretrain"][0]
-    words = set(caption(identity).split())
     changed_counts = set()
-    for seed in range(30):
+    for seed in range(40):
         (yes_q, yes_a), (no_q, no_a) = existence_turns(identity, np.random.default_rng(seed))
         assert caption(identity) in yes_q and caption(identity) in yes_a and yes_a.startswith("Yes,")
-        assert no_a.startswith("No,") and caption(identity) not in no_q
-        absent = re.search(r"\ba (small|medium|large) (\w+) (\w+) (\w+)", no_q).groups()
-        assert " ".join(absent) in no_a  # the answer names the same description
-        changed_counts.add(sum(w not in words for w in absent))
+        assert not _changed_factors(identity, yes_q)  # "yes" names the photo's own object
+        absent = _DESCRIPTION.search(no_q).group(0)
+        assert no_a.startswith("No,") and absent not in (full_caption(identity), caption(identity))
+        assert absent in no_a  # the answer names the same description
+        changed_counts.add(len(_changed_factors(identity, no_q)))
     assert changed_counts == {1, 2}
     # In the all-questions conversation they add two answers to the five.
     vocab: dict[str, int] = {}
@@ -705,4 +762,69 @@ def test_existence_turns_ask_yes_about_the_description_and_no_about_a_changed_on
     bank = ImageBank(base + base, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
     rng = np.random.default_rng(0)
     ids, labels = _sample_sequence(backend, bank, rng, (0, 1, 0, 0, 0, 0), True, existence=True)
-    assert labels.count(9) == 7
+    assert labels.count(9) == 8
+    assert LMTrainConfig().existence_questions  # on by default in toy world v2
+
+
+def test_existence_descriptions_change_one_factor_mostly_and_the_marks_often():
+    from yochameleon.eval.toyworld.pretrain import (
+        MARKS_CHANGED_SHARE,
+        PLAIN_DESCRIPTION_SHARE,
+        TWO_FACTOR_SHARE,
+        existence_description,
+    )
+    from yochameleon.eval.toyworld.world import QA_FACTORS, caption, full_caption
+
+    identities = ToyWorld(0, WorldConfig(n_pretrain=50)).splits["pretrain"]
+    rng = np.random.default_rng(0)
+    draws = firsts_marks = single = plain_present = 0
+    for identity in identities:
+        for _ in range(60):
+            present, absent, first = existence_description(identity, rng)
+            draws += 1
+            assert present in (full_caption(identity), caption(identity))
+            plain_present += present == caption(identity)
+            # The "no" description is never the object's own, with or without its marks.
+            assert absent not in (full_caption(identity), caption(identity))
+            changed = _changed_factors(identity, absent)
+            assert 1 <= len(changed) <= 2 and first in QA_FACTORS and first in changed
+            assert _DESCRIPTION.fullmatch(absent)  # nothing but a description
+            if "marks" in changed:
+                assert "marks" in _described(absent)  # a changed mark set is always named
+            firsts_marks += first == "marks"
+            single += len(changed) == 1
+    assert draws == 3000
+    # The marks tell a concept from its twins: they are the changed factor in a large share.
+    assert abs(firsts_marks / draws - MARKS_CHANGED_SHARE) < 0.04 and firsts_marks / draws > 0.3
+    assert single / draws >= 0.5 and abs(single / draws - (1 - TWO_FACTOR_SHARE)) < 0.04
+    assert abs(plain_present / draws - PLAIN_DESCRIPTION_SHARE) < 0.04
+
+
+def test_changed_description_changes_exactly_the_named_factors():
+    from yochameleon.eval.toyworld.pretrain import changed_description
+    from yochameleon.eval.toyworld.world import QA_FACTORS, full_caption
+
+    identity = ToyWorld(0).splits["heldout"][0]
+    rng = np.random.default_rng(0)
+    for factors in [(f,) for f in QA_FACTORS] + [("marks", "shape"), ("colour", "size")]:
+        for _ in range(20):
+            text = changed_description(identity, factors, rng)
+            assert _DESCRIPTION.fullmatch(text) and "marks" in _described(text)
+            assert _changed_factors(identity, text) == set(factors)
+    assert changed_description(identity, (), rng) == full_caption(identity)
+
+
+def test_tiny_tokenizer_keeps_a_as_one_token():
+    # Prompts put a description after a space (" a large red ..."): " a" must be one token, the
+    # same one as mid-sentence, not a bare space followed by "a".
+    from yochameleon.backends.tiny import SIZES, build_tokenizer
+
+    tokenizer, _ = build_tokenizer(SIZES["tiny"])
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert len(ids(" a")) == 1
+    assert ids(" a large red striped circle")[0] == ids(" a")[0]
+    # The yes/no gates compare the first token of "Yes" and "No".
+    assert len(ids("Yes")) == len(ids("No")) == 1 and ids("Yes") != ids("No")

@@ -84,6 +84,9 @@ def test_identity_is_canonical_hashable_and_round_trips():
         {"marks": ()},
         {"marks": (Mark(0, 1, "white"), Mark(1, 0, "white"), Mark(1, 1, "white"))},
         {"marks": (Mark(1, 1, "white"), Mark(1, 1, "black"))},
+        {"shape": "ring"},  # dropped in toy world v2
+        {"pattern": "dots"},
+        {"size": "medium"},
     ],
 )
 def test_identity_rejects_bad_fields(kwargs):
@@ -99,6 +102,23 @@ def test_identity_rejects_bad_fields(kwargs):
         Identity(**fields)
 
 
+def test_identity_refuses_two_marks_of_one_colour():
+    with pytest.raises(ToyWorldError, match="two marks share a colour"):
+        Identity("circle", "red", "solid", "small", (Mark(1, 1, "cyan"), Mark(2, 2, "cyan")))
+    # Two colours on two cells are fine.
+    Identity("circle", "red", "solid", "small", (Mark(1, 1, "cyan"), Mark(2, 2, "black")))
+
+
+def test_mark_colours_and_signature_ignore_cells_and_listing_order():
+    a = Identity("square", "blue", "checker", "large", (Mark(0, 0, "magenta"), Mark(3, 3, "black")))
+    moved = Identity("square", "blue", "checker", "large", (Mark(2, 1, "black"), Mark(1, 2, "magenta")))
+    assert a.mark_colours == moved.mark_colours == ("black", "magenta")  # the palette's order
+    assert a.signature == moved.signature == ("square", "blue", "checker", "large", ("black", "magenta"))
+    assert a != moved  # identities still differ by where their marks are drawn
+    recoloured = Identity("square", "blue", "checker", "large", (Mark(0, 0, "cyan"), Mark(3, 3, "black")))
+    assert recoloured.signature != a.signature and recoloured.base == a.base
+
+
 def test_mark_and_dict_validation():
     with pytest.raises(ToyWorldError):
         Mark(-1, 0, "white")
@@ -110,16 +130,20 @@ def test_mark_and_dict_validation():
 
 
 def test_check_identity_rejects_marks_off_the_object(world):
-    hole = Identity("ring", "blue", "solid", "large", (Mark(1, 1, "white"),))  # the ring's hole
-    with pytest.raises(ToyWorldError, match="not on a ring"):
-        world.render(hole, np.random.default_rng(0))
+    corner = Identity("circle", "blue", "solid", "large", (Mark(0, 0, "white"),))  # outside the disc
+    with pytest.raises(ToyWorldError, match="not on a circle"):
+        world.render(corner, np.random.default_rng(0))
     with pytest.raises(ToyWorldError):
         world.check_identity("circle")  # type: ignore[arg-type]
-    assert (1, 1) not in world.valid_cells("ring") and (1, 1) in world.valid_cells("circle")
+    with pytest.raises(ToyWorldError):
+        world.valid_cells("ring")
+    assert (0, 0) not in world.valid_cells("circle") and (0, 0) in world.valid_cells("square")
 
 
 # ---- text ----------------------------------------------------------------------------------------------
-def test_captions_and_questions_name_factors_but_never_marks(world):
+def test_user_text_names_factors_but_never_marks(world):
+    # The user's description and the concept's text questions leave the marks out; the attribute
+    # questions about a photo name them only in the marks question.
     for identity in world.splits["pretrain"][:200] + world.splits["heldout"]:
         text = caption(identity)
         assert (
@@ -128,18 +152,67 @@ def test_captions_and_questions_name_factors_but_never_marks(world):
         )
         pairs = attribute_qa(identity, np.random.default_rng(0))
         items = text_qa(identity, np.random.default_rng(0))
-        everything = " ".join([text, *(p.question + " " + p.answer for p in pairs)])
+        everything = " ".join([text, *(p.question + " " + p.answer for p in pairs if p.factor != "marks")])
         everything += " ".join(i.question + " " + " ".join(i.options.values()) for i in items)
         assert not _words(everything) & MARK_WORDS
+        assert [i.factor for i in items] == ["shape", "colour", "pattern", "size"]
+
+
+def test_full_caption_names_exactly_the_mark_colours_and_caption_none(world):
+    for identity in world.splits["pretrain"][:300] + world.splits["heldout"]:
+        plain, full = caption(identity), full_caption(identity)
+        assert not _words(plain) & set(MARK_COLOURS) and "mark" not in _words(plain)
+        assert full == f"{plain} with {mark_phrase(identity.mark_colours)}"
+        assert _words(full) & set(MARK_COLOURS) == set(identity.mark_colours)
+        assert _words(full) - _words(plain) <= set(MARK_COLOURS) | {"with", "mark", "and"}
+
+
+def test_mark_phrase_wording_and_palette_order():
+    assert list(MARK_COLOURS) == ["black", "white", "cyan", "magenta"]
+    assert mark_phrase(["cyan"]) == "a cyan mark"
+    assert mark_phrase(["cyan", "black"]) == "a black mark and a cyan mark"
+    assert mark_phrase(("magenta", "white")) == mark_phrase(("white", "magenta"))
+    assert mark_phrase(("magenta", "white")) == "a white mark and a magenta mark"
+    with pytest.raises(ToyWorldError):
+        mark_phrase([])
+    with pytest.raises(ToyWorldError):
+        mark_phrase(["red"])  # an object colour is not a mark colour
+    identity = Identity("diamond", "pink", "stripes", "small", (Mark(0, 1, "magenta"), Mark(3, 2, "black")))
+    assert full_caption(identity) == "a small pink striped diamond with a black mark and a magenta mark"
+    assert caption(identity) == "a small pink striped diamond"
+
+
+def test_mark_sets_are_every_one_or_two_colour_phrase():
+    assert len(MARK_SETS) == len(set(MARK_SETS)) == 4 + 6  # 4 single colours, 6 pairs
+    assert MARK_SETS[:4] == tuple(f"a {c} mark" for c in MARK_COLOURS)
+    assert "a black mark and a cyan mark" in MARK_SETS and "a cyan mark and a black mark" not in MARK_SETS
+    assert QA_FACTORS == ("shape", "colour", "pattern", "size", "marks")
+    assert factor_values("marks") == MARK_SETS and factor_values("size") == SIZES == ("small", "large")
+    assert N_SIGNATURES == len(SHAPES) * len(OBJECT_COLOURS) * len(PATTERNS) * len(SIZES) * len(MARK_SETS)
+    identity = Identity("cross", "brown", "solid", "large", (Mark(1, 1, "white"), Mark(2, 2, "cyan")))
+    assert factor_value(identity, "marks") == "a white mark and a cyan mark"
+    assert factor_value(identity, "shape") == "cross"
 
 
 def test_attribute_qa_answers_are_right():
-    identity = Identity("triangle", "green", "dots", "medium", (Mark(3, 0, "cyan"),))
-    pairs = {p.factor: p for p in attribute_qa(identity)}
+    identity = Identity("triangle", "green", "checker", "large", (Mark(3, 0, "cyan"),))
+    qa = attribute_qa(identity)
+    assert [p.factor for p in qa] == list(QA_FACTORS)
+    pairs = {p.factor: p for p in qa}
     assert pairs["shape"].value == "triangle" and "triangle" in pairs["shape"].answer
     assert pairs["colour"].value == "green"
-    assert pairs["pattern"].value == "dotted"
-    assert pairs["size"].value == "medium"
+    assert pairs["pattern"].value == "checkered"
+    assert pairs["size"].value == "large"
+    assert pairs["marks"].value == "a cyan mark" and pairs["marks"].answer == "It has a cyan mark."
+    assert "mark" in pairs["marks"].question
+
+
+def test_attribute_qa_marks_answer_names_exactly_the_mark_colours(world):
+    rng = np.random.default_rng(0)
+    for identity in world.splits["pretrain"][:300]:
+        (marks,) = [p for p in attribute_qa(identity, rng) if p.factor == "marks"]
+        assert _words(marks.answer) & set(MARK_COLOURS) == set(identity.mark_colours)
+        assert marks.answer == f"It has {mark_phrase(identity.mark_colours)}."
 
 
 def test_text_qa_letters_point_at_the_right_value():
@@ -202,7 +275,7 @@ def test_flip_mirrors_the_photo_and_the_marks(world):
 def test_sizes_stay_apart_and_boxes_are_exact(world):
     rng = np.random.default_rng(2)
     sides = {}
-    for size in ("small", "medium", "large"):
+    for size in SIZES:
         identity = Identity("square", "red", "solid", size, (Mark(0, 0, "white"),))
         measured = []
         for _ in range(30):
@@ -216,7 +289,7 @@ def test_sizes_stay_apart_and_boxes_are_exact(world):
             )
             measured.append(side)
         sides[size] = (min(measured), max(measured))
-    assert sides["small"][1] < sides["medium"][0] and sides["medium"][1] < sides["large"][0]
+    assert SIZES == ("small", "large") and sides["small"][1] < sides["large"][0]
 
 
 def test_every_background_renders(world, concept):
@@ -241,7 +314,15 @@ def test_render_rejects_bad_arguments(world, concept, kwargs):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"image_size": 8}, {"mark_grid": 1}, {"supersample": 0}, {"scale_jitter": 0.3}, {"n_dev": -1}]
+    "kwargs",
+    [
+        {"image_size": 8},
+        {"mark_grid": 1},
+        {"supersample": 0},
+        {"scale_jitter": 0.3},
+        {"n_dev": -1},
+        {"n_pretrain": N_SIGNATURES},  # more identities than the world has signatures
+    ],
 )
 def test_world_config_validates(kwargs):
     with pytest.raises(ToyWorldError):
@@ -290,9 +371,40 @@ def test_twins_share_everything_nameable_but_not_marks(world, concept):
     assert len(set(twins)) > 5
 
 
+def test_twins_always_change_the_set_of_mark_colours(world):
+    # Never the same colours moved elsewhere: a twin differs in what its marks look like.
+    rng = np.random.default_rng(0)
+    identities = world.splits["heldout"] + world.splits["pretrain"][:100]
+    assert {len(i.marks) for i in identities} == {1, 2}  # both starting points are covered
+    moved = kept = 0
+    for identity in identities:
+        for _ in range(40):
+            other = world.twin(identity, rng)
+            assert other.base == identity.base and full_caption(other) != full_caption(identity)
+            assert other.mark_colours != identity.mark_colours and other.signature != identity.signature
+            assert 1 <= len(other.marks) <= 2 and len(set(other.mark_colours)) == len(other.marks)
+            world.check_identity(other)
+            cells = {(m.row, m.col) for m in other.marks}
+            if cells <= {(m.row, m.col) for m in identity.marks}:
+                kept += 1
+            else:
+                moved += 1
+    assert moved > 0 and kept > 0  # marks sometimes move to fresh cells, sometimes stay
+
+
+def test_every_plain_description_has_at_least_six_possible_twins(world):
+    # A user description (no marks) fits len(MARK_SETS) identities: the concept and its possible twins.
+    assert len(MARK_SETS) - 1 >= 6
+    rng = np.random.default_rng(1)
+    for identity in world.splits["heldout"][:8]:
+        reached = {world.twin(identity, rng).mark_colours for _ in range(300)}
+        assert identity.mark_colours not in reached and len(reached) >= 6
+        assert {mark_phrase(c) for c in reached} < set(MARK_SETS)
+
+
 def test_splits_are_disjoint_deterministic_and_seeded():
     splits = split_identities(0)
-    assert {k: len(v) for k, v in splits.items()} == {"pretrain": 4096, "dev": 16, "heldout": 32}
+    assert {k: len(v) for k, v in splits.items()} == {"pretrain": 2000, "dev": 16, "heldout": 32}
     sets = {k: set(v) for k, v in splits.items()}
     assert all(len(sets[k]) == len(splits[k]) for k in splits)
     assert not sets["pretrain"] & sets["heldout"]
@@ -304,18 +416,41 @@ def test_splits_are_disjoint_deterministic_and_seeded():
     assert ToyWorld(0, WorldConfig(n_pretrain=10)).splits["heldout"] == splits["heldout"]
 
 
+def test_splits_have_unique_signatures_and_protect_dev_and_heldout_ones():
+    world = ToyWorld(0)
+    splits = world.splits
+    signatures = [i.signature for split in splits.values() for i in split]
+    assert len(signatures) == len(set(signatures)) == 2048  # unique within and across splits
+    protected = {i.signature for i in splits["dev"] + splits["heldout"]}
+    assert world.protected == protected and isinstance(world.protected, frozenset)
+    assert not {i.signature for i in splits["pretrain"]} & protected
+    assert not any(world.is_protected(i) for i in splits["pretrain"])
+    # A held-out identity with its marks elsewhere still looks like it: protected.
+    concept = splits["heldout"][0]
+    cells = [c for c in world.valid_cells(concept.shape) if c not in concept.mark_map]
+    moved = Identity(*concept.base, tuple(Mark(*c, m.colour) for c, m in zip(cells, concept.marks)))
+    assert moved != concept and world.is_protected(moved)
+    rng = np.random.default_rng(5)
+    excluded = splits["pretrain"][:50]
+    banned = {i.signature for i in excluded}
+    for _ in range(3000):
+        drawn = world.random_identity(rng, exclude=excluded)
+        assert drawn.signature not in protected and drawn.signature not in banned
+
+
 def test_pool_and_random_scenes_never_show_held_out_identities(world):
-    pretrain, heldout = set(world.splits["pretrain"]), set(world.splits["heldout"]) | set(world.splits["dev"])
+    pretrain = set(world.splits["pretrain"])
+    heldout = {i.signature for i in world.splits["heldout"] + world.splits["dev"]}
     pool = world.pool_images(400, seed=3)
     shown = {item.identity for item in pool if item.identity is not None}
-    assert shown and shown <= pretrain and not shown & heldout
+    assert shown and shown <= pretrain and not {i.signature for i in shown} & heldout
     assert any(item.identity is None for item in pool)
     assert all(item.image.size == (32, 32) for item in pool)
     rng = np.random.default_rng(0)
     for _ in range(500):
-        assert world.random_identity(rng) not in heldout
+        assert world.random_identity(rng).signature not in heldout
         _, identity = world.random_scene(rng)
-        assert identity not in heldout
+        assert identity is None or identity.signature not in heldout
     assert len(pool_images(3, 0)) == 3
     with pytest.raises(ToyWorldError):
         world.pool_images(-1, 0)
@@ -339,8 +474,11 @@ def test_concept_photos_are_seeded_and_differ_from_test_photos(concept):
 def test_test_set_contents(world, concept):
     items = world.test_set(concept, seed=1, n_positives=5, n_hard=6, n_easy=7, n_vqa=4)
     assert len(items.positives) == 5 and len(items.hard_negatives) == 6 and len(items.easy_negatives) == 7
-    assert all(t.base == concept.base and t != concept for t in items.hard_negative_identities)
-    assert concept not in items.easy_negative_identities
+    assert all(
+        t.base == concept.base and t.mark_colours != concept.mark_colours
+        for t in items.hard_negative_identities
+    )
+    assert concept.signature not in {i.signature for i in items.easy_negative_identities if i is not None}
     assert len(items.vqa) == 4 and {v.kind for v in items.vqa} == {"twin_location", "other_shape"}
     for vqa in items.vqa:
         assert vqa.image.size == (32, 32) and set(vqa.options) == {"A", "B"} and vqa.answer in vqa.options
@@ -403,7 +541,7 @@ def test_write_concept_folder(tmp_path, concept):
 def test_palettes_are_disjoint():
     assert not set(MARK_COLOURS) & set(OBJECT_COLOURS)
     assert not set(MARK_COLOURS.values()) & set(OBJECT_COLOURS.values())
-    assert len(SHAPES) == 6
+    assert len(SHAPES) == 5 and "ring" not in SHAPES and "dots" not in PATTERNS
 
 
 def test_patterns_survive_the_tokenizer_cells(world):

@@ -4,8 +4,9 @@ Small CNNs in three steps: a full-resolution segmenter votes for the object's bo
 in a canonical crop, and a classifier reading that crop has one head per nameable factor (shape, colour,
 pattern; size reads the box side) and one head per mark-grid cell. A cell head chooses among ``"none"`` and the mark colours, so the predicted mark set is the set of
 cells not predicted ``"none"``. A photo shows an identity *correctly* only when it matches the identity's
-signature: all four factors and the set of mark colours read from the cells (an extra, missing or
-recoloured mark is wrong; a mark read in another cell is not, since twins differ by colour).
+signature: all four factors and the set of mark colours read from the cells (a colour the identity
+lacks, or one of its colours missing, is wrong; a mark read in another cell, or over two cells, is not,
+since identities differ by their set of mark colours).
 
 The scorer trains on freshly rendered photos of random identities that are never dev or held-out
 identities, so its gate numbers on held-out identities measure generalisation, not memory.

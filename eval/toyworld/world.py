@@ -107,7 +107,6 @@ PATTERNS: tuple[str, ...] = ("solid", "stripes", "checker")
 PATTERN_ADJECTIVES: dict[str, str] = {
     "solid": "plain",
     "stripes": "striped",
-    "dots": "dotted",
     "checker": "checkered",
 }
 SIZES: tuple[str, ...] = ("small", "large")
@@ -359,8 +358,9 @@ FACTOR_VALUES: dict[str, tuple[str, ...]] = {
     "pattern": PATTERNS,
     "size": SIZES,
 }
-# Every set of 1-2 distinct mark colours, as its phrase ("a cyan mark and a black mark"): the values of the
-# "marks" question. Each plain description therefore has len(MARK_SETS) - 1 = 9 possible twins.
+# Every set of 1-2 distinct mark colours, as its phrase ("a black mark and a cyan mark"): the values of the
+# "marks" question. Each plain description is shared by len(MARK_SETS) = 10 identities, and one edit of
+# ToyWorld.twin reaches 6 other sets from any of them.
 MARK_SETS: tuple[str, ...] = tuple(
     mark_phrase(combo)
     for n in (1, 2)
@@ -484,9 +484,6 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return np.abs(du) + np.abs(dv) <= 0.5
     if shape == "cross":
         return in_box & ((np.abs(du) <= 1 / 6) | (np.abs(dv) <= 1 / 6))
-    if shape == "ring":
-        r2 = du * du + dv * dv
-        return (r2 <= 0.25) & (r2 >= 0.04)
     raise ToyWorldError(f"unknown shape {shape!r}")
 
 
@@ -499,9 +496,6 @@ def _pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     # by the VQ tokenizer (4-px cells), so no reader of its tokens could name them.
     if pattern == "stripes":  # one broad band across the middle third
         return np.broadcast_to(np.floor(v * 3) % 2 == 1, np.broadcast_shapes(u.shape, v.shape))
-    if pattern == "dots":
-        fu, fv = (u * 2) % 1 - 0.5, (v * 2) % 1 - 0.5
-        return fu * fu + fv * fv <= 0.1225
     if pattern == "checker":  # odd count keeps it mirror-symmetric
         return (np.floor(u * 3) + np.floor(v * 3)) % 2 == 1
     raise ToyWorldError(f"unknown pattern {pattern!r}")
