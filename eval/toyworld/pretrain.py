@@ -313,6 +313,12 @@ class VQRefineConfig:
             context-dependent codes, which a small language model then needs many steps to decode;
             asking that attention pooling over the codes reveal shape, colour, pattern and size makes
             the codes themselves carry them.
+        mark_cell_weight: weight of the :class:`MarkCellReader` loss: one linear map of each code
+            must say which mark colour, if any, lies in that code's cell. Why: the tokenizer's decoder
+            rebuilds the marks from several codes together (its reconstructions keep them), but a linear
+            probe on the bag of codes cannot tell which mark colours a photo has (measured: at or below
+            the base rate), and a small language model could not learn to name them; a code-local
+            mark-colour loss makes "this code holds a cyan mark" a property of the code itself.
         seed: seeds the scenes.
     """
 
@@ -322,11 +328,14 @@ class VQRefineConfig:
     mark_weight: float = 4.0
     object_weight: float = 4.0
     semantic_weight: float = 0.1
+    mark_cell_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr"):
             _positive(name, getattr(self, name))
+        if self.mark_cell_weight < 0:
+            raise PretrainError(f"mark_cell_weight must be non-negative, got {self.mark_cell_weight}")
         if self.mark_weight < 0 or self.object_weight < 0 or self.semantic_weight < 0:
             raise PretrainError(
                 "mark_weight, object_weight and semantic_weight must be non-negative, got "
@@ -366,6 +375,54 @@ class AttributeReader(torch.nn.Module):
 
 
 READER_FACTORS: tuple[str, ...] = FACTORS  # the scorer's factors, in its order
+
+
+class MarkCellReader(torch.nn.Module):
+    """One linear map of each quantized latent to "no mark" or one of the mark colours.
+
+    Shared by every position and linear on purpose: the only way to satisfy it is for each code to
+    carry the mark colour of its own cell.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(embed_dim, 1 + len(MARK_COLOURS))
+
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        """``[B, D, h, w]`` latents -> ``[B, 1 + colours, h, w]`` logits."""
+        return self.head(quantized.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def mark_cell_labels(images: np.ndarray, grid: int, min_pixels: int = 2) -> torch.Tensor:
+    """Per latent cell, the mark colour most of its pixels show (``1 + index`` in :data:`MARK_COLOURS`),
+    or 0 where fewer than ``min_pixels`` pixels are near any mark colour.
+
+    Args:
+        images: uint8 ``(N, H, W, 3)`` photos (marks use a palette nothing else uses).
+        grid: latent cells per side (``H`` must be a multiple of it).
+
+    Returns:
+        ``(N, grid, grid)`` long labels.
+    """
+    n, side = images.shape[0], images.shape[1]
+    if side % grid:
+        raise PretrainError(f"image side {side} is not a multiple of the latent grid {grid}")
+    dist = np.abs(images[..., None, :].astype(np.float32) - _MARK_RGB).max(-1)  # (N, H, W, colours)
+    near = (dist < 48).astype(np.int64)
+    cell = side // grid
+    counts = near.reshape(n, grid, cell, grid, cell, -1).sum((2, 4))  # (N, grid, grid, colours)
+    labels = counts.argmax(-1) + 1
+    labels[counts.max(-1) < min_pixels] = 0
+    return torch.from_numpy(labels)
+
+
+def _mark_cell_loss(reader: MarkCellReader, quantized: torch.Tensor, images: np.ndarray) -> torch.Tensor:
+    """Cross-entropy of :class:`MarkCellReader` over every latent cell, mark cells weighted up (they are
+    few: about one in thirty)."""
+    labels = mark_cell_labels(images, quantized.shape[-1])
+    weight = torch.ones(1 + len(MARK_COLOURS))
+    weight[1:] = 8.0
+    return F.cross_entropy(reader(quantized), labels, weight=weight)
 
 
 def _factor_labels(identity: Identity | None) -> list[int]:
@@ -434,12 +491,15 @@ def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progres
     reader = _attribute_reader(vqmodel, world.config.image_size) if config.semantic_weight > 0 else None
     if reader is not None:
         params += list(reader.parameters())
+    marks_reader = MarkCellReader(vqmodel.config.embed_dim) if config.mark_cell_weight > 0 else None
+    if marks_reader is not None:
+        params += list(marks_reader.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps)))
     )
     start = time.perf_counter()
-    semantic = torch.zeros(())
+    semantic = cell_loss = torch.zeros(())
     bar = tqdm(range(config.steps), desc="vq refine", disable=not progress)
     for step in bar:
         images, masks, labels = _annotated_vq_batch(world, rng, config.batch_size)
@@ -451,6 +511,9 @@ def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progres
         if reader is not None:
             semantic = _reader_loss(reader, out.quantized, torch.from_numpy(labels))
             loss = loss + config.semantic_weight * semantic
+        if marks_reader is not None:
+            cell_loss = _mark_cell_loss(marks_reader, out.quantized, images)
+            loss = loss + config.mark_cell_weight * cell_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -460,6 +523,7 @@ def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progres
                 recon=f"{recon.item():.4f}",
                 vq=f"{out.embedding_loss.item():.4f}",
                 sem=f"{semantic.item():.3f}",
+                cells=f"{cell_loss.item():.3f}",
             )
     vqmodel.eval()
     decoder.eval()
@@ -467,6 +531,7 @@ def refine_vq(vqmodel, decoder, world: ToyWorld, config: VQRefineConfig, progres
         "final_recon_loss": round(float(recon.item()), 5),
         "final_vq_loss": round(float(out.embedding_loss.item()), 5),
         "final_semantic_loss": round(float(semantic.item()), 4),
+        "final_mark_cell_loss": round(float(cell_loss.item()), 4),
         "train_seconds": round(time.perf_counter() - start, 1),
     }
 
