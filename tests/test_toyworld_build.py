@@ -36,12 +36,14 @@ from yochameleon.eval.toyworld.pretrain import (
     AttributeReader,
     EmbedderTrainConfig,
     LMTrainConfig,
+    MarkCellReader,
     PretrainError,
     VQRefineConfig,
     VQTrainConfig,
     build_image_bank,
     conversation,
     embedder_model_config,
+    mark_cell_labels,
     mark_weights,
     pad_batch,
     refine_vq,
@@ -828,3 +830,38 @@ def test_tiny_tokenizer_keeps_a_as_one_token():
     assert ids(" a large red striped circle")[0] == ids(" a")[0]
     # The yes/no gates compare the first token of "Yes" and "No".
     assert len(ids("Yes")) == len(ids("No")) == 1 and ids("Yes") != ids("No")
+
+
+# ---- code-local mark colours (VQ refinement) ------------------------------------------------------------
+def test_mark_cell_labels_name_the_mark_colour_of_each_latent_cell():
+    from yochameleon.eval.toyworld.world import MARK_COLOURS, Identity, Mark, ToyWorld, WorldConfig
+
+    world = ToyWorld(0, WorldConfig(n_pretrain=0))
+    identity = Identity("square", "blue", "solid", "large", (Mark(0, 0, "cyan"), Mark(3, 3, "magenta")))
+    image = np.asarray(
+        world.render(identity, np.random.default_rng(0), position=(16.0, 16.0), scale=1.0, background="plain")
+    )[None]
+    labels = mark_cell_labels(image, grid=8)
+    assert labels.shape == (1, 8, 8)
+    cyan, magenta = 1 + list(MARK_COLOURS).index("cyan"), 1 + list(MARK_COLOURS).index("magenta")
+    # The 21-px square spans about 5.5..26.5 px: its top-left mark cell lies in latent cells (1-2, 1-2),
+    # its bottom-right one in (5-6, 5-6); nothing else is mark-coloured.
+    assert (labels[0, 1:3, 1:3] == cyan).any() and (labels[0, 5:7, 5:7] == magenta).any()
+    assert set(labels.unique().tolist()) == {0, cyan, magenta}
+    assert int((labels > 0).sum()) <= 8
+    with pytest.raises(PretrainError, match="multiple of the latent grid"):
+        mark_cell_labels(image, grid=7)
+
+
+def test_mark_cell_reader_is_one_linear_map_per_code_and_the_weight_is_validated():
+    reader = MarkCellReader(embed_dim=16)
+    latents = torch.randn(2, 16, 8, 8)
+    out = reader(latents)
+    assert out.shape == (2, 5, 8, 8)
+    # Code-local: changing one position's latent changes only that position's logits.
+    moved = latents.clone()
+    moved[0, :, 3, 4] += 1.0
+    diff = (reader(moved) - out).abs().sum(1)
+    assert diff[0, 3, 4] > 0 and diff.sum() == diff[0, 3, 4]
+    with pytest.raises(PretrainError, match="mark_cell_weight"):
+        VQRefineConfig(mark_cell_weight=-1.0)
