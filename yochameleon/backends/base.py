@@ -324,6 +324,17 @@ class Backend:
         """Unmasked logits over the whole vocabulary for ``hidden`` ``[..., H]`` (float32)."""
         return self.output_head()(hidden).float()
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` in the head's own dtype: no float32 copy of a bf16/fp16 model's logits.
+
+        The training loss reads these and upcasts a few rows at a time, so a bf16 model never holds a
+        float32 ``rows × vocabulary`` copy. A family whose :meth:`logits` is more than the output
+        head (Janus mixes two heads' log-probabilities) gets its :meth:`logits` here unchanged.
+        """
+        if type(self).logits is not Backend.logits:
+            return self.logits(hidden)
+        return self.output_head()(hidden)
+
     # ----- identity ---------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """A short hash of the base embedding and head matrices; concept files record it.

@@ -5,19 +5,66 @@ Full-vocabulary logits at every position are the largest tensor of a naive step 
 the output head there only, and do it in chunks. Each chunk's gradient is taken as soon as its
 logits exist (softmax minus one-hot, written over the logits), so peak memory holds one chunk of
 logits and the head runs once forward and once backward per labelled token, with no recompute.
+
+A chunk holds at most ``chunk`` rows and at most :data:`LOGITS_CHUNK_BYTES` of logits (the row
+count shrinks with the vocabulary), since its logits are copied once more on their way back
+through the concept head. Logits stay in the head's dtype: a bf16 model's logits are upcast to
+float32 :data:`UPCAST_ROWS` rows at a time for the log-sum-exp and the softmax, never as a whole.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from yochameleon.backends.base import Backend
 from yochameleon.train.sequences import IGNORE, Batch
 
+# One chunk's logits at 4 bytes a value: 16 MiB is 227 rows of an 18k vocabulary, 64 of Anole's 65k.
+LOGITS_CHUNK_BYTES = 16 * 2**20
+# Rows of a low-precision chunk upcast to float32 at once (2.4 MB for 18k entries, 8 MB for 65k).
+UPCAST_ROWS = 32
+# The profiler range around each chunk's logits, so a memory profile can tell them apart.
+LOGITS_SCOPE = "yochameleon.logits_chunk"
+
+
+def chunk_rows(backend: Backend, chunk: int, max_bytes: int | None = None) -> int:
+    """Rows per logits chunk: ``chunk``, fewer when that many rows would exceed ``max_bytes``
+    (default :data:`LOGITS_CHUNK_BYTES`) of float32 logits."""
+    limit = LOGITS_CHUNK_BYTES if max_bytes is None else max_bytes
+    return max(1, min(chunk, limit // (4 * backend.vocab_size)))
+
+
+@torch.no_grad()
+def _ce_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row cross-entropy of ``logits`` ``[N, V]`` in float32, whatever their dtype.
+
+    With ``weights``, ``logits`` is overwritten with ``weights * (softmax - onehot)``, the gradient
+    of ``sum(weights * ce)`` with respect to them (rounded to their dtype, as autograd would round
+    it through an upcast). Rows are upcast :data:`UPCAST_ROWS` at a time; float32 rows are worked
+    on in place.
+    """
+    ce = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for start in range(0, targets.numel(), UPCAST_ROWS):
+        sl = slice(start, start + UPCAST_ROWS)
+        block, y = logits[sl], targets[sl]
+        x = block.float()  # ``block`` itself when already float32
+        lse = torch.logsumexp(x, dim=-1)
+        ce[sl] = lse - x.gather(-1, y[:, None]).squeeze(-1)
+        if weights is None:
+            continue
+        x = x.sub_(lse[:, None]).exp_()
+        x[torch.arange(y.numel(), device=y.device), y] -= 1
+        x.mul_(weights[sl, None])
+        if x is not block:
+            block.copy_(x)
+    return ce
+
 
 def _chunk_ce(backend: Backend, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(backend.logits(hidden), targets, reduction="none")
+    with record_function(LOGITS_SCOPE):
+        return _ce_(backend.head_logits(hidden), targets)
 
 
 class _LabelledCrossEntropy(torch.autograd.Function):
@@ -37,26 +84,20 @@ class _LabelledCrossEntropy(torch.autograd.Function):
         ce = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.numel(), chunk):
             sl = slice(start, start + chunk)
-            y = targets[sl]
-            with torch.enable_grad():
-                h = hidden[sl].detach().requires_grad_(hidden.requires_grad)
-                logits = backend.logits(h)
-            with torch.no_grad():
-                lse = torch.logsumexp(logits, dim=-1)
-                ce[sl] = lse - logits.gather(-1, y[:, None]).squeeze(-1)
-                # d(sum w*ce)/d logits = w * (softmax - onehot). No autograd node keeps the logits
-                # (a backend whose head did would fail loudly here), so overwrite them in place.
-                grad = logits.detach()
-                grad.sub_(lse[:, None]).exp_()
-                grad[torch.arange(y.numel(), device=y.device), y] -= 1
-                grad.mul_(weights[sl, None])
-            inputs = ([h] if h.requires_grad else []) + list(params)
-            if not inputs:
-                continue
-            with torch.enable_grad():
-                grads = list(torch.autograd.grad(logits, inputs, grad, allow_unused=True))
-            del logits, grad
-            if h.requires_grad:
+            inputs = [hidden[sl].detach().requires_grad_()] if hidden.requires_grad else []
+            inputs += params
+            with record_function(LOGITS_SCOPE):
+                with torch.enable_grad():
+                    logits = backend.head_logits(inputs[0] if hidden.requires_grad else hidden[sl])
+                # No autograd node keeps the logits (a backend whose head did would fail loudly in
+                # autograd.grad below), so their gradient is written over them.
+                ce[sl] = _ce_(logits.detach(), targets[sl], weights[sl])
+                if not inputs:
+                    continue
+                with torch.enable_grad():
+                    grads = list(torch.autograd.grad(logits, inputs, logits.detach(), allow_unused=True))
+                del logits
+            if hidden.requires_grad:
                 grad_hidden[sl] = grads.pop(0)
             for i, g in enumerate(grads):
                 if g is not None:
@@ -114,6 +155,7 @@ def label_only_loss(
     h = hidden[:, :-1][sel]
     y = targets[sel]
     w = token_weights(batch, task_weights or {})[:, 1:][sel]
+    chunk = chunk_rows(backend, chunk)
     if torch.is_grad_enabled() and y.numel():
         share = w / w.sum().clamp(min=1e-8)
         loss, ce = _LabelledCrossEntropy.apply(backend, chunk, h, y, share, *_trainable_parameters(backend))
