@@ -865,3 +865,23 @@ def test_mark_cell_reader_is_one_linear_map_per_code_and_the_weight_is_validated
     assert diff[0, 3, 4] > 0 and diff.sum() == diff[0, 3, 4]
     with pytest.raises(PretrainError, match="mark_cell_weight"):
         VQRefineConfig(mark_cell_weight=-1.0)
+
+
+def test_existence_and_twin_gates_are_balanced_so_a_constant_answer_scores_one_half(monkeypatch):
+    from yochameleon.eval.toyworld import gates
+    from yochameleon.eval.toyworld.world import QA_FACTORS, ToyWorld, WorldConfig
+
+    class Spans:  # only the photos' token spans are asked of the backend before the yes/no scoring
+        def encode_images(self, images):
+            return torch.zeros(len(images), 4, dtype=torch.long)
+
+    world = ToyWorld(0, WorldConfig(n_pretrain=0))
+    identities = world.splits["heldout"][:4]
+    for constant in (True, False):
+        monkeypatch.setattr(
+            gates, "_says_yes", lambda backend, spans, descriptions, rng, c=constant: np.full(len(spans), c)
+        )
+        existence = gates.existence_accuracy(Spans(), world, identities, per=5)
+        assert existence["all"] == 0.5 and set(existence) == {"all", *QA_FACTORS}
+        assert all(existence[f] == 0.5 for f in QA_FACTORS)  # every factor is changed equally often
+        assert gates.twin_separation_accuracy(Spans(), world, identities, per=3) == 0.5
