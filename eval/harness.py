@@ -44,8 +44,8 @@ class TestSet:
         """Read and check a test directory.
 
         Raises:
-            DataError: missing or empty directory, a malformed QA file, or QA items that reference
-                images the directory does not have (they are named).
+            DataError: missing or empty directory, a malformed QA file, QA items that reference
+                images the directory does not have or that resolve outside it (they are named).
         """
         root = Path(root)
         if not root.is_dir():
@@ -64,6 +64,7 @@ class TestSet:
             raise DataError(
                 f"test directory {root} is empty: expected positives/, negatives_*/, vqa.json or text_qa.json"
             )
+        _check_inside(root, [it["image"] for it in vqa if it.get("image")], root / "vqa.json")
         missing = sorted({it["image"] for it in vqa if not (root / it.get("image", "")).is_file()})
         if missing:
             raise DataError(
@@ -116,10 +117,23 @@ class TestSet:
                 text_qa.append(
                     {"question": question, "options": item["option"], "answer": item["correct_answer"]}
                 )
+        _check_inside(test, [it["image"] for it in vqa], Path(str(visual_qa_json)))
         missing = sorted({it["image"] for it in vqa if not Path(it["image"]).is_file()})
         if missing:
             raise DataError(f"{visual_qa_json} references images that do not exist: {', '.join(missing[:5])}")
         return cls(root, rec, vqa, text_qa)
+
+
+def _check_inside(root: Path, images: list[str], where: Path) -> None:
+    """Refuse image paths that resolve outside ``root`` (``../x.png``, absolute paths, symlinks out),
+    as manifest paths are refused outside their data directory."""
+    bound = root.resolve()
+    outside = [image for image in images if bound not in (bound / image).resolve().parents]
+    if outside:
+        raise DataError(
+            f"{where}: image {outside[0]!r} resolves outside the test directory {root}; refusing it"
+            + (f" (and {len(outside) - 1} more)" if len(outside) > 1 else "")
+        )
 
 
 def _read_items(path: Path) -> list[dict]:

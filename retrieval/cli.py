@@ -130,7 +130,7 @@ def run_index(args: argparse.Namespace) -> int:
     print(
         f"indexed {report.count} images from {index.pool_root} into {index.out_dir} ({report.kind}, dim {index.dim})\n"
         f"  found {report.found}, embedded {report.embedded}, reused {report.reused}, skipped {report.skipped}"
-        f" unreadable, {report.seconds:.1f} s"
+        f" unreadable or over the pixel limit, {report.seconds:.1f} s"
     )
     return 0
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from yochameleon.data.photos import PhotoError, open_image
 from yochameleon.errors import ConfigError, DataError
 
 ImageLike = Image.Image | str | Path
@@ -93,9 +94,10 @@ def load_image_rgb(image: ImageLike) -> Image.Image:
         img = image
     else:
         try:
-            img = Image.open(image)
+            # The project's one pixel limit, checked from the header before decoding.
+            img = open_image(image)
             img.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except (PhotoError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot read image {image}: {exc}") from exc
     try:
         img = ImageOps.exif_transpose(img)

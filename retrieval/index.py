@@ -289,7 +289,7 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def _load_images(paths: Sequence[Path], report: BuildReport, root: Path) -> tuple[list[Any], list[int]]:
-    """Decode images, skipping unreadable ones with a warning; return the images and their positions."""
+    """Decode images, skipping unreadable or over-limit ones with a warning; return the images and positions."""
     images, kept = [], []
     for position, path in enumerate(paths):
         try:
@@ -298,7 +298,7 @@ def _load_images(paths: Sequence[Path], report: BuildReport, root: Path) -> tupl
         except DataError as exc:
             report.skipped += 1
             report.skipped_paths.append(str(path.relative_to(root)))
-            _warn(f"skipping unreadable image: {exc}")
+            _warn(f"skipping unreadable or over-limit image: {exc}")
     return images, kept
 
 
@@ -359,8 +359,9 @@ class ImageIndex:
 
         Safe to re-run: images already in ``out_dir``'s embedding store (same relative path and content hash,
         or the same content under another name) are not embedded again, so an interrupted build resumes where it stopped and a re-run after adding
-        files to the pool embeds only the new ones. Unreadable images are skipped with a
-        :class:`RetrievalWarning` and counted in :attr:`report`.
+        files to the pool embeds only the new ones. Unreadable images and images over the pixel limit
+        (``yochameleon.data.photos.MAX_PIXELS``, checked before decoding) are skipped with a
+        :class:`RetrievalWarning` and counted in :attr:`report`; an empty result warns too.
 
         Args:
             pool_dir: Directory searched recursively for png/jpg/jpeg/webp/bmp files.
@@ -415,7 +416,12 @@ class ImageIndex:
         report.kind, report.count, report.seconds = index.kind, len(index), time.perf_counter() - started
         index.report = report
         if report.skipped:
-            _warn(f"{report.skipped} unreadable image(s) skipped while indexing {root}")
+            _warn(f"{report.skipped} unreadable or over-limit image(s) skipped while indexing {root}")
+        if not len(index):
+            _warn(
+                f"empty pool: {root} has no usable images ({report.found} found, {report.skipped} skipped), so "
+                "the index is empty and `prepare` will retrieve no hard negatives or soft positives"
+            )
         return index
 
     @staticmethod

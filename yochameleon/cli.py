@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from yochameleon.errors import ConfigError, YoChameleonError
@@ -53,19 +54,25 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_ask(args: argparse.Namespace) -> None:
+    from yochameleon.data.photos import load_image_file
     from yochameleon.infer import PersonalizedModel
 
-    pm = PersonalizedModel.load(args.model, args.concept, device=args.device)
-    print(pm.ask(args.question, image=args.image, force_tokens=args.force_tokens))
+    # Read the photo before loading the model: a bad path fails at once.
+    image = load_image_file(args.image) if args.image is not None else None
+    pm = PersonalizedModel.load(args.model, args.concept, device=args.device, strict=args.strict)
+    print(pm.ask(args.question, image=image, force_tokens=args.force_tokens))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     from yochameleon.infer import PersonalizedModel
 
-    pm = PersonalizedModel.load(args.model, args.concept, device=args.device)
+    pm = PersonalizedModel.load(args.model, args.concept, device=args.device, strict=args.strict)
     paths = pm.generate_to_dir(args.prompt, args.out, n=args.n, seed=args.seed)
     for p in paths:
         print(p)
+
+
+_STRICT_HELP = "a <NAME> in the prompt that is not an attached concept is an error, not a warning"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="force the u-tokens instead of letting the model emit them",
     )
     p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.set_defaults(func=_cmd_ask)
 
     p = sub.add_parser("generate", help="generate images of a concept")
@@ -122,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.set_defaults(func=_cmd_generate)
 
     _register_optional(sub)
@@ -157,6 +166,10 @@ def _register_optional(sub) -> None:
         add_bench_retrieval_args(bench.add_parser("retrieval", help="FAISS build/search time and memory"))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger("yochameleon").warning("%s", message)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one clear line and exit with status 2."""
     parser = build_parser()
@@ -164,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    # Library warnings (an empty index, skipped pool images) read like the logged ones: one line each.
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         args.func(args)
     except YoChameleonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

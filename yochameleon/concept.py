@@ -34,14 +34,24 @@ _FORBIDDEN = re.compile(r"[\s<>/\\]")
 ROW_TENSORS = ("embed", "head")
 
 
+def normalize_name(name: str) -> str:
+    """The NFC form of a concept name.
+
+    macOS input and file systems can spell ``mắm`` decomposed (``a`` + breve + acute); names are
+    compared, stored and written to file names in the composed form so both spellings find one concept.
+    """
+    return unicodedata.normalize("NFC", name)
+
+
 def validate_concept_name(name: str) -> str:
-    """Return ``name`` if it can name a concept (and a file), else raise :class:`ConceptError`.
+    """Return the NFC form of ``name`` if it can name a concept (and a file), else raise :class:`ConceptError`.
 
     Any Unicode letters, digits, ``-``, ``_`` and ``.`` are allowed; whitespace, angle brackets and
     path separators are refused because names end up in prompts and file names.
     """
     if not isinstance(name, str) or not name:
         raise ConceptError("a concept name must be a non-empty string")
+    name = normalize_name(name)
     if _FORBIDDEN.search(name) or name in (".", ".."):
         raise ConceptError(
             f"invalid concept name {name!r}: spaces, angle brackets and path separators are not allowed"
@@ -75,7 +85,7 @@ class ConceptSpec:
     shared: bool = False
 
     def __post_init__(self) -> None:
-        validate_concept_name(self.name)
+        object.__setattr__(self, "name", validate_concept_name(self.name))
         if self.n_g < 0 or self.n_u < 0:
             raise ConceptError("n_g and n_u must be non-negative")
         if self.shared and self.n_u:
@@ -246,7 +256,7 @@ class ConceptBank:
 
     def parameters(self, name: str | None = None) -> list[nn.Parameter]:
         """The trainable rows (embedding and head) of one concept or of all of them."""
-        names = [name] if name else list(self.concepts)
+        names = [normalize_name(name)] if name else list(self.concepts)
         return [p for n in names for p in (self.embedding.rows[n], self.head.rows[n])]
 
 
@@ -331,6 +341,7 @@ def attach(
 
 def detach(backend: Backend, name: str) -> None:
     """Remove a concept; with none left, the original modules are put back unchanged."""
+    name = normalize_name(name)
     bank = get_bank(backend)
     if bank is None or name not in bank.concepts:
         raise ConceptError(f"no concept named {name!r} is attached")
@@ -344,6 +355,7 @@ def detach(backend: Backend, name: str) -> None:
 
 def concept_rows(backend: Backend, name: str) -> dict[str, torch.Tensor]:
     """The current fp32 rows ``{"embed", "head"}`` of an attached concept (detached copies)."""
+    name = normalize_name(name)
     bank = get_bank(backend)
     if bank is None or name not in bank.concepts:
         raise ConceptError(f"no concept named {name!r} is attached")
@@ -402,6 +414,7 @@ def save_concept(
     """
     from safetensors.torch import save_file
 
+    name = normalize_name(name)
     bank = get_bank(backend)
     if bank is None or name not in bank.concepts:
         raise ConceptError(f"no concept named {name!r} is attached")

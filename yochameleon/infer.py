@@ -1,9 +1,11 @@
 """Inference with one or more attached concepts: recognize, ask, caption, generate images.
 
-Prompts name concepts as ``<NAME>`` (``"Is <bo> next to <mam>?"``); with a single concept attached,
-``<sks>`` also refers to it. Each named concept's personalized prompt is prepended. The ids of
-attached concepts that a prompt does not mention are masked out of the logits, so a prompt without
-any concept behaves exactly like the base model.
+Prompts name concepts as ``<NAME>`` (``"Is <bo> next to <mắm>?"``, matched in NFC form, so a
+decomposed spelling finds the concept too); with a single concept attached, ``<sks>`` also refers to
+it. Each named concept's personalized prompt is prepended. The ids of attached concepts that a prompt
+does not mention are masked out of the logits, so a prompt without any concept behaves exactly like
+the base model. A ``<NAME>`` that is not attached is read as plain text with a warning, or refused
+with ``strict=True``.
 
 Self-prompted token sets are either forced (appended to the prompt) or emitted by the model, which
 is then restricted to the concept's token set for at most that many steps.
@@ -11,6 +13,7 @@ is then restricted to the concept's token set for at most that many steps.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +23,14 @@ from PIL import Image
 
 from yochameleon.backends import LoadOptions, load_backend
 from yochameleon.backends.base import Backend
-from yochameleon.concept import ConceptTokens, get_bank, load_concept
+from yochameleon.concept import ConceptTokens, get_bank, load_concept, normalize_name
+from yochameleon.data.photos import load_image_file
 from yochameleon.errors import ConceptError
 from yochameleon.generation import ImageSpanConstraint, Sampling, SpanConstraint, TextConstraint, generate
 from yochameleon.prompts import recognition_question
-from yochameleon.train.sequences import encode_text
+from yochameleon.train.sequences import IMAGE, encode_text
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"<([^<>\s/\\]+)>")
 
@@ -69,10 +75,12 @@ class PersonalizedModel:
 
     Args:
         backend: the model; concepts are attached to it (see :func:`yochameleon.concept.load_concept`).
+        strict: a prompt naming a concept that is not attached is an error instead of a warning.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, strict: bool = False) -> None:
         self.backend = backend
+        self.strict = strict
 
     @classmethod
     def load(
@@ -81,15 +89,20 @@ class PersonalizedModel:
         concept_files: list[str | Path],
         device: str = "auto",
         options: LoadOptions | None = None,
+        strict: bool = False,
     ) -> PersonalizedModel:
-        """Load a base model and attach concept files."""
+        """Load a base model and attach concept files.
+
+        Concepts trained in separate runs attach together: each keeps its file's ids when they are
+        free and otherwise moves to free reserved ids (:func:`yochameleon.concept.attach`).
+        """
         if options is None:
             dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
             options = LoadOptions(device=dev)
         backend = load_backend(model, options)
         for f in concept_files:
             load_concept(backend, f)
-        return cls(backend)
+        return cls(backend, strict=strict)
 
     @property
     def concepts(self) -> dict[str, ConceptTokens]:
@@ -99,30 +112,50 @@ class PersonalizedModel:
     # ----- prompt assembly --------------------------------------------------------------------
     def _resolve(self, text: str) -> tuple[str, list[ConceptTokens]]:
         concepts = self.concepts
+        plain = {IMAGE} | {s for c in concepts.values() for s in c.strings}
         used: list[ConceptTokens] = []
+        unknown: list[str] = []
 
         def sub(m: re.Match) -> str:
-            name = m.group(1)
+            name = normalize_name(m.group(1))
             if name in concepts:
                 c = concepts[name]
             elif name == "sks" and len(concepts) == 1:
                 c = next(iter(concepts.values()))
             else:
+                if m.group(0) not in plain and f"<{name}>" not in unknown:
+                    unknown.append(f"<{name}>")
                 return m.group(0)
             if c not in used:
                 used.append(c)
             return c.sks
 
-        return _NAME.sub(sub, text), used
+        resolved = _NAME.sub(sub, text)
+        if unknown:
+            self._unknown_names(unknown)
+        return resolved, used
+
+    def _unknown_names(self, unknown: list[str]) -> None:
+        """Warn (or, when strict, refuse) about ``<NAME>``s in a prompt that no attached concept has."""
+        names = ", ".join(unknown)
+        attached = ", ".join(f"<{n}>" for n in self.concepts) or "none"
+        what = "is not an attached concept" if len(unknown) == 1 else "are not attached concepts"
+        message = f"the prompt names {names}, which {what} (attached: {attached})"
+        if "<sks>" in unknown and len(self.concepts) > 1:
+            message += "; with several concepts attached, name each one instead of <sks>"
+        if self.strict:
+            raise ConceptError(message)
+        logger.warning("%s; it is read as plain text", message)
 
     def _prompt_ids(
-        self, text: str, image: Image.Image | str | None
+        self, text: str, image: Image.Image | str | Path | None
     ) -> tuple[list[int], list[ConceptTokens]]:
         resolved, used = self._resolve(text)
         images = []
         if image is not None:
-            img = Image.open(image) if isinstance(image, (str, Path)) else image
-            images = [self.backend.encode_images([img.convert("RGB")])[0].tolist()]
+            # Paths go through the same checks as concept photos (pixel limit, unreadable files).
+            img = load_image_file(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+            images = [self.backend.encode_images([img])[0].tolist()]
             if "<image>" not in resolved:
                 resolved = "<image>" + resolved
         prefix = " ".join(c.personalized_prompt() for c in used)

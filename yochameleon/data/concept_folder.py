@@ -92,7 +92,7 @@ class ConceptFolder:
         meta = read_concept_yaml(root / CONCEPT_YAML)
         name = meta.get("name", root.resolve().name)
         try:
-            validate_concept_name(name)
+            name = validate_concept_name(name)  # NFC: a folder named on macOS may spell it decomposed
         except ConceptError as exc:
             raise DataError(f"{root}: {exc}") from exc
         qa = read_qa(root / QA_JSONL)

@@ -155,11 +155,51 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise PhotoError(SKIP_UNREADABLE, f"cannot convert mode {image.mode} to RGB: {exc}") from exc
 
 
+def check_pixels(image: Image.Image) -> None:
+    """Refuse an opened (not yet decoded) image with more than :data:`MAX_PIXELS` pixels.
+
+    Raises:
+        PhotoError: the header claims too many pixels (reason :data:`SKIP_BOMB`).
+    """
+    w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise PhotoError(SKIP_BOMB, f"{w}x{h} pixels is more than the limit of {MAX_PIXELS:,}")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image without decoding it, refusing one over the pixel limit.
+
+    The project's one pixel limit: concept photos, ``ask --image``, held-out and test-set photos and
+    the retrieval pool all open their files here. :data:`MAX_PIXELS` is checked first, so every
+    over-limit image gets the same message; PIL's own bomb warning (reachable only when the limit is
+    raised past PIL's) and error count as bombs too. PIL's global limit is never changed.
+
+    Raises:
+        PhotoError: over the limit (reason :data:`SKIP_BOMB`). Other errors of ``Image.open``
+            (missing, unidentified files) propagate.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise PhotoError(SKIP_BOMB, str(exc)) from exc
+    try:
+        check_pixels(image)
+        bombs = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+        if bombs:
+            raise PhotoError(SKIP_BOMB, str(bombs[0].message))
+    except PhotoError:
+        image.close()
+        raise
+    return image
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open one image as 8-bit RGB, refusing empty files and decompression bombs.
 
-    The pixel limit (:data:`MAX_PIXELS`) is checked from the header before decoding; PIL's own
-    bomb warnings and errors count as bombs too. PIL's global limit is never changed.
+    The pixel limit (:data:`MAX_PIXELS`) is checked from the header before decoding (see
+    :func:`open_image`).
 
     Raises:
         PhotoError: (a :class:`DataError`) the file is empty, not an image, truncated or too large.
@@ -172,20 +212,33 @@ def load_rgb(path: str | Path) -> Image.Image:
     if size == 0:
         raise PhotoError(SKIP_EMPTY)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                w, h = im.size
-                if w * h > MAX_PIXELS:
-                    raise PhotoError(SKIP_BOMB, f"{w}x{h} pixels is more than {MAX_PIXELS}")
-                im.load()
-                return to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PhotoError(SKIP_BOMB, str(exc)) from exc
+        with open_image(p) as im:
+            im.load()
+            return to_rgb(im)
     except PhotoError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise PhotoError(SKIP_UNREADABLE, str(exc)) from exc
+
+
+def load_image_file(path: str | Path) -> Image.Image:
+    """Open one image a user names directly (``ask --image``, a test set, held-out photos) as RGB.
+
+    The same checks as :func:`load_rgb`; the error is one line that names the file.
+
+    Raises:
+        DataError: the file is missing, a directory, empty, not an image, truncated or over the
+            pixel limit.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"image {p} does not exist")
+    if p.is_dir():
+        raise DataError(f"image {p} is a directory, not an image file")
+    try:
+        return load_rgb(p)
+    except PhotoError as exc:
+        raise DataError(f"cannot use image {p}: {exc}") from exc
 
 
 def file_sha256(path: str | Path) -> str:

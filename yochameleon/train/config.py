@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from yochameleon.concept import normalize_name
 from yochameleon.errors import ConfigError
 
 TASKS = ("recognition", "text_qa", "generation_real", "generation_soft")
@@ -57,6 +58,12 @@ class ConceptConfig:
             unknown = set(item) - {"name", "concept_dir", "data_dir"}
             if unknown or "name" not in item:
                 raise ConfigError(f"concept.extra items need name (and concept_dir/data_dir); got {item}")
+        # Names are compared and written to file names in NFC form (see concept.normalize_name).
+        self.name = normalize_name(self.name) if isinstance(self.name, str) else self.name
+        self.extra = [
+            {**item, "name": normalize_name(item["name"])} if isinstance(item["name"], str) else item
+            for item in self.extra
+        ]
 
 
 @dataclass
