@@ -205,10 +205,14 @@ def test_other_base_model_refused(saved, other_tiny_dir):
     _expect_refused(other, st, IncompatibleBaseModelError, match="trained on")
 
 
-def test_collision_with_attached_concept_refused(backend, saved):
-    st, _ = saved
-    attach(backend, ConceptSpec("first", n_g=2, n_u=2))  # takes the same lowest free ids
-    _expect_refused(backend, st, match="used by attached")
+def test_ids_taken_by_an_attached_concept_move_to_free_ids(backend, saved):
+    st, js = saved
+    first = attach(backend, ConceptSpec("first", n_g=2, n_u=2))  # takes the same lowest free ids
+    assert first.ids == json.loads(js.read_text())["token_ids"]
+    kit = load_concept(backend, st)
+    assert not set(kit.ids) & set(first.ids) and set(kit.ids) <= set(backend.free_token_ids())
+    assert kit.strings == [backend.id_to_token(i) for i in kit.ids]
+    assert torch.equal(concept_rows(backend, "kit")["embed"], load_file(str(st))["embed"])
 
 
 def test_missing_path_refused(backend, tmp_path):

@@ -14,6 +14,7 @@ time, whereas several concepts must be live at once, each on its own ids.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import unicodedata
@@ -29,6 +30,8 @@ from yochameleon.errors import ConceptError, IncompatibleBaseModelError, TokenBu
 
 if TYPE_CHECKING:
     from yochameleon.backends.base import Backend
+
+logger = logging.getLogger(__name__)
 
 _FORBIDDEN = re.compile(r"[\s<>/\\]")
 ROW_TENSORS = ("embed", "head")
@@ -220,7 +223,10 @@ class ConceptHead(_ConceptRows):
         logits = self.base(hidden)
         if not self.rows:
             return logits
-        concept = hidden.to(torch.float32) @ self.all_rows().t()
+        h = hidden.to(torch.float32)
+        # One product per concept: a concept's logits then come from the same kernel call whatever
+        # else is attached, so they are bit-identical alone and next to other concepts.
+        concept = torch.cat([h @ self.rows[name].t() for name in self.rows], dim=-1)
         return logits.index_copy(-1, self.all_ids(), concept.to(logits.dtype))
 
     @property
@@ -265,21 +271,32 @@ def get_bank(backend: Backend) -> ConceptBank | None:
     return getattr(backend, "_concept_bank", None)
 
 
-def allocate_ids(backend: Backend, spec: ConceptSpec) -> ConceptTokens:
-    """Place ``spec`` on the lowest free reserved ids not used by an attached concept.
+def allocate_ids(backend: Backend, spec: ConceptSpec, prefer: list[int] | None = None) -> ConceptTokens:
+    """Place ``spec`` on free reserved ids that no attached concept uses.
+
+    Args:
+        backend: the base model.
+        spec: the layout to place.
+        prefer: ids to keep when every one of them is free (a concept file's own ids); otherwise
+            the lowest free ids are taken.
 
     Raises:
-        TokenBudgetError: not enough free ids remain.
+        TokenBudgetError: not enough free ids remain; the message says how many are free.
     """
     bank = get_bank(backend)
     used = bank.used_ids() if bank else set()
     free = [i for i in backend.free_token_ids() if i not in used]
-    if len(free) < spec.n_tokens:
+    if prefer is not None and len(prefer) == spec.n_tokens and set(prefer) <= set(free):
+        ids = list(prefer)
+    elif len(free) < spec.n_tokens:
+        owners = ", ".join(f"{n} ({len(c.ids)})" for n, c in bank.concepts.items()) if bank else ""
         raise TokenBudgetError(
             f"concept {spec.name!r} needs {spec.n_tokens} token ids but only {len(free)} free reserved ids are "
-            f"left on {backend.name_or_path} (attached concepts use {len(used)})"
+            f"left on {backend.name_or_path}"
+            + (f" (attached concepts use {len(used)}: {owners}); detach one first" if used else "")
         )
-    ids = free[: spec.n_tokens]
+    else:
+        ids = free[: spec.n_tokens]
     return ConceptTokens(spec, ids, [backend.id_to_token(i) for i in ids])
 
 
@@ -288,36 +305,41 @@ def attach(
 ) -> ConceptTokens:
     """Attach a concept to ``backend``; only its embedding and head rows become trainable.
 
+    A concept's rows do not depend on which reserved ids hold them, so placed tokens (e.g. from a
+    concept file) keep their ids when those are free and otherwise move to the lowest free ids: two
+    concepts trained in separate runs on the same ids attach side by side. The returned tokens are
+    the concept's own id/string mapping on this model.
+
     Args:
         backend: the frozen base model.
-        concept: a spec (ids are allocated) or already-placed tokens (e.g. from a concept file).
-        rows: optional ``{"embed": [k, H], "head": [k, H]}`` initial rows; by default the base
-            model's current rows for those ids (what the original method does).
+        concept: a spec (ids are allocated) or already-placed tokens (their ids are preferred).
+        rows: optional ``{"embed": [k, H], "head": [k, H]}`` initial rows, in token order; by default
+            the base model's current rows for the chosen ids (what the original method does).
 
     Returns:
         The placed tokens.
 
     Raises:
-        ConceptError: the name is already attached, or the ids collide with an attached concept.
+        ConceptError: a concept of the same name is already attached.
         TokenBudgetError: not enough free ids.
     """
     bank = get_bank(backend)
-    if bank is not None and _name(concept) in bank.concepts:
-        raise ConceptError(f"a concept named {_name(concept)!r} is already attached; detach it or rename")
-    tokens = allocate_ids(backend, concept) if isinstance(concept, ConceptSpec) else concept
-    if bank is not None:
-        clash = set(tokens.ids) & bank.used_ids()
-        if clash:
-            owner = [n for n, c in bank.concepts.items() if clash & set(c.ids)]
-            raise ConceptError(
-                f"token ids {sorted(clash)[:5]} of {tokens.spec.name!r} are used by attached "
-                f"concept(s) {owner}"
-            )
-    free = set(backend.free_token_ids())
-    if not set(tokens.ids) <= free:
-        bad = sorted(set(tokens.ids) - free)[:5]
+    spec = concept if isinstance(concept, ConceptSpec) else concept.spec
+    if bank is not None and spec.name in bank.concepts:
         raise ConceptError(
-            f"ids {bad} of {tokens.spec.name!r} are not free reserved ids of {backend.name_or_path}"
+            f"a concept named {spec.name!r} is already attached; two concepts cannot share a name "
+            "(detach it, or train the other one under another concept.name)"
+        )
+    prefer = None if isinstance(concept, ConceptSpec) else list(concept.ids)
+    tokens = allocate_ids(backend, spec, prefer)
+    if prefer is not None and tokens.ids != prefer:
+        logger.info(
+            "concept %r placed on ids %d..%d (its ids %d..%d are taken or not free here)",
+            spec.name,
+            tokens.ids[0],
+            tokens.ids[-1],
+            prefer[0],
+            prefer[-1],
         )
     ids = torch.tensor(tokens.ids, dtype=torch.long)
     if rows is None:
@@ -363,10 +385,6 @@ def concept_rows(backend: Backend, name: str) -> dict[str, torch.Tensor]:
         "embed": bank.embedding.rows[name].detach().cpu().clone(),
         "head": bank.head.rows[name].detach().cpu().clone(),
     }
-
-
-def _name(concept: ConceptSpec | ConceptTokens) -> str:
-    return concept.name if isinstance(concept, ConceptSpec) else concept.spec.name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,11 +508,18 @@ def read_concept_file(path: str | Path) -> tuple[ConceptFileMeta, dict[str, torc
 def load_concept(backend: Backend, path: str | Path) -> ConceptTokens:
     """Attach a saved concept to ``backend``, refusing files made for another base model.
 
-    Every check runs before anything is attached, so a refused file leaves the model unchanged.
+    The concept keeps the ids recorded in its file when they are free; when another attached
+    concept holds them (two concepts trained in separate runs), it moves to free reserved ids (see
+    :func:`attach`). Every check runs before anything is attached, so a refused file leaves the
+    model unchanged.
+
+    Returns:
+        The concept's tokens on this model (the ids it was placed on).
 
     Raises:
         IncompatibleBaseModelError: fingerprint, hidden size or token strings differ from this base.
-        ConceptError: see :func:`read_concept_file` and :func:`attach`.
+        ConceptError: see :func:`read_concept_file`; the same name is already attached.
+        TokenBudgetError: too few free reserved ids are left (the message says how many).
     """
     meta, tensors = read_concept_file(path)
     if meta.base_fingerprint != backend.fingerprint() or meta.hidden_size != backend.hidden_size:
