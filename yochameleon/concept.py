@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from yochameleon import __version__
 from yochameleon.errors import ConceptError, IncompatibleBaseModelError, TokenBudgetError
@@ -207,8 +208,11 @@ class ConceptEmbedding(_ConceptRows):
         if not bool(hit.any()):
             return out
         rows = self.all_rows().to(out.dtype)
+        # F.embedding, not ``rows[slot]``: on CPU the backward of advanced indexing accumulates
+        # with several threads in a varying order, so two runs (and a resumed run) would drift
+        # apart by ~1e-6; the embedding backward partitions rows between threads and is exact.
         # torch.where keeps the base values bit-identical and routes gradients to the rows only.
-        return torch.where(hit.unsqueeze(-1), rows[slot.clamp(min=0)], out)
+        return torch.where(hit.unsqueeze(-1), F.embedding(slot.clamp(min=0), rows), out)
 
     @property
     def weight(self) -> torch.Tensor:

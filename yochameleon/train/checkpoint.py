@@ -2,15 +2,18 @@
 
 A checkpoint is a directory ``checkpoints/step_NNNNNN/`` holding ``state.safetensors`` (concept rows
 and AdamW moments, fp32) and ``state.json`` (step, epoch, RNG-free bookkeeping). It is written to a
-temporary directory and renamed, then ``checkpoints/latest`` is replaced atomically, so a kill at any
-instant (SIGKILL included) leaves the previous checkpoint intact. Nothing is pickled.
+temporary directory (``.tmp-NAME-PID``) and renamed, then ``checkpoints/latest`` is replaced
+atomically, so a kill at any instant (SIGKILL included) leaves the previous checkpoint intact; the
+next start removes the temporary folder (:func:`remove_stale_tmp`). Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +22,8 @@ from typing import Any
 import torch
 
 from yochameleon.errors import TrainingError
+
+logger = logging.getLogger(__name__)
 
 
 class RunLock:
@@ -62,6 +67,99 @@ def config_hash(config: dict[str, Any]) -> str:
     """Hash of the parts of a resolved config that change the result (logging is excluded)."""
     relevant = {k: v for k, v in config.items() if k not in ("logging",)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Recipe keys that name files or folders: a resume compares them normalised (``a/b/`` is ``a/b``).
+PATH_KEYS = (
+    "output_dir",
+    "model.name_or_path",
+    "concept.concept_dir",
+    "concept.data_dir",
+    "data.index_dir",
+    "data.eval_dir",
+)
+# What ``--resume`` may raise to extend a (finished) run; any other change is refused.
+EXTENSIBLE_KEYS = ("optim.max_steps", "optim.epochs")
+
+
+def _normalize_path(value: Any) -> Any:
+    return os.path.normpath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config as a resume compares it: logging dropped, paths normalised."""
+    out = copy.deepcopy({k: v for k, v in config.items() if k != "logging"})
+    for key in PATH_KEYS:
+        section, _, leaf = key.rpartition(".")
+        holder = out.get(section) if section else out
+        if isinstance(holder, dict) and leaf in holder:
+            holder[leaf] = _normalize_path(holder[leaf])
+    for item in (out.get("concept") or {}).get("extra") or []:
+        for leaf in ("concept_dir", "data_dir"):
+            if isinstance(item, dict) and leaf in item:
+                item[leaf] = _normalize_path(item[leaf])
+    return out
+
+
+def _extends(old: Any, new: Any) -> bool:
+    # ``max_steps: null`` means no cap, which is larger than any number.
+    if new is None:
+        return old is not None
+    return old is not None and isinstance(new, int) and isinstance(old, int) and new > old
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Why the run recorded as ``old`` cannot resume under the recipe ``new`` (empty: it can).
+
+    Logging settings may change; paths are compared normalised; a larger ``optim.max_steps`` or
+    ``optim.epochs`` extends the run. Each other difference is one ``key: old -> new`` line.
+    """
+    a, b = comparable_config(old), comparable_config(new)
+    notes = {}
+    for key in EXTENSIBLE_KEYS:
+        section, leaf = key.split(".")
+        va, vb = (a.get(section) or {}).get(leaf), (b.get(section) or {}).get(leaf)
+        if va == vb:
+            continue
+        if _extends(va, vb):
+            a[section][leaf] = vb  # an extension is not a change
+        else:
+            notes[key] = " (a resume may only raise it, to extend the run)"
+    return [line + notes.get(line.split(":", 1)[0], "") for line in diff_configs(a, b)]
+
+
+def remove_stale_tmp(run_dir: str | Path) -> list[Path]:
+    """Delete ``checkpoints/.tmp-*`` folders that a killed run left behind; return them.
+
+    Call it holding the run's :class:`RunLock`: no other trainer writes this directory then. A
+    folder is removed only when the process id in its name is this process or no live process,
+    so a writer that somehow runs without the lock keeps its half-written checkpoint.
+    """
+    removed = []
+    for tmp in sorted((Path(run_dir) / "checkpoints").glob(".tmp-*")):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not tmp.is_dir() or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            logger.warning("keeping %s: process %s that writes it is still alive", tmp, pid)
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        logger.info("removed %d unfinished checkpoint(s) left by a killed run", len(removed))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -10,7 +10,9 @@ Features and the recipe keys that control them:
 * several concepts in one run on one frozen model (``concept.extra``), batches mix concepts;
 * checkpoint selection every ``eval_every`` steps by weighted recognition + image-token accuracy;
 * atomic checkpoints every ``save_every`` steps, a run lock, ``resume=True`` continues after a kill
-  and gives the same rows as an uninterrupted run; a changed recipe is refused;
+  and gives the same rows as an uninterrupted run (on a CPU with the run's thread count, recorded in
+  ``run.json``); a larger ``optim.max_steps`` / ``optim.epochs`` extends a finished run, any other
+  recipe change is refused;
 * a non-finite loss stops the run with a message and keeps the last good state.
 """
 
@@ -32,7 +34,14 @@ from yochameleon.backends.base import Backend
 from yochameleon.concept import ConceptSpec, ConceptTokens, attach, concept_rows, get_bank, save_concept
 from yochameleon.config import to_dict
 from yochameleon.errors import TrainingError
-from yochameleon.train.checkpoint import RunLock, config_hash, diff_configs, load_checkpoint, save_checkpoint
+from yochameleon.train.checkpoint import (
+    RunLock,
+    config_hash,
+    load_checkpoint,
+    remove_stale_tmp,
+    resume_changes,
+    save_checkpoint,
+)
 from yochameleon.train.config import TrainConfig
 from yochameleon.train.loggers import build_logger
 from yochameleon.train.loss import label_only_loss
@@ -144,7 +153,7 @@ class Trainer:
         eval_dir = self.cfg.data.eval_dir
         if not eval_dir:
             return eval_set_from_records(records, lookup)
-        from PIL import Image
+        from yochameleon.data.photos import load_image_file
 
         def encode(folder: Path) -> list[list[int]]:
             files = sorted(
@@ -152,7 +161,7 @@ class Trainer:
             )
             if not files:
                 return []
-            return self.backend.encode_images([Image.open(f).convert("RGB") for f in files]).tolist()
+            return self.backend.encode_images([load_image_file(f) for f in files]).tolist()
 
         root = Path(eval_dir)
         es = EvalSet(encode(root / "photos"), encode(root / "negatives"))
@@ -205,32 +214,58 @@ class Trainer:
                     "exp_avg_sq": tensors[f"optim/{i}/exp_avg_sq"].to(p.device).clone(),
                 }
 
-    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
-        resolved = to_dict(self.cfg)
+    def _check_run_dir(self, resume: bool, resolved: dict[str, Any]) -> dict[str, Any] | None:
+        """Refuse a resume with a changed recipe, or a fresh start over an existing run.
+
+        Read-only: it runs before the lock is taken, so a refused start leaves the run directory,
+        lock file included, untouched. Returns the run's recorded ``run.json`` when resuming.
+        """
         meta_path = self.run_dir / "run.json"
-        ckpt = load_checkpoint(self.run_dir) if resume else None
         if resume and meta_path.is_file():
             old = json.loads(meta_path.read_text())
-            if old["config_hash"] != config_hash(resolved):
-                changes = diff_configs(
-                    {k: v for k, v in old["config"].items() if k != "logging"},
-                    {k: v for k, v in resolved.items() if k != "logging"},
-                )
+            changes = resume_changes(old["config"], resolved)
+            if changes:
                 raise TrainingError(
                     "cannot resume: the recipe changed since this run started:\n  "
                     + "\n  ".join(changes[:10])
                 )
-        elif not resume and (self.run_dir / "checkpoints" / "latest").exists():
+            return old
+        if not resume and (self.run_dir / "checkpoints" / "latest").exists():
             raise TrainingError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
                 "another output_dir"
             )
-        if self.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            meta_path.write_text(
-                json.dumps({"config_hash": config_hash(resolved), "config": resolved}, indent=2)
+        return None
+
+    def _write_run_meta(self, resolved: dict[str, Any], threads: int) -> None:
+        # Written whole and renamed: other ranks read run.json while rank 0 rewrites it.
+        meta = {"config_hash": config_hash(resolved), "config": resolved, "threads": threads}
+        for name, text in (
+            ("config.yaml", yaml.safe_dump(resolved, sort_keys=False)),
+            ("run.json", json.dumps(meta, indent=2)),
+        ):
+            tmp = self.run_dir / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.run_dir / name)
+
+    def _run_threads(self, old: dict[str, Any] | None) -> int:
+        """The intra-op thread count of this run: the recorded one on resume (CPU), else the current.
+
+        On a CPU, matrix products split their sums by thread count, so rows computed with 1 and with
+        2 threads differ in the last bits; resuming with the run's own count keeps the rows
+        bit-identical to an uninterrupted run.
+        """
+        threads = torch.get_num_threads()
+        recorded = (old or {}).get("threads")
+        if recorded and recorded != threads and self.backend.device.type == "cpu":
+            logger.info(
+                "resuming with the run's %d CPU threads (this process had %d), so the rows match an "
+                "uninterrupted run",
+                recorded,
+                threads,
             )
-        return ckpt
+            return int(recorded)
+        return threads
 
     # ----- the loop ---------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
@@ -238,10 +273,18 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, o = self.cfg, self.cfg.optim
+        resolved = to_dict(cfg)
+        old_meta = self._check_run_dir(resume, resolved)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir).acquire() if self.is_main else None
+        threads_before = torch.get_num_threads()
         try:
-            ckpt = self._prepare_run_dir(resume)
+            threads = self._run_threads(old_meta)
+            torch.set_num_threads(threads)
+            if self.is_main:
+                remove_stale_tmp(self.run_dir)
+                self._write_run_meta(resolved, threads)
+            ckpt = load_checkpoint(self.run_dir) if resume else None
             params = self._params()
             optimizer = torch.optim.AdamW(
                 params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
@@ -338,6 +381,7 @@ class Trainer:
             log.close()
             return TrainResult(self.run_dir, files, self.step, self.losses, self.best)
         finally:
+            torch.set_num_threads(threads_before)
             if lock is not None:
                 lock.release()
 
