@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -183,6 +184,11 @@ def open_image(path: str | Path) -> Image.Image:
         try:
             image = Image.open(path)
         except Image.DecompressionBombError as exc:
+            # PIL refuses more than twice its own limit before we see the size; say it as we do.
+            claimed = re.search(r"\((\d+) pixels\)", str(exc))
+            if claimed and int(claimed.group(1)) > MAX_PIXELS:
+                detail = f"{int(claimed.group(1)):,} pixels is more than the limit of {MAX_PIXELS:,}"
+                raise PhotoError(SKIP_BOMB, detail) from exc
             raise PhotoError(SKIP_BOMB, str(exc)) from exc
     try:
         check_pixels(image)
