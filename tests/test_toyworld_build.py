@@ -566,8 +566,12 @@ def test_compiled_pretraining_matches_eager_and_leaves_an_eager_model(tiny_dir):
         assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
         finals.append((stats["final_loss"], after))
     assert finals[0][0] == pytest.approx(finals[1][0], abs=1e-3)
+    # Compiled kernels add in another order. AdamW scales each update to about lr (3e-3), so where a
+    # gradient is near zero those last bits can move a weight by a sizeable part of lr: measured, one
+    # element in 65,536 of a head row moved 2e-4 in 3 steps. 1e-3 (a third of lr) bounds that and still
+    # fails on any real divergence.
     for name, value in finals[0][1].items():
-        torch.testing.assert_close(finals[1][1][name], value, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(finals[1][1][name], value, atol=1e-3, rtol=1e-3)
 
 
 def test_codebook_init_gives_look_alike_codes_close_rows(backend):
