@@ -357,7 +357,9 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
                 {k: v.contiguous() for k, v in vqmodel.state_dict().items()}, str(folder / "vq.safetensors")
             )
             save_vq_decoder_state(decoder, folder / "vq_decoder.safetensors")
-            marks = vq_retention(vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed)
+            marks = vq_retention(
+                vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed
+            )
             # Informational: the gate is measured after the refinement below.
             return {"stats": stats, "marks": marks}
 
@@ -380,7 +382,9 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
                 {k: v.contiguous() for k, v in vqmodel.state_dict().items()}, str(folder / "vq.safetensors")
             )
             save_vq_decoder_state(decoder, folder / "vq_decoder.safetensors")
-            marks = vq_retention(vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed)
+            marks = vq_retention(
+                vqmodel, decoder, scorer, world, heldout, config.gates.vq_photos, config.seed
+            )
             gates = {"vq_marks": marks["kept"], "vq_factors": min(marks["factors"].values())}
             return {"stats": stats, "marks": marks, "gates": gates}
 

@@ -362,9 +362,7 @@ FACTOR_VALUES: dict[str, tuple[str, ...]] = {
 # "marks" question. Each plain description is shared by len(MARK_SETS) = 10 identities, and one edit of
 # ToyWorld.twin reaches 6 other sets from any of them.
 MARK_SETS: tuple[str, ...] = tuple(
-    mark_phrase(combo)
-    for n in (1, 2)
-    for combo in itertools.combinations(MARK_COLOURS, n)
+    mark_phrase(combo) for n in (1, 2) for combo in itertools.combinations(MARK_COLOURS, n)
 )
 # The factors attribute questions ask about: the nameable four and the marks.
 QA_FACTORS: tuple[str, ...] = (*FACTOR_VALUES, "marks")
