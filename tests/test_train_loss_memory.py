@@ -19,7 +19,15 @@ from yochameleon.eval.bench.train_bench import (
     workload_records,
 )
 from yochameleon.train import loss as loss_mod
-from yochameleon.train.loss import UPCAST_ROWS, chunk_rows, full_logits_loss, label_only_loss
+from yochameleon.train.loss import (
+    LENGTH_BUCKET,
+    ROW_BUCKET,
+    UPCAST_ROWS,
+    bucket_length,
+    chunk_rows,
+    full_logits_loss,
+    label_only_loss,
+)
 from yochameleon.train.sequences import IGNORE, build_sequence, collate
 
 
@@ -64,16 +72,17 @@ def test_chunk_rows_are_capped_by_bytes(tiny_dir):
     assert chunk_rows(backend, 7) == 7
     assert chunk_rows(backend, 10**6, max_bytes=4 * backend.vocab_size * 3) == 3
     assert chunk_rows(backend, 10**6, max_bytes=1) == 1
-    # 16 MiB of float32 logits: 227 rows of the anole-tiny vocabulary, 64 of Anole-7B's.
-    assert loss_mod.LOGITS_CHUNK_BYTES // (4 * 18432) == 227
-    assert loss_mod.LOGITS_CHUNK_BYTES // (4 * 65536) == 64
+    # On a CPU 8 MiB of float32 logits: 113 rows of the anole-tiny vocabulary; on a GPU the cap
+    # leaves Anole-7B's 1,024-row chunks alone.
+    assert loss_mod.LOGITS_CHUNK_BYTES // (4 * 18432) == 113
+    assert loss_mod.LOGITS_CHUNK_BYTES_GPU // (4 * 65536) == 2048
 
 
 def test_no_logits_chunk_exceeds_its_byte_cap(tiny_dir, photos, monkeypatch):
     backend = load_backend(tiny_dir)
     batch = _batch(backend, photos)
     labelled = int((batch.labels[:, 1:] != IGNORE).sum())
-    cap = 40  # rows: far fewer than the batch's labelled tokens
+    cap = 2 * ROW_BUCKET  # rows: far fewer than the batch's labelled tokens
     assert labelled > 3 * cap
     monkeypatch.setattr(loss_mod, "LOGITS_CHUNK_BYTES", cap * 4 * backend.vocab_size)
     with _VocabTensors(backend.vocab_size) as seen:
@@ -85,7 +94,7 @@ def test_no_logits_chunk_exceeds_its_byte_cap(tiny_dir, photos, monkeypatch):
 def test_bf16_loss_never_upcasts_a_whole_chunk_and_matches_the_straightforward_loss(tiny_dir, photos):
     backend = load_backend(tiny_dir, LoadOptions(dtype="bfloat16"))
     batch = _batch(backend, photos)
-    chunk = 100
+    chunk = 3 * ROW_BUCKET
     assert int((batch.labels[:, 1:] != IGNORE).sum()) > chunk > UPCAST_ROWS
     with _VocabTensors(backend.vocab_size) as seen:
         loss, _ = label_only_loss(backend, batch, chunk=chunk)
@@ -158,3 +167,34 @@ def test_chameleon_loads_with_sdpa_and_it_matches_eager_attention(tiny_dir, phot
         assert backend.model.config._attn_implementation == "eager"
         eager, _ = label_only_loss(backend, batch)
     assert abs(sdpa.item() - eager.item()) < 1e-5
+
+
+def test_shape_buckets_pad_lengths_and_rows_without_changing_the_loss(tiny_dir, photos):
+    backend = load_backend(tiny_dir)
+    batch = _batch(backend, photos)
+    padded = bucket_length(batch)
+    width = batch.input_ids.shape[1]
+    assert width % LENGTH_BUCKET and padded.input_ids.shape[1] == -(-width // LENGTH_BUCKET) * LENGTH_BUCKET
+    assert torch.equal(padded.input_ids[:, :width], batch.input_ids)
+    assert not padded.attention_mask[:, width:].any() and (padded.labels[:, width:] == IGNORE).all()
+    assert torch.equal(
+        padded.position_ids[:, width:],
+        batch.position_ids[:, -1:] + torch.arange(1, 1 + padded.input_ids.shape[1] - width),
+    )
+    widths = []
+    forward = backend.hidden_states
+
+    def record(input_ids, **kwargs):
+        widths.append(input_ids.shape[1])
+        return forward(input_ids, **kwargs)
+
+    backend.hidden_states = record
+    with _VocabTensors(backend.vocab_size) as seen:
+        bucketed, kinds = label_only_loss(backend, batch, chunk=50)
+    assert widths[-1] % LENGTH_BUCKET == 0
+    # Every chunk is a multiple of ROW_BUCKET rows (the last one padded with zero-weight rows).
+    assert {math.prod(s[:-1]) % ROW_BUCKET for s, _ in seen.seen} == {0}
+    exact, exact_kinds = label_only_loss(backend, batch, chunk=50, buckets=False)
+    assert widths[-1] == width
+    assert abs(bucketed.item() - exact.item()) < 1e-5
+    assert kinds.keys() == exact_kinds.keys() and all(abs(kinds[k] - exact_kinds[k]) < 1e-5 for k in kinds)

@@ -10,6 +10,11 @@ A chunk holds at most ``chunk`` rows and at most :data:`LOGITS_CHUNK_BYTES` of l
 count shrinks with the vocabulary), since its logits are copied once more on their way back
 through the concept head. Logits stay in the head's dtype: a bf16 model's logits are upcast to
 float32 :data:`UPCAST_ROWS` rows at a time for the log-sum-exp and the softmax, never as a whole.
+
+On a CPU, shapes are bucketed: a batch's length is padded to a multiple of :data:`LENGTH_BUCKET`
+(masked positions, sliced off again) and a chunk's rows to a multiple of :data:`ROW_BUCKET`
+(zero-weight rows). oneDNN compiles and caches kernels per matrix shape, and with every batch a
+length of its own a bf16 run on anole-tiny held ~100 MB of them (issue 27).
 """
 
 from __future__ import annotations
@@ -21,19 +26,56 @@ from torch.profiler import record_function
 from yochameleon.backends.base import Backend
 from yochameleon.train.sequences import IGNORE, Batch
 
-# One chunk's logits at 4 bytes a value: 16 MiB is 227 rows of an 18k vocabulary, 64 of Anole's 65k.
-LOGITS_CHUNK_BYTES = 16 * 2**20
+# One chunk's logits at 4 bytes a value, on a CPU: 8 MiB is 113 rows of an 18k vocabulary. Larger
+# chunks left glibc's heap holding ~60 MB more at the peak of an anole-tiny step (issue 27). On a GPU
+# the cap only stops huge vocabularies: 512 MiB is 2,048 rows of Anole's 65k, more than ``chunk``.
+LOGITS_CHUNK_BYTES = 8 * 2**20
+LOGITS_CHUNK_BYTES_GPU = 512 * 2**20
 # Rows of a low-precision chunk upcast to float32 at once (2.4 MB for 18k entries, 8 MB for 65k).
 UPCAST_ROWS = 32
 # The profiler range around each chunk's logits, so a memory profile can tell them apart.
 LOGITS_SCOPE = "yochameleon.logits_chunk"
+# CPU shape buckets (see the module docstring): ≤ 63 masked positions per sample, ≤ 31 rows per step.
+LENGTH_BUCKET = 64
+ROW_BUCKET = 32
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def bucket_length(batch: Batch, multiple: int = LENGTH_BUCKET) -> Batch:
+    """``batch`` right-padded with masked positions to a length that is a multiple of ``multiple``.
+
+    Padding positions continue each row's position ids and carry no label, so every real
+    position's hidden state and the loss are those of the unpadded batch.
+    """
+    width = batch.input_ids.shape[1]
+    extra = _round_up(width, multiple) - width
+    if extra == 0:
+        return batch
+    n = batch.input_ids.shape[0]
+
+    def pad(t: torch.Tensor, fill: torch.Tensor | int) -> torch.Tensor:
+        tail = fill.expand(n, extra) if isinstance(fill, torch.Tensor) else t.new_full((n, extra), fill)
+        return torch.cat([t, tail], dim=1)
+
+    step = torch.arange(1, extra + 1, device=batch.position_ids.device)
+    return Batch(
+        pad(batch.input_ids, batch.input_ids[:, -1:]),  # each row's last id: padding where it has any
+        pad(batch.labels, IGNORE),
+        pad(batch.attention_mask, 0),
+        torch.cat([batch.position_ids, batch.position_ids[:, -1:] + step], dim=1),
+        batch.kinds,
+    )
 
 
 def chunk_rows(backend: Backend, chunk: int, max_bytes: int | None = None) -> int:
-    """Rows per logits chunk: ``chunk``, fewer when that many rows would exceed ``max_bytes``
-    (default :data:`LOGITS_CHUNK_BYTES`) of float32 logits."""
-    limit = LOGITS_CHUNK_BYTES if max_bytes is None else max_bytes
-    return max(1, min(chunk, limit // (4 * backend.vocab_size)))
+    """Rows per logits chunk: ``chunk``, fewer when that many rows would exceed ``max_bytes`` of
+    float32 logits (default: :data:`LOGITS_CHUNK_BYTES` on a CPU, :data:`LOGITS_CHUNK_BYTES_GPU` else)."""
+    if max_bytes is None:
+        max_bytes = LOGITS_CHUNK_BYTES if backend.device.type == "cpu" else LOGITS_CHUNK_BYTES_GPU
+    return max(1, min(chunk, max_bytes // (4 * backend.vocab_size)))
 
 
 @torch.no_grad()
@@ -138,24 +180,48 @@ def token_weights(batch: Batch, task_weights: dict[str, float]) -> torch.Tensor:
 
 
 def label_only_loss(
-    backend: Backend, batch: Batch, task_weights: dict[str, float] | None = None, chunk: int = 1024
+    backend: Backend,
+    batch: Batch,
+    task_weights: dict[str, float] | None = None,
+    chunk: int = 1024,
+    max_chunk_bytes: int | None = None,
+    buckets: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean (optionally task-weighted) cross-entropy over labelled tokens, and per-kind means.
+
+    Args:
+        backend: the model (concepts attached).
+        batch: a collated batch.
+        task_weights: per-kind loss weights.
+        chunk: most rows of logits at once.
+        max_chunk_bytes: most bytes of (float32) logits at once; see :func:`chunk_rows`.
+        buckets: bucket shapes (see the module docstring); ``None``: on a CPU only.
 
     Returns:
         ``(loss, {kind: mean CE})``; the loss is averaged over labelled tokens (weighted mean when
         task weights are set).
     """
+    bucket = batch.input_ids.device.type == "cpu" if buckets is None else buckets
+    padded = bucket_length(batch) if bucket else batch
     hidden, _ = backend.hidden_states(
-        batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        padded.input_ids, attention_mask=padded.attention_mask, position_ids=padded.position_ids
     )
+    hidden = hidden[:, : batch.input_ids.shape[1]]
     # Position t predicts label t+1.
     targets = batch.labels[:, 1:]
     sel = targets != IGNORE
     h = hidden[:, :-1][sel]
     y = targets[sel]
     w = token_weights(batch, task_weights or {})[:, 1:][sel]
-    chunk = chunk_rows(backend, chunk)
+    n = y.numel()
+    chunk = chunk_rows(backend, chunk, max_chunk_bytes)
+    if bucket and n:
+        # Zero-weight rows make every chunk a multiple of ROW_BUCKET rows; they add nothing.
+        chunk = max(ROW_BUCKET, chunk // ROW_BUCKET * ROW_BUCKET)
+        extra = _round_up(n, ROW_BUCKET) - n
+        h = torch.cat([h, h.new_zeros(extra, h.shape[1])])
+        y = torch.cat([y, y.new_zeros(extra)])
+        w = torch.cat([w, w.new_zeros(extra)])
     if torch.is_grad_enabled() and y.numel():
         share = w / w.sum().clamp(min=1e-8)
         loss, ce = _LabelledCrossEntropy.apply(backend, chunk, h, y, share, *_trainable_parameters(backend))
@@ -163,6 +229,7 @@ def label_only_loss(
         parts = [_chunk_ce(backend, h[i : i + chunk], y[i : i + chunk]) for i in range(0, y.numel(), chunk)]
         ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
         loss = (ce * w).sum() / w.sum().clamp(min=1e-8)
+    ce = ce[:n]
     per_kind: dict[str, float] = {}
     with torch.no_grad():
         row = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[sel]
