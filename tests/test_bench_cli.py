@@ -63,11 +63,19 @@ def test_bench_train_tiny_writes_both_implementations_ablation_and_estimator_che
     assert result["loss_diff"] < 1e-4  # same batch, same loss
     assert result["speedup"] > 0 and result["memory_ratio"] > 0
     offs = [row["feature_off"] for row in result["ablation"]]
-    assert offs == ["token_cache", "label_only", "no_padding", "rows_only", "checkpointing"]
+    assert offs == [
+        "token_cache",
+        "label_only",
+        "no_padding",
+        "rows_only",
+        "checkpointing",
+        "capped_chunks",
+        "shape_buckets",
+    ]
     for row in result["ablation"]:
         assert row["features"][row["feature_off"]] is False
         assert abs(row["check_loss"] - result["ours"]["check_loss"]) < 1e-4
     checks = {c["configuration"]: c for c in result["estimator_check"]}
-    assert set(checks) == {"ours", "reference", *(f"{f} off" for f in offs)}
+    assert set(checks) == {f"{c}, fp32" for c in ("ours", "reference", *(f"{f} off" for f in offs))}
     assert all(c["measured_mb"] > 0 and c["estimated_mb"] > 0 for c in checks.values())
     assert "speedup" in capsys.readouterr().out

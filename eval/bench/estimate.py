@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from yochameleon.eval.bench.reference import BenchError
+from yochameleon.train.loss import LOGITS_CHUNK_BYTES, LOGITS_CHUNK_BYTES_GPU, UPCAST_ROWS
 
 GB = 1e9
 MB = 2**20
@@ -110,20 +111,21 @@ def _from_tiny(name: str) -> ModelShape:
 
 
 def model_shape(name_or_dir: str) -> ModelShape:
-    """A built-in shape (``anole-7b``, ``tiny``, ``small``) or one read from ``DIR/config.json``.
+    """A built-in shape (``anole-7b``, ``tiny``, ``small``, ``anole-tiny``) or one read from ``DIR/config.json``.
 
     Raises:
         BenchError: unknown name, or a directory without a usable ``config.json``.
     """
     if name_or_dir in ("anole-7b", "chameleon-7b"):
         return ModelShape(name_or_dir, 4096, 32, 11008, 32, 32, 65536, 1024)
-    if name_or_dir in ("tiny", "small"):
+    if name_or_dir in ("tiny", "small", "anole-tiny"):
         return _from_tiny(name_or_dir)
     path = Path(name_or_dir)
     cfg_path = path / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
         raise BenchError(
-            f"--model-config must be anole-7b, tiny, small or a directory with config.json; got {name_or_dir!r}"
+            "--model-config must be anole-7b, tiny, small, anole-tiny or a directory with config.json; "
+            f"got {name_or_dir!r}"
         )
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -160,6 +162,7 @@ class EstimateOptions:
         logits_chunk: rows of logits live at once in the label-only loss.
         label_only: logits at labelled positions only (``False``: at every position).
         rows_only: AdamW over the concept rows (``False``: whole embedding and head matrices).
+        capped_chunks: logits chunks capped in bytes as the loss caps them (``False``: ``logits_chunk`` rows).
         concept_tokens: trainable rows per matrix (``<sks>`` + 16 + 16 by default).
         device: ``cuda`` or ``cpu`` (selects the runtime overhead).
         gpu: key of :data:`GPUS` for the time estimate.
@@ -174,6 +177,7 @@ class EstimateOptions:
     logits_chunk: int = 1024
     label_only: bool = True
     rows_only: bool = True
+    capped_chunks: bool = True
     concept_tokens: int = 33
     device: str = "cuda"
     gpu: str = "h100"
@@ -275,17 +279,20 @@ def estimate(shape: ModelShape, options: EstimateOptions) -> Estimate:
     else:
         activations = tokens * (n_layers * per_token_layer + a * (2 * inter + 4 * h))
 
-    # Logits, bytes per value. Label-only (one chunk at a time): the head's output and the copy with
-    # the concept columns spliced in, an fp32 copy when computing in bf16, the shifted temporary
-    # ``logsumexp`` makes, and the copy autograd makes to route the gradient (written over the
-    # logits) past the concept columns. Full logits
-    # (every position at once): the head's output, an fp32 copy in bf16, the shifted copy the loss
-    # reshapes, the log-softmax output and its gradient.
-    upcast = 4 if a < 4 else 0
+    # Logits. Label-only (one chunk at a time, in the head's dtype, the chunk capped at
+    # LOGITS_CHUNK_BYTES on a CPU, LOGITS_CHUNK_BYTES_GPU on a GPU): the chunk with the concept columns spliced in, and the copy autograd makes
+    # to route the gradient (written over the logits) past them; plus UPCAST_ROWS rows in float32
+    # and the shifted temporary ``logsumexp`` makes of them. Full logits (every position at once):
+    # the head's output, an fp32 copy in bf16, the shifted copy the loss reshapes, the log-softmax
+    # output and its gradient.
     if o.label_only:
+        cap = LOGITS_CHUNK_BYTES if o.device == "cpu" else LOGITS_CHUNK_BYTES_GPU
+        rows = min(o.logits_chunk, cap // (4 * vocab) if o.capped_chunks else o.logits_chunk, labelled)
+        upcast = min(UPCAST_ROWS, rows) * vocab * (8 if a < 4 else 4)
         # Plus the labelled hidden states and their gradient (held until backward), targets, weights, CE.
-        logits = min(o.logits_chunk, labelled) * vocab * (2 * a + upcast + 8) + labelled * (2 * a * h + 16)
+        logits = rows * vocab * 2 * a + upcast + labelled * (2 * a * h + 16)
     else:
+        upcast = 4 if a < 4 else 0
         logits = tokens * vocab * (a + upcast + 12)
 
     # FLOPs: forward, backward for activations only (no weight grads), plus recomputation.
@@ -334,13 +341,14 @@ def options_for_run(run: dict[str, Any], batch_size: int) -> EstimateOptions:
         labelled = run["labelled_tokens_per_s"] / run["samples_per_s"] * batch_size
     f = run["features"]
     return EstimateOptions(
-        quant="fp32",
+        quant="fp32" if run.get("dtype", "float32") == "float32" else "bf16",
         checkpointing=f["checkpointing"],
         batch=batch_size,
         seq=max(1, round(padded / batch_size)),
         labelled_fraction=min(1.0, labelled / padded),
         label_only=f["label_only"],
         rows_only=f["rows_only"],
+        capped_chunks=f.get("capped_chunks", True),
         device="cuda" if str(run["device"]).startswith("cuda") else "cpu",
     )
 
@@ -388,7 +396,9 @@ def format_estimate(est: Estimate) -> str:
 
 def add_estimate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``bench estimate`` arguments to ``parser`` and set ``func`` to :func:`run_estimate`."""
-    parser.add_argument("--model-config", default="anole-7b", help="anole-7b, tiny, small or a config DIR")
+    parser.add_argument(
+        "--model-config", default="anole-7b", help="anole-7b, tiny, small, anole-tiny or a config DIR"
+    )
     parser.add_argument("--quant", default="bf16", choices=list(QUANTS))
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--batch", type=int, default=4)

@@ -10,13 +10,18 @@ An ablation runs the fast path with one feature switched off at a time:
   all padded to one fixed length, the original's ``tokenizer_max_length`` of 1,500 tokens for
   1,024-token images, scaled to the model's image size);
 * ``rows_only``: AdamW over the concept rows only (off: full trainable matrix copies, restored rows);
-* ``checkpointing``: gradient checkpointing of the decoder layers (off: every activation kept).
+* ``checkpointing``: gradient checkpointing of the decoder layers (off: every activation kept);
+* ``capped_chunks``: label-only logits chunks capped at 8 MiB on a CPU (off: 1,024-row chunks);
+* ``shape_buckets``: on a CPU, lengths padded to a multiple of 64 and logits chunks to 32 rows, so
+  oneDNN compiles and caches few kernels (off: every batch's own shapes).
 
 The workload is a realistic mixed set of one concept's records (recognition of positives and
 negatives, real and soft-positive generation, text QA) on real photos from scikit-image, batch 4.
 Memory is the peak resident set during set-up and training above the RSS right after the model
 loaded (``VmHWM`` reset through ``/proc/self/clear_refs``; ``torch.cuda.max_memory_allocated`` on a
-GPU), so it counts exactly what training adds on top of the frozen model.
+GPU), so it counts exactly what training adds on top of the frozen model. A float32 checkpoint loads
+as memory-mapped file pages that are read in on first use, so every weight is read once before that
+baseline is taken: the frozen model's pages belong to the model, not to training.
 """
 
 from __future__ import annotations
@@ -38,15 +43,33 @@ from typing import Any
 
 from yochameleon.eval.bench.reference import BenchError
 
-FEATURES = ("token_cache", "label_only", "no_padding", "rows_only", "checkpointing")
+FEATURES = (
+    "token_cache",
+    "label_only",
+    "no_padding",
+    "rows_only",
+    "checkpointing",
+    "capped_chunks",
+    "shape_buckets",
+)
 FEATURE_LABELS = {
     "token_cache": "no token cache: re-encode images every step",
     "label_only": "no label-only logits: full logits everywhere",
     "no_padding": "padding: shuffled, all padded to the max",
     "rows_only": "no rows-only state: AdamW on full matrices",
     "checkpointing": "no checkpointing: keep every activation",
+    "capped_chunks": "no chunk cap: 1,024-row logits chunks",
+    "shape_buckets": "no shape buckets: every batch its own shapes",
 }
-MODEL_SIZES = ("tiny", "small")
+MODEL_SIZES = ("tiny", "small", "anole-tiny")
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# What ``bench train --model anole-tiny`` runs unless told otherwise: the setting issue 27's targets
+# are stated for (its data mix, 2 threads, 30 steps, both dtypes, 1 + 8 + 8 concept tokens).
+PRESETS: dict[str, dict[str, Any]] = {
+    "anole-tiny": {"workload": "mix60", "dtypes": ("float32", "bfloat16"), "threads": 2, "steps": 30},
+}
+DEFAULTS: dict[str, Any] = {"workload": "mixed16", "dtypes": ("float32",), "threads": 1, "steps": 4}
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,8 @@ class Features:
     no_padding: bool = True
     rows_only: bool = True
     checkpointing: bool = True
+    capped_chunks: bool = True
+    shape_buckets: bool = True
 
     @classmethod
     def reference(cls) -> Features:
@@ -74,24 +99,32 @@ class Features:
 class BenchOptions:
     """What ``bench train`` measures.
 
+    Fields left ``None`` take the model's preset (:data:`PRESETS`, e.g. ``anole-tiny``), else
+    :data:`DEFAULTS`.
+
     Args:
-        model: ``"tiny"``, ``"small"`` (built into a cache directory when missing) or a local
-            Chameleon-class checkpoint directory.
+        model: ``"tiny"``, ``"small"``, ``"anole-tiny"`` (built into a cache directory when missing)
+            or a local Chameleon-class checkpoint directory.
         steps: timed optimizer steps per run (after one untimed warm-up step).
         repeats: runs per implementation, interleaved A B A B.
         batch_size: samples per step.
         ablation: also run the one-feature-off rows.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        threads: torch intra-op threads in each run (``None``: 1, since intra-op threads fighting
+        threads: torch intra-op threads in each run (default 1, since intra-op threads fighting
             other jobs on a shared machine slow a step down by an order of magnitude).
         pad_to: the reference's fixed padded length (``None``: the original's 1,500 tokens scaled to
             the model's image size, and at least the workload's longest sample).
         lr: AdamW learning rate of both implementations.
         seed: batch order and initialisation seed.
+        workload: ``"mixed16"`` (16 records, 16 + 16 tokens) or ``"mix60"`` (issue 27's 60
+            records, 8 + 8 tokens); see :data:`WORKLOADS`.
+        dtypes: dtypes of the frozen weights; every configuration runs once per dtype.
+        breakdown: profile one step of ours and of the reference (first run of each dtype) and
+            report where its memory goes (:mod:`~yochameleon.eval.bench.memory`).
     """
 
     model: str = "small"
-    steps: int = 4
+    steps: int | None = None
     repeats: int = 2
     batch_size: int = 4
     ablation: bool = True
@@ -100,8 +133,21 @@ class BenchOptions:
     pad_to: int | None = None
     lr: float = 1e-3
     seed: int = 0
+    workload: str | None = None
+    dtypes: tuple[str, ...] | None = None
+    breakdown: bool = True
 
     def __post_init__(self) -> None:
+        preset = PRESETS.get(self.model, {})
+        for key, default in DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, preset.get(key, default))
+        self.dtypes = tuple(self.dtypes)
+        if self.workload not in WORKLOADS:
+            raise BenchError(f"workload must be one of {sorted(WORKLOADS)}, got {self.workload!r}")
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        if bad or not self.dtypes or len(set(self.dtypes)) != len(self.dtypes):
+            raise BenchError(f"dtypes must be distinct names from {list(DTYPES)}, got {list(self.dtypes)}")
         if self.steps < 1:
             raise BenchError(f"steps must be at least 1, got {self.steps}")
         if self.repeats < 1:
@@ -221,6 +267,88 @@ def workload_records() -> list[dict]:
     return recs
 
 
+def workload_records_mix60() -> list[dict]:
+    """Issue 27's data mix: 60 records of one concept with 8 g-tokens, as its comparison trained on.
+
+    8 recognition positives (two questions per positive photo), 3 hard and 3 easy negatives, 5 text
+    QA pairs, 3 real generations and 38 soft-positive generations whose g-token prefixes cover the
+    7 rank bins (1 … 7 tokens) in equal shares.
+    """
+    questions = ("Is <sks> in this photo?", "Can you see <sks> here?", "Is this <sks>?", "Does <sks> appear?")
+    qa = (
+        ("What colour is <sks>?", "<sks> is mostly white with a red and blue mark on the left side."),
+        (
+            "Describe <sks> in one sentence.",
+            "<sks> is a small object with a striped pattern and a round shape.",
+        ),
+        ("What shape is <sks>?", "<sks> is round, with a flat base."),
+        ("Where is the mark on <sks>?", "The mark is on the left side of <sks>, near the top."),
+        ("How big is <sks>?", "<sks> is small: it fits in one hand."),
+    )
+    n_pos, n_neg = len(_POSITIVES), len(_NEGATIVES)
+    recs: list[dict] = []
+    for i in range(8):
+        recs.append(_recognition(f"rec_pos{i}", questions[i % 4], f"pos{i % n_pos}", "pos"))
+    for i in range(6):
+        label = "neg_hard" if i < 3 else "neg_easy"
+        recs.append(_recognition(f"rec_neg{i}", questions[-1 - i % 4], f"neg{i % n_neg}", label))
+    for i, (question, answer) in enumerate(qa):
+        recs.append(_text_qa(f"qa{i}", question, answer))
+    for i in range(3):
+        recs.append(_generation(f"gen_real{i}", f"pos{i % n_pos}"))
+    for i in range(38):
+        recs.append(_generation(f"gen_soft{i}", f"neg{i % n_neg}", n_g=1 + i * 7 // 38))
+    return recs
+
+
+def _recognition(rid: str, question: str, image: str, label: str) -> dict:
+    answer = "Yes, it is <sks>." if label == "pos" else "No, <sks> is not in this photo."
+    return {
+        "id": rid,
+        "task": "understanding",
+        "kind": "recognition",
+        "question": f"{question}<image>",
+        "answer": answer,
+        "image": image,
+        "flip": False,
+        "label": label,
+    }
+
+
+def _text_qa(rid: str, question: str, answer: str) -> dict:
+    return {
+        "id": rid,
+        "task": "understanding",
+        "kind": "text_qa",
+        "question": question,
+        "answer": answer,
+        "image": None,
+        "flip": False,
+    }
+
+
+def _generation(rid: str, image: str, n_g: int | None = None) -> dict:
+    rec = {
+        "id": rid,
+        "task": "generation",
+        "kind": "generation_real" if n_g is None else "generation_soft",
+        "question": "A photo of <sks>.",
+        "answer": None,
+        "image": image,
+        "flip": False,
+    }
+    if n_g is not None:
+        rec.update({"n_g": n_g, "prompt_form": "paper", "score": 0.6})
+    return rec
+
+
+# name -> (records, n_g, n_u): the manifest records of one concept and its token layout.
+WORKLOADS: dict[str, tuple[Any, int, int]] = {
+    "mixed16": (workload_records, 16, 16),
+    "mix60": (workload_records_mix60, 8, 8),
+}
+
+
 def check_batch_indices(records: list[dict], batch_size: int) -> list[int]:
     """A fixed batch with one record of every kind first: the batch both losses are compared on."""
     seen: dict[str, int] = {}
@@ -328,6 +456,8 @@ class StepRunner:
         logits_chunk: chunk size of the label-only loss.
         image_cache: the photos' VQ ids by name (see :func:`encode_photos`); encoded here when
             ``token_cache`` is on and none is given.
+        n_g: generation tokens of the concept.
+        n_u: understanding tokens of the concept.
     """
 
     def __init__(
@@ -342,6 +472,8 @@ class StepRunner:
         seed: int = 0,
         logits_chunk: int = 1024,
         image_cache: dict[str, list[int]] | None = None,
+        n_g: int = 16,
+        n_u: int = 16,
     ) -> None:
         import torch
 
@@ -356,7 +488,7 @@ class StepRunner:
         self.batch_size = batch_size
         self.seed = seed
         self.logits_chunk = logits_chunk
-        spec = ConceptSpec("bench")
+        spec = ConceptSpec("bench", n_g, n_u)
         if features.rows_only:
             self.tokens = attach(backend, spec)
             self.matrices = None
@@ -365,7 +497,8 @@ class StepRunner:
             self.tokens = allocate_ids(backend, spec)
             self.matrices = FullMatrixConcept(backend, self.tokens)
             params = self.matrices.parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.params = list(params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         placeholder = [backend.special.image_token_ids[0]] * backend.image_seq_len
         self.lengths = [
             len(build_sequence(backend, r, self.tokens, placeholder if r.get("image") else None))
@@ -391,6 +524,10 @@ class StepRunner:
             backend.model.train()  # HF only checkpoints in train mode; the model has no dropout
         else:
             backend.model.eval()
+
+    def trainable_parameters(self) -> list:
+        """The tensors AdamW updates: concept rows, or the reference's whole matrices."""
+        return self.params
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The batches of one epoch: length-grouped (``no_padding``) or plainly shuffled."""
@@ -420,7 +557,13 @@ class StepRunner:
         from yochameleon.train.loss import label_only_loss
 
         if self.features.label_only:
-            return label_only_loss(self.backend, batch, chunk=self.logits_chunk)[0]
+            return label_only_loss(
+                self.backend,
+                batch,
+                chunk=self.logits_chunk,
+                max_chunk_bytes=None if self.features.capped_chunks else sys.maxsize,
+                buckets=None if self.features.shape_buckets else False,
+            )[0]
         return full_vocabulary_loss(self.backend, batch)
 
     def step(self, indices: list[int]) -> dict[str, float]:
@@ -454,6 +597,16 @@ class StepRunner:
             return float(self.loss(self.batch(check_batch_indices(self.records, self.batch_size))))
 
 
+def _read_weights(model) -> None:
+    """Read every weight once (see the module docstring: mapped pages count once read)."""
+    import torch
+
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.device.type == "cpu" and t.numel():
+                t.reshape(-1)[:: max(1, 1024 // t.element_size())].sum()  # one value per KiB: every page
+
+
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process; ``spec`` comes from :func:`_worker_spec`."""
     import torch
@@ -467,11 +620,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = spec.get("dtype", "float32")
     torch.manual_seed(spec["seed"])
-    backend = load_backend(spec["model_dir"], LoadOptions(device=device))
+    backend = load_backend(spec["model_dir"], LoadOptions(device=device, dtype=dtype))
+    _read_weights(backend.model)
     _trim_heap()
     rss_model = _rss_bytes()
     features = Features(**spec["features"])
+    make_records, n_g, n_u = WORKLOADS[spec.get("workload", "mixed16")]
+    records = make_records()
     photos = workload_photos()
     # The token cache is built by data preparation before training, so it stays out of the window.
     cache = encode_photos(backend, photos) if features.token_cache else None
@@ -480,13 +637,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     runner = StepRunner(
         backend,
         features,
-        workload_records(),
+        records,
         photos,
         image_cache=cache,
         batch_size=spec["batch_size"],
         lr=spec["lr"],
         pad_to=spec["pad_to"],
         seed=spec["seed"],
+        n_g=n_g,
+        n_u=n_u,
     )
     check = runner.check_loss()
     batches: list[list[int]] = []
@@ -506,9 +665,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         info["seconds"] = time.perf_counter() - t0
         steps.append(info)
     peak = memory.peak()
-    return {
+    result = {
         "features": asdict(features),
         "device": device,
+        "dtype": dtype,
         "threads": threads,
         "check_loss": check,
         "pad_to": runner.pad_to,
@@ -521,6 +681,40 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_above_import_mb": (peak - rss_import) / 2**20
         if not device.startswith("cuda")
         else peak / 2**20,
+    }
+    if spec.get("breakdown"):
+        result["breakdown"] = step_breakdown(runner, batches, peak - memory.baseline, device)
+    return result
+
+
+def step_breakdown(runner: StepRunner, batches: list[list[int]], train_bytes: int, device: str) -> dict:
+    """Profile one more step, on the batch with the most labelled tokens, and split its memory.
+
+    That batch holds the most logits and, padded to its longest sample, the most activations, so
+    its step is where the measured peak comes from. See :func:`~yochameleon.eval.bench.memory.breakdown`.
+    """
+    from yochameleon.eval.bench.memory import breakdown, profile_step, tensor_bytes
+    from yochameleon.train.sequences import IGNORE
+
+    def size(indices: list[int]) -> tuple[int, int]:
+        labels = runner.batch(indices).labels
+        return int((labels[:, 1:] != IGNORE).sum()), int(labels.numel())
+
+    largest = max(batches, key=size)
+    profile = profile_step(lambda: runner.step(largest), device)
+    model = runner.backend.model
+    trainable = runner.trainable_parameters()
+    ids = {id(p) for p in trainable}
+    frozen = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in ids]
+    state = [
+        t for st in runner.optimizer.state.values() for t in st.values() if hasattr(t, "untyped_storage")
+    ]
+    labelled, padded = size(largest)
+    return {
+        "batch_labelled_tokens": labelled,
+        "batch_padded_tokens": padded,
+        "profile_at_peak_mb": {k: v / 2**20 for k, v in profile["at_peak"].items()},
+        **breakdown(profile, train_bytes, tensor_bytes(frozen), tensor_bytes(trainable), tensor_bytes(state)),
     }
 
 
@@ -541,13 +735,16 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "labelled_tokens_per_s": sum(s["labelled_tokens"] for s in steps) / total,
         "train_memory_mb": statistics.median(r["train_memory_mb"] for r in runs),
         "peak_above_import_mb": statistics.median(r["peak_above_import_mb"] for r in runs),
+        "rss_after_import_mb": statistics.median(r["rss_after_import_mb"] for r in runs),
         "rss_after_model_mb": statistics.median(r["rss_after_model_mb"] for r in runs),
         "check_loss": runs[0]["check_loss"],
         "pad_to": runs[0]["pad_to"],
         "first_step_loss": runs[0]["steps"][0]["loss"],
         "features": runs[0]["features"],
         "device": runs[0]["device"],
+        "dtype": runs[0].get("dtype", "float32"),
         "memory_method": runs[0]["memory_method"],
+        **({"breakdown": runs[0]["breakdown"]} if "breakdown" in runs[0] else {}),
     }
 
 
@@ -562,7 +759,7 @@ def model_cache_dir() -> Path:
 
 
 def resolve_model(model: str) -> Path:
-    """The checkpoint directory of ``model``; ``tiny``/``small`` are built with ``make_tiny`` once.
+    """The checkpoint directory of ``model``; the :data:`MODEL_SIZES` are built with ``make_tiny`` once.
 
     Raises:
         BenchError: ``model`` is neither a size nor an existing directory.
@@ -600,7 +797,13 @@ def run_in_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dic
         return json.loads(out.read_text())
 
 
-def _worker_spec(options: BenchOptions, model_dir: Path, features: Features) -> dict[str, Any]:
+def _worker_spec(
+    options: BenchOptions,
+    model_dir: Path,
+    features: Features,
+    dtype: str = "float32",
+    breakdown: bool = False,
+) -> dict[str, Any]:
     return {
         "model_dir": str(model_dir),
         "features": asdict(features),
@@ -611,6 +814,9 @@ def _worker_spec(options: BenchOptions, model_dir: Path, features: Features) -> 
         "pad_to": options.pad_to,
         "lr": options.lr,
         "seed": options.seed,
+        "dtype": dtype,
+        "workload": options.workload,
+        "breakdown": breakdown,
     }
 
 
@@ -640,26 +846,68 @@ def machine_description() -> dict[str, Any]:
     return info
 
 
-def bench_train(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
+def bench_train(options: BenchOptions, progress: bool = True, reference: bool = True) -> dict[str, Any]:
     """Run the benchmark and return its JSON-ready result.
 
+    Every configuration runs once per dtype of ``options.dtypes``. The first dtype's figures are
+    also the result's top-level keys; ``by_dtype`` holds every dtype's.
+
+    Args:
+        options: what to measure.
+        progress: show a progress bar.
+        reference: also run the reference trainer (``False``: ours alone, e.g. for a breakdown).
+
     Returns:
-        ``{"ours", "reference", "ablation", "speedup", "memory_ratio", "loss_diff", ...}``.
+        ``{"ours", "reference", "ablation", "speedup", "memory_ratio", "loss_diff", "by_dtype", ...}``
+        (without the reference's keys when ``reference`` is off).
     """
     from tqdm.auto import tqdm
 
     model_dir = resolve_model(options.model)
     ours, ref = Features(), Features.reference()
-    jobs: list[tuple[str, Features]] = []
-    for _ in range(options.repeats):
-        jobs += [("ours", ours), ("reference", ref)]
-    if options.ablation:
-        jobs += [(f"no_{f}", ours.without(f)) for f in FEATURES]
-    results: dict[str, list[dict[str, Any]]] = {}
-    for name, features in tqdm(jobs, desc="bench train", disable=not progress):
-        results.setdefault(name, []).append(run_in_subprocess(_worker_spec(options, model_dir, features)))
-    summary = {name: _summarise(runs) for name, runs in results.items()}
-    o, r = summary["ours"], summary["reference"]
+    jobs: list[tuple[str, str, Features]] = []
+    for dtype in options.dtypes:
+        for _ in range(options.repeats):
+            jobs += [(dtype, "ours", ours)] + ([(dtype, "reference", ref)] if reference else [])
+        if options.ablation and reference:
+            jobs += [(dtype, f"no_{f}", ours.without(f)) for f in FEATURES]
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {d: {} for d in options.dtypes}
+    for dtype, name, features in tqdm(jobs, desc="bench train", disable=not progress):
+        runs = results[dtype].setdefault(name, [])
+        first = options.breakdown and not runs and name in ("ours", "reference")
+        runs.append(run_in_subprocess(_worker_spec(options, model_dir, features, dtype, first)))
+    make_records = WORKLOADS[options.workload][0]
+    by_dtype = {
+        dtype: _compare({n: _summarise(r) for n, r in results[dtype].items()}) for dtype in options.dtypes
+    }
+    out = {
+        "model": options.model,
+        "model_dir": str(model_dir),
+        "options": asdict(options),
+        "machine": machine_description(),
+        "workload": {
+            "name": options.workload,
+            "records": len(make_records()),
+            "kinds": sorted({rec["kind"] for rec in make_records()}),
+            "concept_tokens": 1 + WORKLOADS[options.workload][1] + WORKLOADS[options.workload][2],
+            "batch_size": options.batch_size,
+        },
+        "dtypes": list(options.dtypes),
+        **by_dtype[options.dtypes[0]],
+        "by_dtype": by_dtype,
+    }
+    if options.model in TARGETS:
+        out["targets"] = check_targets(out, TARGETS[options.model])
+    return out
+
+
+def _compare(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One dtype's rows: ours, the reference, the ablation and their ratios."""
+    o = summary["ours"]
+    out: dict[str, Any] = {"ours": o}
+    if "reference" not in summary:
+        return out
+    r = summary["reference"]
     ablation = []
     for f in FEATURES:
         if f"no_{f}" not in summary:
@@ -675,16 +923,7 @@ def bench_train(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
             }
         )
     return {
-        "model": options.model,
-        "model_dir": str(model_dir),
-        "options": asdict(options),
-        "machine": machine_description(),
-        "workload": {
-            "records": len(workload_records()),
-            "kinds": sorted({rec["kind"] for rec in workload_records()}),
-            "batch_size": options.batch_size,
-        },
-        "ours": o,
+        **out,
         "reference": r,
         "ablation": ablation,
         "speedup": r["s_per_step"] / o["s_per_step"],
@@ -696,53 +935,124 @@ def bench_train(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     }
 
 
+# Issue 27's targets for the anole-tiny preset (batch 4, 2 threads, its data mix), with the
+# original trainer's figures they were derived from: bf16, 0.568 s/step, 692 MB training memory.
+ORIGINAL_ANOLE_TINY = {"s_per_step": 0.568, "train_memory_mb": 692.0}
+TARGETS: dict[str, list[dict[str, Any]]] = {
+    "anole-tiny": [
+        {"name": "training memory, fp32 (MB)", "dtype": "float32", "key": "train_memory_mb", "max": 230.0},
+        {"name": "training memory, bf16 (MB)", "dtype": "bfloat16", "key": "train_memory_mb", "max": 230.0},
+        {"name": "bf16 training memory / fp32's", "key": "bf16_over_fp32_memory", "max": 1.0},
+        {
+            "name": "RSS after model load, fp32 (MB)",
+            "dtype": "float32",
+            "key": "rss_after_model_mb",
+            "max": 650.0,
+        },
+        {
+            "name": "RSS after model load, bf16 (MB)",
+            "dtype": "bfloat16",
+            "key": "rss_after_model_mb",
+            "max": 650.0,
+        },
+        {"name": "bf16 step time (s, median)", "dtype": "bfloat16", "key": "s_per_step", "max": 0.19},
+    ],
+}
+
+
+def check_targets(result: dict[str, Any], targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target with the measured value and whether it is met (``None``: a dtype was not run)."""
+    by = result["by_dtype"]
+    checked = []
+    for t in targets:
+        if t["key"] == "bf16_over_fp32_memory":
+            have = "bfloat16" in by and "float32" in by
+            value = (
+                by["bfloat16"]["ours"]["train_memory_mb"] / by["float32"]["ours"]["train_memory_mb"]
+                if have
+                else None
+            )
+        else:
+            value = by[t["dtype"]]["ours"][t["key"]] if t["dtype"] in by else None
+        checked.append({**t, "value": value, "met": None if value is None else value <= t["max"]})
+    return checked
+
+
 def estimator_check(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The step estimator's training memory against each measured configuration of a result.
 
     Returns:
-        One :func:`~yochameleon.eval.bench.estimate.validate` record per configuration (ours, the
-        reference and every ablation row), each with its ``configuration`` name.
+        One :func:`~yochameleon.eval.bench.estimate.validate` record per configuration and dtype
+        (ours, the reference and every ablation row), each with its ``configuration`` name.
     """
     from yochameleon.eval.bench.estimate import model_shape, validate
 
     shape = model_shape(result["model_dir"])
     batch = result["workload"]["batch_size"]
-    rows = [("ours", result["ours"]), ("reference", result["reference"])]
-    rows += [(f"{row['feature_off']} off", row) for row in result["ablation"]]
-    return [{"configuration": name, **validate(shape, row, batch)} for name, row in rows]
+    checks = []
+    for dtype, part in result.get("by_dtype", {result.get("dtypes", ["float32"])[0]: result}).items():
+        rows = [("ours", part["ours"])]
+        if "reference" in part:
+            rows += [("reference", part["reference"])]
+            rows += [(f"{row['feature_off']} off", row) for row in part["ablation"]]
+        short = DTYPE_SHORT[dtype]
+        checks += [{"configuration": f"{name}, {short}", **validate(shape, row, batch)} for name, row in rows]
+    return checks
 
 
 def format_result(result: dict[str, Any]) -> str:
-    """A plain-text table of :func:`bench_train`'s result."""
-    o, r = result["ours"], result["reference"]
+    """A plain-text table of :func:`bench_train`'s result: every dtype, its breakdown, the targets."""
+    from yochameleon.eval.bench.memory import format_breakdown
+
     m = result["machine"]
+    first = result["ours"]
     lines = [
-        f"model {result['model']} on {m['cpu']} ({m['cores']} cores), device {o['device']}, "
-        f"batch {result['workload']['batch_size']}, {o['steps']} timed steps per implementation",
+        f"model {result['model']} on {m['cpu']} ({m['cores']} cores), device {first['device']}, "
+        f"workload {result['workload']['name']} ({result['workload']['records']} records), "
+        f"batch {result['workload']['batch_size']}, {first['steps']} timed steps per implementation",
         f"{'configuration':<50} {'s/step':>7} {'samp/s':>7} {'pad tok/s':>9} {'real tok/s':>10} "
-        f"{'lab tok/s':>9} {'train MB':>8} {'>import MB':>10} {'loss':>9}",
+        f"{'lab tok/s':>9} {'train MB':>8} {'>import MB':>10} {'model MB':>8} {'loss':>9}",
     ]
-    rows = [("ours (all fast-path features)", o), ("reference", r)]
-    rows += [(f"  {row['label']}", row) for row in result["ablation"]]
-    for name, row in rows:
-        lines.append(
-            f"{name:<50} {row['s_per_step']:>7.2f} {row['samples_per_s']:>7.3f} "
-            f"{row['padded_tokens_per_s']:>9.0f} {row['real_tokens_per_s']:>10.0f} "
-            f"{row['labelled_tokens_per_s']:>9.0f} {row['train_memory_mb']:>8.0f} "
-            f"{row['peak_above_import_mb']:>10.0f} {row['check_loss']:>9.5f}"
-        )
-    lines.append(
-        f"speedup {result['speedup']:.2f}x (median s/step; {result['speedup_throughput']:.2f}x in samples/s)  "
-        f"memory_ratio {result['memory_ratio']:.2f}x ({result['memory_ratio_above_import']:.2f}x above import)  "
-        f"loss diff {result['loss_diff']:.1e}"
-    )
+    breakdowns = {}
+    for dtype, part in result["by_dtype"].items():
+        short = DTYPE_SHORT[dtype]
+        rows = [(f"ours (all fast-path features), {short}", part["ours"])]
+        if "reference" in part:
+            rows.append((f"reference, {short}", part["reference"]))
+            rows += [(f"  {row['label']}", row) for row in part["ablation"]]
+        for name, row in rows:
+            lines.append(
+                f"{name:<50} {row['s_per_step']:>7.3f} {row['samples_per_s']:>7.3f} "
+                f"{row['padded_tokens_per_s']:>9.0f} {row['real_tokens_per_s']:>10.0f} "
+                f"{row['labelled_tokens_per_s']:>9.0f} {row['train_memory_mb']:>8.0f} "
+                f"{row['peak_above_import_mb']:>10.0f} {row['rss_after_model_mb']:>8.0f} {row['check_loss']:>9.5f}"
+            )
+            if "breakdown" in row:
+                breakdowns[name.split(" (")[0].split(",")[0] + f" {short}"] = row["breakdown"]
+        if "reference" in part:
+            lines.append(
+                f"{short}: speedup {part['speedup']:.2f}x (median s/step; {part['speedup_throughput']:.2f}x in "
+                f"samples/s)  memory_ratio {part['memory_ratio']:.2f}x ({part['memory_ratio_above_import']:.2f}x "
+                f"above import)  loss diff {part['loss_diff']:.1e}"
+            )
+    if breakdowns:
+        lines += ["", format_breakdown(breakdowns)]
+    for t in result.get("targets", []):
+        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"target {t['name']:<36} <= {t['max']:<7g} measured {value:>9}  {verdict}")
     return "\n".join(lines)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``bench train`` arguments to ``parser`` and set ``func`` to :func:`run_train`."""
-    parser.add_argument("--model", default="small", help="tiny, small (built once into a cache dir) or a DIR")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="tiny, small, anole-tiny (built once into a cache dir) or a DIR (default: small; "
+        "anole-tiny with --memory-breakdown)",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (after one warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per implementation, interleaved A B A B")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--no-ablation", action="store_true", help="skip the one-feature-off rows")
@@ -755,6 +1065,24 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="reference padded length (default: the original's 1500, scaled)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=list(DTYPES),
+        default=None,
+        help="dtype of the frozen weights, repeatable (default: float32; anole-tiny: float32 and bfloat16)",
+    )
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default=None,
+        help="mixed16 (16 records) or mix60 (issue 27's 60-record mix; the anole-tiny default)",
+    )
+    parser.add_argument(
+        "--memory-breakdown",
+        action="store_true",
+        help="only profile ours (one run per dtype) and print where one step's memory goes",
+    )
     parser.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
     parser.set_defaults(func=run_train)
     return parser
@@ -762,18 +1090,21 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``yochameleon bench train``: print the table and write the JSON if asked."""
+    model = args.model or ("anole-tiny" if args.memory_breakdown else "small")
     options = BenchOptions(
-        model=args.model,
+        model=model,
         steps=args.steps,
-        repeats=args.repeats,
+        repeats=1 if args.memory_breakdown else args.repeats,
         batch_size=args.batch_size,
-        ablation=not args.no_ablation,
+        ablation=not (args.no_ablation or args.memory_breakdown),
         device=args.device,
         threads=args.threads,
         pad_to=args.pad_to,
         seed=args.seed,
+        workload=args.workload,
+        dtypes=tuple(args.dtype) if args.dtype else None,
     )
-    result = bench_train(options)
+    result = bench_train(options, reference=not args.memory_breakdown)
     result["estimator_check"] = estimator_check(result)
     print(format_result(result))
     for check in result["estimator_check"]:
