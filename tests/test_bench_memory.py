@@ -48,21 +48,38 @@ def test_profile_sorts_live_tensors_at_the_peak_into_logits_and_activations():
     assert profile["max"]["logits"] >= 4 * MB
 
 
+def test_memory_freed_from_before_the_profile_never_counts_negative():
+    held = [torch.ones(1024, 1024) for _ in range(4)]  # 16 MiB allocated before profiling
+    layer = torch.nn.Linear(64, 64)
+
+    def step():
+        held.clear()
+        layer(torch.randn(32, 64)).sum().backward()
+
+    profile = profile_step(step, "cpu")
+    assert min(profile["at_peak"].values(), default=0) >= 0
+    assert min(profile["max"].values(), default=0) >= 0
+    assert profile["peak_bytes"] < 4 * MB
+
+
 def test_breakdown_adds_up_to_the_measured_training_memory():
     profile = {
         "peak_bytes": 90 * MB,
         "start_bytes": 10 * MB,
         "at_peak": {
             "gradient": 1 * MB,
+            "autograd_detail": 2 * MB,
             "activation": 20 * MB,
             "logits": 30 * MB,
             "temporary": 4 * MB,
             "input": MB,
         },
+        "max": {"logits": 40 * MB},
     }
     out = breakdown(profile, 100 * MB, frozen_bytes=58 * MB, trainable_bytes=2 * MB, optimizer_bytes=3 * MB)
     assert out["logits"] == 30 and out["activations"] == 20 and out["inputs_and_other"] == 5
-    assert out["allocator_slack"] == 100 - (2 + 3 + 1 + 20 + 30 + 5)
+    assert out["gradients"] == 3 and out["logits_max"] == 40
+    assert out["allocator_slack"] == 100 - (2 + 3 + 3 + 20 + 30 + 5)
     assert sum(out[c] for c in CATEGORIES) == pytest.approx(out["train_memory"])
     assert out["tensor_peak"] == 80 and out["frozen_parameters"] == 58
     text = format_breakdown({"ours fp32": out, "ours bf16": out})

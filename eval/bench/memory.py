@@ -9,9 +9,10 @@ are live, and report what is live then:
 * ``logits``: tensors created inside the label-only loss's logits scope (:data:`LOGITS_SCOPE`),
   whatever role the profiler gave them: a chunk's logits, their float32 blocks, the copy the
   concept head makes and the one its backward makes;
-* ``activations``, ``gradients``: the profiler's categories (outside that scope);
-* ``inputs_and_other``: the batch, temporaries, autograd bookkeeping and allocations the profiler
-  could not tie to a tensor.
+* ``activations``: the profiler's activations (outside that scope);
+* ``gradients``: parameters' gradients and the gradients autograd passes between layers in backward
+  (the profiler's "gradient" and "autograd detail");
+* ``inputs_and_other``: the batch, temporaries and allocations the profiler could not tie to a tensor.
 
 Parameters and optimizer state live across steps, so the worker counts them exactly from the model
 and the optimizer rather than from the profile (the profile only sees the tensors a step touches).
@@ -44,7 +45,7 @@ CATEGORY_LABELS = {
     "frozen_parameters": "frozen parameters (loaded before training)",
     "trainable_parameters": "trainable parameters",
     "optimizer_state": "optimizer state (AdamW moments)",
-    "gradients": "gradients",
+    "gradients": "gradients (parameters', and activations' in backward)",
     "activations": "activations saved for backward",
     "logits": "logits and log-softmax transients",
     "inputs_and_other": "inputs and other temporaries",
@@ -103,21 +104,26 @@ def profile_categories(prof, device: str) -> dict[str, Any]:
     start_bytes = None
     events = [e for e in timeline.timeline if e[2][0].device.type == dev]
     for i, (t, action, (key, version), nbytes) in enumerate(events):
-        if action in (Action.PREEXISTING, Action.CREATE):
+        if not isinstance(key, TensorKey):
+            # Allocations the profiler could not tie to a tensor share one key per device; the
+            # profile pairs each free with its allocation (or a pre-existing entry), so sum them.
+            if action != Action.INCREMENT_VERSION:
+                sign = -1 if action == Action.DESTROY else 1
+                totals["unknown"] = totals.get("unknown", 0) + sign * nbytes
+        elif action in (Action.PREEXISTING, Action.CREATE):
             created.setdefault(key, t)
-        role = _role(timeline, key, version, created.get(key, -1), windows, TensorKey)
-        if action in (Action.PREEXISTING, Action.CREATE):
+            role = _role(timeline, key, version, created[key], windows)
             live[(key, version)] = (role, nbytes)
             totals[role] = totals.get(role, 0) + nbytes
-        elif action == Action.INCREMENT_VERSION:
-            old_role, size = live.pop((key, version), (role, nbytes))
-            totals[old_role] = totals.get(old_role, 0) - size
-            new_role = _role(timeline, key, version + 1, created.get(key, -1), windows, TensorKey)
+        elif action == Action.INCREMENT_VERSION and (key, version) in live:
+            old_role, size = live.pop((key, version))
+            totals[old_role] -= size
+            new_role = _role(timeline, key, version + 1, created.get(key, -1), windows)
             live[(key, version + 1)] = (new_role, size)
             totals[new_role] = totals.get(new_role, 0) + size
-        elif action == Action.DESTROY:
-            old_role, size = live.pop((key, version), (role, abs(nbytes)))
-            totals[old_role] = totals.get(old_role, 0) - size
+        elif action == Action.DESTROY and (key, version) in live:
+            old_role, size = live.pop((key, version))
+            totals[old_role] -= size
         # Several events share a timestamp; read the totals once all of them are applied.
         if i + 1 < len(events) and events[i + 1][0] == t:
             continue
@@ -131,8 +137,8 @@ def profile_categories(prof, device: str) -> dict[str, Any]:
     return {"peak_bytes": max(best["peak_bytes"], 0), "start_bytes": start_bytes or 0, **best, "max": maximum}
 
 
-def _role(timeline, key, version: int, created: int, windows, tensor_key_cls) -> str:
-    category = timeline.categories.get(key, version) if isinstance(key, tensor_key_cls) else None
+def _role(timeline, key, version: int, created: int, windows) -> str:
+    category = timeline.categories.get(key, version)
     name = category.name.lower() if category is not None else "unknown"
     if name not in ("parameter", "optimizer_state") and created >= 0 and _inside(created, windows):
         return "logits"
@@ -178,22 +184,24 @@ def breakdown(
 
     Returns:
         ``{category: MB}`` for :data:`CATEGORIES` plus ``frozen_parameters``, ``tensor_peak`` (the
-        profile's peak above what was live when the step started) and ``train_memory``; the
-        categories sum to ``train_memory``.
+        profile's peak above what was live when the step started), ``logits_max`` (the most logits
+        live at any time of the step, at the peak or not) and ``train_memory``; the categories sum to
+        ``train_memory``.
     """
     at = profile["at_peak"]
     out = {
         "frozen_parameters": frozen_bytes,
         "trainable_parameters": trainable_bytes,
         "optimizer_state": optimizer_bytes,
-        "gradients": at.get("gradient", 0),
+        "gradients": at.get("gradient", 0) + at.get("autograd_detail", 0),
         "activations": at.get("activation", 0),
         "logits": at.get("logits", 0),
-        "inputs_and_other": sum(at.get(k, 0) for k in ("input", "temporary", "autograd_detail", "unknown")),
+        "inputs_and_other": sum(at.get(k, 0) for k in ("input", "temporary", "unknown")),
     }
     tensors = sum(out[c] for c in CATEGORIES if c in out)
     out["allocator_slack"] = train_memory_bytes - tensors
     out["tensor_peak"] = profile["peak_bytes"] - profile["start_bytes"]
+    out["logits_max"] = profile["max"].get("logits", 0)
     out["train_memory"] = train_memory_bytes
     return {k: v / MB for k, v in out.items()}
 
@@ -204,8 +212,9 @@ def format_breakdown(rows: dict[str, dict[str, float]]) -> str:
     lines = [f"{'memory of one training step (MB)':<46}" + "".join(f"{n:>12}" for n in names)]
     for cat in ("frozen_parameters", *CATEGORIES):
         lines.append(f"  {CATEGORY_LABELS[cat]:<44}" + "".join(f"{rows[n][cat]:>12.1f}" for n in names))
-    lines.append(
-        f"  {'= training memory (peak RSS above the model)':<44}"
-        + "".join(f"{rows[n]['train_memory']:>12.1f}" for n in names)
-    )
+    for key, label in (
+        ("train_memory", "= training memory (peak RSS above the model)"),
+        ("logits_max", "(most logits live at any time of the step)"),
+    ):
+        lines.append(f"  {label:<44}" + "".join(f"{rows[n][key]:>12.1f}" for n in names))
     return "\n".join(lines)

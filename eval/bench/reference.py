@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from yochameleon.backends.base import Backend, _base_weight
 from yochameleon.concept import ConceptSpec, ConceptTokens, allocate_ids
 from yochameleon.errors import YoChameleonError
+from yochameleon.train.loss import LOGITS_SCOPE
 from yochameleon.train.sequences import IGNORE, Batch, Sequence, build_sequence, collate
 
 if TYPE_CHECKING:
@@ -176,10 +178,13 @@ def full_vocabulary_loss(backend: Backend, batch: Batch) -> torch.Tensor:
     hidden, _ = backend.hidden_states(
         batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
     )
-    logits = backend.logits(hidden)
-    # Position t predicts token t+1; IGNORE labels (prompt and padding) drop out of the mean.
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-    return F.cross_entropy(shifted, batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    # The same profiler range as the fast path's chunks, so a memory breakdown counts these logits
+    # (and the log-softmax autograd keeps of them) as logits.
+    with record_function(LOGITS_SCOPE):
+        logits = backend.logits(hidden)
+        # Position t predicts token t+1; IGNORE labels (prompt and padding) drop out of the mean.
+        shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return F.cross_entropy(shifted, batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
 class ReferenceTrainer:

@@ -706,6 +706,8 @@ def step_breakdown(runner: StepRunner, batches: list[list[int]], train_bytes: in
     trainable = runner.trainable_parameters()
     ids = {id(p) for p in trainable}
     frozen = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in ids]
+    if runner.matrices is not None:  # the reference's spliced-out base matrices are frozen weights too
+        frozen += [runner.matrices.original_embedding.weight, runner.matrices.original_head.weight]
     state = [
         t for st in runner.optimizer.state.values() for t in st.values() if hasattr(t, "untyped_storage")
     ]

@@ -85,18 +85,21 @@ def _ce_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | No
     With ``weights``, ``logits`` is overwritten with ``weights * (softmax - onehot)``, the gradient
     of ``sum(weights * ce)`` with respect to them (rounded to their dtype, as autograd would round
     it through an upcast). Rows are upcast :data:`UPCAST_ROWS` at a time; float32 rows are worked
-    on in place.
+    on in place, so float32 ``logits`` hold no logits afterwards, with or without ``weights``.
     """
     ce = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
     for start in range(0, targets.numel(), UPCAST_ROWS):
         sl = slice(start, start + UPCAST_ROWS)
         block, y = logits[sl], targets[sl]
-        x = block.float()  # ``block`` itself when already float32
-        lse = torch.logsumexp(x, dim=-1)
-        ce[sl] = lse - x.gather(-1, y[:, None]).squeeze(-1)
+        x = block.float()  # ``block`` itself when already float32: its values are not needed again
+        target = x.gather(-1, y[:, None]).squeeze(-1)
+        peak = x.amax(dim=-1, keepdim=True)
+        # One exp pass gives both the log-sum-exp and the softmax (logsumexp would take its own).
+        total = x.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+        ce[sl] = (peak + total.log()).squeeze(-1) - target
         if weights is None:
             continue
-        x = x.sub_(lse[:, None]).exp_()
+        x.div_(total)
         x[torch.arange(y.numel(), device=y.device), y] -= 1
         x.mul_(weights[sl, None])
         if x is not block:
