@@ -1,7 +1,7 @@
 """Command-line pieces for retrieval: ``yochameleon index`` and ``yochameleon bench retrieval``.
 
-The top-level ``yochameleon`` parser lives in ``yochameleon/cli.py``; it calls :func:`register` for
-``index`` and wires :func:`add_bench_retrieval_args` / :func:`run_bench_retrieval` under ``bench``::
+The top-level ``yochameleon`` parser lives in ``yochameleon/cli/``; its ``index`` module calls
+:func:`register`, and ``bench`` wires :func:`add_bench_retrieval_args` / :func:`run_bench_retrieval`::
 
     yochameleon index POOL_DIR --out INDEX_DIR --embedder open_clip --model ViT-H-14 --pretrained laion2b_s32b_b79k
     yochameleon index POOL_DIR --out INDEX_DIR --embedder test

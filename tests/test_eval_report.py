@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from yochameleon.cli import main as cli_main
-from yochameleon.eval.report import compare, markdown_table, register, write_report
+from yochameleon.cli.compare import register
+from yochameleon.eval.report import compare, markdown_table, write_report
 from yochameleon.eval.schema import ConceptResult, SchemaError, load_summary, summarize, write_summary
 
 

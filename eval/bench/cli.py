@@ -9,11 +9,11 @@ from typing import Any
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` with its subcommands to a top-level ``add_subparsers()`` object.
 
-    Each subcommand sets ``func``, so the caller dispatches with ``args.func(args)``. ``retrieval``
-    is added only when ``yochameleon.retrieval.cli`` provides it.
+    Each subcommand sets ``func``, so the caller dispatches with ``args.func(args)``.
     """
     from yochameleon.eval.bench.estimate import add_estimate_args
     from yochameleon.eval.bench.train_bench import add_train_args
+    from yochameleon.retrieval import cli as retrieval_cli
 
     bench = subparsers.add_parser("bench", help="performance benchmarks")
     sub = bench.add_subparsers(dest="bench", required=True)
@@ -31,14 +31,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             help="memory and time of a training step from a model's shape (e.g. Anole-7B)",
         )
     )
-    try:
-        from yochameleon.retrieval import cli as retrieval_cli
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("yochameleon"):
-            raise
-        retrieval_cli = None
-    if retrieval_cli is not None and hasattr(retrieval_cli, "add_bench_retrieval_args"):
-        parser = sub.add_parser("retrieval", help="FAISS build/search time and memory")
-        retrieval_cli.add_bench_retrieval_args(parser)
-        parser.set_defaults(func=retrieval_cli.run_bench_retrieval)
+    retrieval_cli.add_bench_retrieval_args(
+        sub.add_parser("retrieval", help="FAISS build/search time and memory")
+    )
     return bench

@@ -1,4 +1,4 @@
-"""Concept folder -> training records (JSONL manifest) -> VQ token cache, and the ``prepare`` command.
+"""Concept folder -> training records (JSONL manifest) -> VQ token cache.
 
 This module is the glue the trainer and the CLI call: photo sanitising, retrieval, record building
 and caching each live in their own module; here they run in order.
@@ -186,30 +186,6 @@ def load_training_data(backend, entry: dict, data_dir: str | Path, cfg) -> tuple
     return manifest.record_dicts(), token_lookup(backend, manifest)
 
 
-def prepare_from_cli(args) -> None:
-    """``yochameleon prepare CONCEPT_DIR --out DATA_DIR [--index INDEX_DIR] [--model MODEL]``."""
-    from yochameleon.data.manifest import read_manifest, summary_table
-
-    backend = None
-    if args.model:
-        from yochameleon.backends import load_backend
-
-        backend = load_backend(args.model)
-    opts = PrepareOptions(n_g=args.n_g, soft_prompt_form=args.soft_prompt_form, seed=args.seed)
-    prepare_concept(
-        args.concept_dir,
-        args.out,
-        args.index,
-        opts,
-        answerer=base_model_answerer(backend) if backend is not None else None,
-    )
-    manifest = read_manifest(args.out)
-    print(summary_table(manifest))
-    if backend is not None:
-        stats = token_lookup(backend, manifest).cache.stats
-        print(f"token cache: {stats['encoded']} images VQ-encoded now, {stats['hits']} already cached")
-
-
 __all__ = [
     "PrepareOptions",
     "prepare_concept",
@@ -217,5 +193,4 @@ __all__ = [
     "base_model_answerer",
     "token_lookup",
     "mine",
-    "prepare_from_cli",
 ]

@@ -1,0 +1,89 @@
+"""``yochameleon eval --model M --method NAME [...] --concept DIR --test-dir DIR --out DIR``.
+
+Each method is fitted on the concept folder, scored by :func:`yochameleon.eval.harness.evaluate`,
+and the records are written as one summary with its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from yochameleon.baselines import method_names
+
+
+def run(args: argparse.Namespace) -> None:
+    """Fit and score every ``--method`` in turn, then write and print the report."""
+    from yochameleon.backends import LoadOptions, load_backend
+    from yochameleon.baselines import ConceptData, build_method
+    from yochameleon.data.concept_folder import ConceptFolder
+    from yochameleon.eval.harness import TestSet, evaluate
+    from yochameleon.eval.report import markdown_table, write_report
+    from yochameleon.eval.schema import summarize
+    from yochameleon.retrieval import TestEmbedder
+
+    backend = load_backend(args.model, LoadOptions(device=args.device))
+    if args.yollava:
+        test = TestSet.from_yollava(args.test_dir, args.yollava, args.visual_qa, args.text_qa)
+    else:
+        test = TestSet.load(args.test_dir)
+    folder = ConceptFolder.load(args.concept)
+    data = ConceptData(
+        folder.name,
+        folder.root,
+        [p.path for p in folder.photos],
+        folder.description,
+        Path(args.data_dir) if args.data_dir else None,
+        Path(args.index) if args.index else None,
+    )
+    records = []
+    for name in args.method:
+        options = (
+            {"train": {"optim": {"epochs": args.epochs}}}
+            if name.startswith(("yochameleon", "yollava"))
+            else {}
+        )
+        method = build_method(name, backend, **options)
+        method.fit(data, Path(args.out) / "work")
+        records.append(evaluate(method, test, folder.name, args.seed, data.photos, TestEmbedder()))
+        method.close()
+    summary = summarize(records, {"model": args.model, "test_dir": str(args.test_dir)})
+    write_report(summary, args.out)
+    print(markdown_table(summary))
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``eval`` to a top-level ``add_subparsers()`` object.
+
+    ``--method`` takes its choices from :func:`yochameleon.baselines.method_names`, so ``eval --help``
+    lists them and a misspelt name is refused while parsing, before any model loads.
+    """
+    names = method_names()
+    p = subparsers.add_parser("eval", help="evaluate methods on a concept's test directory")
+    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--method",
+        action="append",
+        required=True,
+        choices=names,
+        metavar="METHOD",
+        help=f"method name (repeatable), one of: {', '.join(names)}",
+    )
+    p.add_argument("--concept", required=True, help="concept folder")
+    p.add_argument("--data-dir", default=None, help="prepared data of the concept (yochameleon prepare)")
+    p.add_argument("--index", default=None, help="retrieval index for trained methods")
+    p.add_argument(
+        "--test-dir", required=True, help="our test layout, or a Yo'LLaVA dataset root with --yollava"
+    )
+    p.add_argument(
+        "--yollava", default=None, metavar="NAME", help="read --test-dir as the Yo'LLaVA benchmark layout"
+    )
+    p.add_argument("--visual-qa", default=None, help="Yo'LLaVA visual QA JSON (with --yollava)")
+    p.add_argument("--text-qa", default=None, help="Yo'LLaVA / Yo'Chameleon text QA JSON (with --yollava)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+    return p
