@@ -8,7 +8,11 @@ the base model. A ``<NAME>`` that is not attached is read as plain text with a w
 with ``strict=True``.
 
 Self-prompted token sets are either forced (appended to the prompt) or emitted by the model, which
-is then restricted to the concept's token set for at most that many steps.
+is then restricted to the concept's token set for at most that many steps. Concepts trained without
+self-prompting (``self_prompting=False``) get no token set before the answer or the image.
+
+Prompts become ids, and ids become scores, answers and images, through
+:mod:`yochameleon.conversation`: the code training, checkpoint selection and evaluation use too.
 """
 
 from __future__ import annotations
@@ -24,11 +28,18 @@ from PIL import Image
 from yochameleon.backends import LoadOptions, load_backend
 from yochameleon.backends.base import Backend
 from yochameleon.concept import ConceptTokens, get_bank, load_concept, normalize_name
+from yochameleon.conversation import (
+    IMAGE,
+    generate_images,
+    greedy_answer,
+    image_ids,
+    turn_ids,
+    yes_no_logprobs,
+)
 from yochameleon.data.photos import load_image_file
 from yochameleon.errors import ConceptError
-from yochameleon.generation import ImageSpanConstraint, Sampling, SpanConstraint, TextConstraint, generate
+from yochameleon.generation import ImageSpanConstraint, Sampling, SpanConstraint, TextConstraint
 from yochameleon.prompts import recognition_question
-from yochameleon.train.sequences import IMAGE, encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +87,15 @@ class PersonalizedModel:
     Args:
         backend: the model; concepts are attached to it (see :func:`yochameleon.concept.load_concept`).
         strict: a prompt naming a concept that is not attached is an error instead of a warning.
+        self_prompting: answers open with the concept's u-tokens and images with its g-tokens, as
+            in training with self-prompting (the default). ``False`` for concepts trained without it
+            (the ``yochameleon_no_selfprompt`` ablation, the Yo'LLaVA-style baseline).
     """
 
-    def __init__(self, backend: Backend, strict: bool = False) -> None:
+    def __init__(self, backend: Backend, strict: bool = False, self_prompting: bool = True) -> None:
         self.backend = backend
         self.strict = strict
+        self.self_prompting = self_prompting
 
     @classmethod
     def load(
@@ -90,6 +105,7 @@ class PersonalizedModel:
         device: str = "auto",
         options: LoadOptions | None = None,
         strict: bool = False,
+        self_prompting: bool = True,
     ) -> PersonalizedModel:
         """Load a base model and attach concept files.
 
@@ -102,7 +118,7 @@ class PersonalizedModel:
         backend = load_backend(model, options)
         for f in concept_files:
             load_concept(backend, f)
-        return cls(backend, strict=strict)
+        return cls(backend, strict=strict, self_prompting=self_prompting)
 
     @property
     def concepts(self) -> dict[str, ConceptTokens]:
@@ -154,18 +170,10 @@ class PersonalizedModel:
         images = []
         if image is not None:
             # Paths go through the same checks as concept photos (pixel limit, unreadable files).
-            img = load_image_file(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-            images = [self.backend.encode_images([img])[0].tolist()]
-            if "<image>" not in resolved:
-                resolved = "<image>" + resolved
-        prefix = " ".join(c.personalized_prompt() for c in used)
-        body = f"{prefix} {resolved}" if prefix else resolved
-        ids = (
-            [self.backend.special.bos]
-            + encode_text(self.backend, body, used, images)
-            + [self.backend.special.eot]
-        )
-        return ids, used
+            img = load_image_file(image) if isinstance(image, (str, Path)) else image
+            images = [image_ids(self.backend, img)]
+        preamble = " ".join(c.personalized_prompt() for c in used)
+        return turn_ids(self.backend, resolved, used, images, preamble=preamble), used
 
     def _banned(self, used: list[ConceptTokens]) -> list[int]:
         keep = {i for c in used for i in c.ids}
@@ -183,7 +191,7 @@ class PersonalizedModel:
         ids, used = self._prompt_ids(question, image)
         sp = self.backend.special
         text_c = TextConstraint(sp, self.backend.vocab_size, banned=self._banned(used))
-        u_ids = [i for c in used for i in c.u_ids]
+        u_ids = [i for c in used for i in c.u_ids] if self.self_prompting else []
         if force_tokens and u_ids:
             ids = ids + u_ids
             constraint: SpanConstraint = text_c
@@ -191,7 +199,7 @@ class PersonalizedModel:
             constraint = _SelfPromptText(u_ids, text_c)
         else:
             constraint = text_c
-        out = generate(self.backend, torch.tensor([ids]), constraint, max_new_tokens)[0].tolist()
+        out = greedy_answer(self.backend, ids, max_new_tokens, constraint=constraint)
         concept_ids = {i for c in self.concepts.values() for i in c.ids}
         prompt_part = u_ids if force_tokens else [t for t in out if t in concept_ids]
         return Answer(self._render_answer(out), prompt_part, force_tokens)
@@ -239,16 +247,15 @@ class PersonalizedModel:
         yes, no = self.yes_no_logprobs(question, image)
         return yes > no
 
-    @torch.no_grad()
     def yes_no_logprobs(self, question: str, image: Image.Image | str | None) -> tuple[float, float]:
-        """Log-probabilities of answering "Yes" and "No" after the forced u-tokens."""
+        """Log-probabilities of answering "Yes" and "No" after the forced u-tokens.
+
+        The evaluation harness scores trained concepts with exactly these numbers.
+        """
         ids, used = self._prompt_ids(question, image)
-        ids = ids + [i for c in used for i in c.u_ids]
-        hidden, _ = self.backend.hidden_states(torch.tensor([ids], device=self.backend.device))
-        logp = torch.log_softmax(self.backend.logits(hidden[0, -1]), dim=-1)
-        yes = self.backend.tokenize("Yes")[0]
-        no = self.backend.tokenize("No")[0]
-        return float(logp[yes]), float(logp[no])
+        if self.self_prompting:
+            ids = ids + [i for c in used for i in c.u_ids]
+        return yes_no_logprobs(self.backend, ids)
 
     # ----- generation -------------------------------------------------------------------------
     def generate_image(
@@ -266,7 +273,7 @@ class PersonalizedModel:
         Sampling is seeded (deterministic for a seed); ``temperature=0`` is greedy.
         """
         ids, used = self._prompt_ids(prompt, None)
-        g_ids = [i for c in used for i in c.g_ids]
+        g_ids = [i for c in used for i in c.g_ids] if self.self_prompting else []
         span = self.backend.image_span_constraint()
         if force_tokens or not g_ids:
             ids = ids + g_ids
@@ -275,16 +282,8 @@ class PersonalizedModel:
         else:
             constraint = SelfPromptThenImage(g_ids, span)
             extra = len(g_ids)
-        batch = torch.tensor([ids] * n)
         sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
-        max_new = extra + self.backend.image_seq_len + 2 + len(self.backend.special.extra_image_ids) * 64
-        out = generate(self.backend, batch, constraint, max_new, sampling, progress=progress)
-        images = []
-        for row in out.tolist():
-            start = row.index(self.backend.special.boi)
-            span_ids = row[start : start + len(self.backend.image_span([0] * self.backend.image_seq_len))]
-            images.append(self.backend.span_to_image_ids(span_ids))
-        return self.backend.decode_images(torch.tensor(images))
+        return generate_images(self.backend, ids, n, sampling, constraint, extra, progress=progress)
 
     def generate_to_dir(self, prompt: str, out_dir: str | Path, n: int = 4, seed: int = 0) -> list[Path]:
         """Generate ``n`` images and write them as PNGs to ``out_dir``."""

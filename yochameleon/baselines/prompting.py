@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from yochameleon.baselines.base import ConceptData, Method, Prompted
+from yochameleon.conversation import image_span_length
 from yochameleon.data.photos import load_rgb
 from yochameleon.errors import ConfigError
 
@@ -34,7 +35,7 @@ class TextPrompt(Method):
         self.description = (concept.description or f"<sks> is a {concept.name}.").replace("<sks>", PLAIN_NAME)
 
     def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
-        return Prompted(self._ids(f"{self.description} {text.replace('<sks>', PLAIN_NAME)}", image))
+        return Prompted(self._ids(text.replace("<sks>", PLAIN_NAME), image, preamble=self.description))
 
     def prompt_tokens(self) -> int:
         return len(self.backend.tokenize(self.description))
@@ -93,5 +94,5 @@ class ImagePrompt(Method):
         )
 
     def prompt_tokens(self) -> int:
-        span = len(self.backend.image_span([0] * self.backend.image_seq_len))
+        span = image_span_length(self.backend)
         return self.k * span + len(self.backend.tokenize(f"This is {PLAIN_NAME}: ."))

@@ -1,7 +1,10 @@
 """Trained-token methods: Yo'Chameleon, its ablations, and the Yo'LLaVA-style baseline.
 
 Each is the same trainer with different switches, so differences between rows of a results table
-come from the method, not from the code path.
+come from the method, not from the code path. A fitted method is scored as a user would use it: the
+concept file that training wrote is loaded onto the model and every question goes through
+:class:`~yochameleon.infer.PersonalizedModel`, so the harness's numbers are the numbers of
+``yochameleon ask`` and ``yochameleon generate``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from pathlib import Path
 from PIL import Image
 
 from yochameleon.baselines.base import ConceptData, Method, Prompted
-from yochameleon.concept import detach, get_bank
+from yochameleon.concept import detach, get_bank, load_concept, normalize_name
 from yochameleon.config import from_dict, to_dict
+from yochameleon.infer import PersonalizedModel
 from yochameleon.train.config import TASKS, TrainConfig
 
 ALL = list(TASKS)
@@ -46,6 +50,8 @@ class TrainedTokens(Method):
         self.name = variant
         self.train = train or {}
         self.tokens = None
+        self.model = None
+        self.concept_file: Path | None = None
 
     def config(self, concept: ConceptData, workdir: Path) -> TrainConfig:
         over, tasks, self_prompting = VARIANTS[self.name]
@@ -71,22 +77,47 @@ class TrainedTokens(Method):
         self.cfg = self.config(concept, workdir)
         trainer = Trainer(self.cfg, backend=self.backend)
         trainer.setup()
-        trainer.train(resume=(Path(self.cfg.output_dir) / "checkpoints" / "latest").exists())
-        self.tokens = trainer.concepts[concept.name]
+        result = trainer.train(resume=(Path(self.cfg.output_dir) / "checkpoints" / "latest").exists())
+        name = normalize_name(concept.name)
+        # No in-memory shortcut: what is scored is the file a user would load.
+        detach(self.backend, name)
+        self.concept_file = result.concept_files[name]
+        self.tokens = load_concept(self.backend, self.concept_file)
+        self.model = PersonalizedModel(self.backend, self_prompting=self.cfg.method.self_prompting)
+
+    def _for_model(self, text: str) -> str:
+        """``text`` naming the concept as :class:`PersonalizedModel` prompts do (``<NAME>``)."""
+        return text.replace("<sks>", f"<{self.tokens.spec.name}>")
 
     def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
         t = self.tokens
-        body = f"{t.personalized_prompt()} {text.replace('<sks>', t.sks)}"
         prefix: list[int] = []
         if self.cfg.method.self_prompting:
             prefix = t.g_ids if task == "generation" else t.u_ids
-        return Prompted(self._ids(body, image, concepts=[t]), prefix)
+        text = text.replace("<sks>", t.sks)
+        return Prompted(self._ids(text, image, concepts=[t], preamble=t.personalized_prompt()), prefix)
+
+    # ----- scoring, through the inference path ------------------------------------------------
+    def yes_no(self, question: str, image: Image.Image) -> tuple[float, float]:
+        """:meth:`PersonalizedModel.yes_no_logprobs` of the loaded concept file."""
+        return self.model.yes_no_logprobs(self._for_model(question), image)
+
+    def answer(self, question: str, image: Image.Image | None = None, max_new_tokens: int = 16) -> str:
+        """:meth:`PersonalizedModel.ask` with the self-prompt forced (when the variant has one)."""
+        return self.model.ask(
+            self._for_model(question), image, force_tokens=True, max_new_tokens=max_new_tokens
+        )
+
+    def generate_images(
+        self, request: str, n: int = 1, seed: int = 0, temperature: float = 1.0
+    ) -> list[Image.Image]:
+        """:meth:`PersonalizedModel.generate_image` with the g-tokens forced (when the variant has them)."""
+        return self.model.generate_image(
+            self._for_model(request), n=n, seed=seed, force_tokens=True, temperature=temperature
+        )
 
     def prompt_tokens(self) -> int:
         return self.tokens.spec.n_tokens if self.tokens else 0
-
-    def _banned(self) -> list[int]:
-        return list(self.tokens.ids) if self.tokens else []
 
     def close(self) -> None:
         bank = get_bank(self.backend)

@@ -3,8 +3,9 @@
 Both parts are cheap, deterministic forward passes, so they can run every few hundred steps:
 
 * recognition: for each positive and negative photo, compare the log-probability of answering
-  "Yes" vs "No" after the forced u-tokens; weighted accuracy = mean of the positive accuracy and the
-  negative accuracy;
+  "Yes" vs "No" after the forced u-tokens (the prompt and the score of
+  :meth:`yochameleon.infer.PersonalizedModel.yes_no_logprobs`, from :mod:`yochameleon.conversation`);
+  weighted accuracy = mean of the positive accuracy and the negative accuracy;
 * image similarity: the fraction of a real photo's VQ tokens the model predicts (argmax, teacher
   forced) after the generation prompt and its g-tokens — a token-level stand-in for CLIP-I that
   needs no embedder.
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from yochameleon.concept import ConceptTokens
-from yochameleon.prompts import real_generation_request, recognition_question
-from yochameleon.train.sequences import IGNORE, build_sequence
+from yochameleon.conversation import turn_ids, yes_no_logprobs
+from yochameleon.prompts import real_generation_request, recognition_question, substitute_identifier
+from yochameleon.train.sequences import build_sequence
 
 
 @dataclass
@@ -35,22 +37,14 @@ class EvalSet:
 @torch.no_grad()
 def recognition_accuracy(backend, concept: ConceptTokens, eval_set: EvalSet) -> dict[str, float]:
     """Positive, negative and weighted accuracy by Yes-vs-No likelihood."""
-    yes, no = backend.tokenize("Yes")[0], backend.tokenize("No")[0]
+    question = substitute_identifier(recognition_question(0), concept.sks)
+    preamble = concept.personalized_prompt()
 
     def says_yes(image_ids: list[int]) -> bool:
-        rec = {
-            "task": "understanding",
-            "kind": "recognition",
-            "question": recognition_question(0),
-            "answer": "Yes",
-            "image": "x",
-        }
-        seq = build_sequence(backend, rec, concept, image_ids)
-        # Everything up to and including the u-tokens; the next token is the answer's first word.
-        first = next(i for i, t in enumerate(seq.labels) if t != IGNORE) + len(concept.u_ids)
-        hidden, _ = backend.hidden_states(torch.tensor([seq.input_ids[:first]], device=backend.device))
-        logits = backend.logits(hidden[0, -1])
-        return bool(logits[yes] > logits[no])
+        ids = turn_ids(backend, question, [concept], [image_ids], preamble=preamble)
+        # The answer opens with the u-tokens; the next token is its first word.
+        yes, no = yes_no_logprobs(backend, ids + concept.u_ids)
+        return yes > no
 
     pos = [says_yes(x) for x in eval_set.positives]
     neg = [not says_yes(x) for x in eval_set.negatives]

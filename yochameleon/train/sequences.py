@@ -6,21 +6,21 @@ A sequence is ``<s> human <eot> bot <eot>``; the loss covers the bot span and th
 * understanding: ``<u1>…<uM>`` + answer + ``<eot>``
 * generation: the sample's ``<g1>…<gm>`` + ``<boi>`` image ``<eoi>`` + ``<eot>``
 
-Concept token strings and ``<image>`` are turned into ids directly (never through the tokenizer),
-so the result does not depend on how a tokenizer treats reserved entries.
+The human turn and the answer text are encoded by :mod:`yochameleon.conversation`, the same code
+inference and evaluation use, so a trained concept sees at inference exactly the ids it was trained on.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass
 
 import torch
 
 from yochameleon.backends.base import Backend
 from yochameleon.concept import ConceptTokens
+from yochameleon.conversation import encode_text, turn_ids
 from yochameleon.errors import DataError
 from yochameleon.prompts import (
     real_generation_request,
@@ -29,7 +29,6 @@ from yochameleon.prompts import (
 )
 
 IGNORE = -100
-IMAGE = "<image>"
 
 
 @dataclass
@@ -43,31 +42,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-def encode_text(
-    backend: Backend, text: str, concepts: list[ConceptTokens], images: list[list[int]] | None = None
-) -> list[int]:
-    """Ids of ``text``: concept token strings and ``<image>`` become ids directly, the rest is tokenized."""
-    table = {s: i for c in concepts for s, i in zip(c.strings, c.ids, strict=True)}
-    pieces = [re.escape(s) for s in sorted(table, key=len, reverse=True)] + [re.escape(IMAGE)]
-    pattern = re.compile("(" + "|".join(pieces) + ")")
-    images = list(images or [])
-    ids: list[int] = []
-    for part in pattern.split(text):
-        if not part:
-            continue
-        if part == IMAGE:
-            if not images:
-                raise DataError(f"text has more {IMAGE} placeholders than images: {text[:80]!r}")
-            ids += backend.image_span(images.pop(0))
-        elif part in table:
-            ids.append(table[part])
-        else:
-            ids += backend.tokenize(part)
-    if images:
-        raise DataError(f"text has fewer {IMAGE} placeholders than images: {text[:80]!r}")
-    return ids
 
 
 def build_sequence(
@@ -91,10 +65,8 @@ def build_sequence(
     pp = concept.personalized_prompt()
     kind = record["kind"]
     if record["task"] == "understanding":
-        question = substitute_identifier(record["question"], sks)
-        if image_ids is not None and IMAGE not in question:
-            question = f"{IMAGE}{question}"
-        human = f"{pp} {question}"
+        human = substitute_identifier(record["question"], sks)
+        preamble = pp
         images = [image_ids] if image_ids is not None else []
         prefix = concept.u_ids if self_prompting else []
         answer = substitute_identifier(record["answer"], sks)
@@ -105,13 +77,13 @@ def build_sequence(
         n = int(record.get("n_g") or concept.spec.n_g)
         g = concept.g_strings[:n]
         if kind == "generation_soft":
-            human = soft_positive_prompt(sks, g, record.get("prompt_form") or "paper")
+            human, preamble = soft_positive_prompt(sks, g, record.get("prompt_form") or "paper"), ""
         else:
-            human = f"{pp} {substitute_identifier(real_generation_request(sks), sks)}"
+            human, preamble = substitute_identifier(real_generation_request(sks), sks), pp
         images = []
         prefix = concept.g_ids[:n] if self_prompting else []
         bot = prefix + backend.image_span(image_ids)
-    human_ids = [sp.bos] + encode_text(backend, human, [concept], images) + [sp.eot]
+    human_ids = turn_ids(backend, human, [concept], images, preamble=preamble)
     bot = bot + [sp.eot]
     return Sequence(human_ids + bot, [IGNORE] * len(human_ids) + bot, kind, concept.spec.name)
 
