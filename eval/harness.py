@@ -11,8 +11,9 @@ Test directory layout::
 
 ``answer`` is an option key or the option's text. Every method is scored the same way: recognition
 by Yes-vs-No likelihood after the method's own prompt, multiple choice by a greedy answer scored on
-option text (order shuffled per seed), generation by CLIP-I through the retrieval embedder and,
-optionally, a fidelity scorer.
+option text (order shuffled per seed), generation by CLIP-I through the retrieval embedder (an
+OpenCLIP model, named in each record's ``embedders``) and, optionally, a fidelity scorer. Trained
+methods answer through :class:`~yochameleon.infer.PersonalizedModel` loaded from their concept file.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def evaluate(
     embedder=None,
     n_images: int = 4,
     fidelity: Callable[[list], float] | None = None,
+    fidelity_name: str | None = None,
 ) -> ConceptResult:
     """Score a fitted method on a test set.
 
@@ -168,15 +170,20 @@ def evaluate(
         concept: the concept's name (recorded in the result).
         seed: option-shuffling and sampling seed.
         real_photos: the concept's training photos, the CLIP-I reference (generation is skipped without them).
-        embedder: a retrieval embedder for CLIP-I.
+        embedder: the embedder of CLIP-I (see :func:`yochameleon.retrieval.resolve_embedder`); the
+            record names it.
         n_images: images to generate.
         fidelity: optional scorer ``images -> fraction correct`` (the toy world's identity scorer).
+        fidelity_name: what the record calls the fidelity scorer (not recorded when ``None``).
     """
+    from yochameleon.retrieval import describe_embedder
+
     result = {
         "method": method.name,
         "concept": concept,
         "seed": seed,
         "prompt_tokens": method.prompt_tokens(),
+        "embedders": {},
     }
     if test.recognition:
         preds = []
@@ -202,6 +209,9 @@ def evaluate(
                 embedder.embed_images(images, progress=False),
                 embedder.embed_images([load_rgb(p) for p in real_photos], progress=False),
             )
+            result["embedders"]["clip_i"] = describe_embedder(embedder.identity)
         if fidelity is not None:
             result["gen_fidelity"] = float(fidelity(images))
+            if fidelity_name:
+                result["embedders"]["gen_fidelity"] = fidelity_name
     return ConceptResult(**result)

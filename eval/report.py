@@ -16,6 +16,7 @@ from typing import Any
 
 from yochameleon.eval.schema import (
     DEFAULT_REFERENCE,
+    IMAGE_METRICS,
     SchemaError,
     load_summary,
     records_of,
@@ -72,7 +73,9 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
 
     Cells are ``mean ± half the width of the 95% CI`` (just the mean when there is no CI, i.e. a single
     concept and seed); ``–`` where a metric does not apply; the best mean of a column is bold when
-    several methods have one. Paired differences vs the reference method follow when present.
+    several methods have one. A line per image metric names the model that computed it (see
+    ``embedders`` in :mod:`yochameleon.eval.schema`). Paired differences vs the reference method
+    follow when present.
     """
     cols = _present(summary, TABLE_METRICS)
     best = {}
@@ -88,6 +91,14 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"| {method} | {stats.get('prompt_tokens', 0):.0f} | " + " | ".join(cells) + f" | {stats['n']} |"
         )
+    embedders = summary.get("embedders") or {}
+    named = [m for m in cols if m in IMAGE_METRICS]
+    if named:
+        lines.append("")
+        lines += [
+            f"{LABELS[m]} computed with {embedders.get(m, 'an embedder the results do not name')}."
+            for m in named
+        ]
     differences = summary.get("differences") or {}
     rows = [
         (method, metric, d)

@@ -11,7 +11,7 @@ One method, on one concept, with one seed (:class:`ConceptResult`)::
      "recognition_pos": 0.9, "recognition_neg_hard": 0.7, "recognition_neg_easy": 1.0,
      "recognition_weighted": 0.875, "vqa": 0.6, "text_qa": 0.7,
      "clip_i": 0.78, "clip_t": 0.31, "face_sim": null, "gen_fidelity": 0.4,
-     "prompt_tokens": 33}
+     "prompt_tokens": 33, "embedders": {"clip_i": "OpenCLIP ViT-H-14 (pretrained laion2b_s32b_b79k)"}}
 
 ============================  =========  ===========================================================
 field                         range      meaning
@@ -30,7 +30,13 @@ field                         range      meaning
 ``face_sim``                  [-1, 1]    ArcFace similarity (person concepts with a face model only)
 ``gen_fidelity``              [0, 1]     fraction of generated images a scorer accepts (toy world)
 ``prompt_tokens``             int >= 0   prompt tokens spent on the concept (0 for ``none``)
+``embedders``                 object     image metric -> the model that scored it (optional; see below)
 ============================  =========  ===========================================================
+
+``embedders`` names the embedder (or scorer) behind each image metric of the record, as
+:func:`yochameleon.retrieval.describe_embedder` writes it: CLIP-I from an OpenCLIP model reads
+``OpenCLIP <model> (<weights>)``, and the test embedder says that it is not CLIP. Records written
+before the field existed have none.
 
 A metric is ``null`` where it does not apply (``face_sim`` for a dog, generation metrics for a method
 that cannot draw, ``recognition_neg_hard`` without look-alikes). See :mod:`yochameleon.eval.metrics`
@@ -52,6 +58,7 @@ Summary file
                                                  "crosses_zero": false}, ...},
         ...},
      "per_concept": [record, ...],
+     "embedders": {"clip_i": "OpenCLIP ViT-H-14 (pretrained laion2b_s32b_b79k)"},
      "config": {...}}
 
 - ``methods``: per method (in order of first appearance), ``n`` records, the mean ``prompt_tokens``
@@ -63,6 +70,9 @@ Summary file
   have a value, with a bootstrap CI. A positive mean says the reference is better; ``crosses_zero``
   says the data do not settle it. ``reference`` names the reference method (``null`` when absent).
 - ``per_concept``: every record, as above, so summaries can be merged (``yochameleon compare``).
+- ``embedders``: per image metric, the one embedder every record that names one used. Numbers from
+  two embedders live in two spaces, so :func:`summarize` refuses records that disagree (and
+  ``yochameleon compare`` refuses to merge such runs). Optional when reading older files.
 - ``config``: free-form JSON describing the run (model, test directory, seeds, ...).
 
 :func:`load_summary` refuses a file with another ``schema_version``, a missing key or an invalid
@@ -76,7 +86,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +106,8 @@ METRICS = (
     "gen_fidelity",
 )
 COSINE_METRICS = ("clip_i", "clip_t", "face_sim")
+# Metrics computed by a model of their own (an embedder or a scorer), which a record names.
+IMAGE_METRICS = ("clip_i", "clip_t", "face_sim", "gen_fidelity")
 COSINES = COSINE_METRICS  # older name
 SUMMARY_KEYS = ("schema_version", "methods", "per_concept", "config")
 DEFAULT_REFERENCE = "yochameleon"
@@ -125,7 +137,8 @@ class ConceptResult:
 
     Raises:
         SchemaError: (in ``__post_init__``) an empty method or concept name, a non-integer seed or
-            token count, or a metric that is not a finite number in its range.
+            token count, a metric that is not a finite number in its range, or ``embedders`` that
+            name something other than an image metric.
     """
 
     method: str
@@ -142,6 +155,7 @@ class ConceptResult:
     face_sim: float | None = None
     gen_fidelity: float | None = None
     prompt_tokens: int = 0
+    embedders: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("method", "concept"):
@@ -165,6 +179,15 @@ class ConceptResult:
             if not (_is_number(value) and lo - 1e-6 <= value <= 1 + 1e-6):
                 raise SchemaError(f"{where}: {name}={value!r} is outside [{lo:g}, 1] or not a number")
             setattr(self, name, float(value))
+        if not isinstance(self.embedders, Mapping) or not all(
+            key in IMAGE_METRICS and isinstance(value, str) and value.strip()
+            for key, value in self.embedders.items()
+        ):
+            raise SchemaError(
+                f"{where}: embedders must map image metrics {list(IMAGE_METRICS)} to model names, "
+                f"got {self.embedders!r}"
+            )
+        self.embedders = dict(self.embedders)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -215,7 +238,8 @@ def summarize(
         n_boot, seed, alpha: bootstrap settings (see :func:`yochameleon.eval.metrics.bootstrap_ci`).
 
     Raises:
-        SchemaError: no records, an invalid record, or two records for the same (method, concept, seed).
+        SchemaError: no records, an invalid record, two records for the same (method, concept, seed),
+            or records that name different embedders for one image metric.
     """
     from yochameleon.eval.metrics import bootstrap_ci, paired_bootstrap_diff
 
@@ -249,6 +273,7 @@ def summarize(
         "methods": methods,
         "reference": reference if reference in by_method else None,
         "per_concept": [r.to_dict() for r in rows],
+        "embedders": _one_embedder_per_metric(rows),
         "config": dict(config or {}),
     }
     if reference in by_method:
@@ -273,6 +298,24 @@ def summarize(
         summary["differences"] = differences
     validate_summary(summary)
     return summary
+
+
+def _one_embedder_per_metric(rows: list[ConceptResult]) -> dict[str, str]:
+    """The embedder of each image metric over ``rows``.
+
+    Raises:
+        SchemaError: two records name different embedders for one metric (their numbers are not comparable).
+    """
+    chosen: dict[str, tuple[str, ConceptResult]] = {}
+    for r in rows:
+        for metric, name in r.embedders.items():
+            first = chosen.setdefault(metric, (name, r))
+            if first[0] != name:
+                raise SchemaError(
+                    f"{metric} of {r.key} was computed with {name}, but {first[1].key} with {first[0]}; "
+                    "scores from two embedders cannot be compared: evaluate both with the same one"
+                )
+    return {metric: name for metric, (name, _) in chosen.items()}
 
 
 def _check_ci(where: str, ci: Any) -> None:
@@ -303,6 +346,11 @@ def validate_summary(summary: Any, source: str = "summary") -> None:
         raise SchemaError(f"{source}: 'methods' and 'config' must be JSON objects")
     if not isinstance(summary["per_concept"], list):
         raise SchemaError(f"{source}: 'per_concept' must be a list of records")
+    embedders = summary.get("embedders", {})
+    if not isinstance(embedders, Mapping) or not all(
+        key in IMAGE_METRICS and isinstance(value, str) for key, value in embedders.items()
+    ):
+        raise SchemaError(f"{source}: 'embedders' must map image metrics to model names, got {embedders!r}")
     for method, stats in summary["methods"].items():
         if not isinstance(stats, Mapping):
             raise SchemaError(f"{source}: methods[{method!r}] must be a JSON object")
@@ -368,6 +416,7 @@ __all__ = [
     "COSINE_METRICS",
     "ConceptResult",
     "DEFAULT_REFERENCE",
+    "IMAGE_METRICS",
     "METRICS",
     "SCHEMA_VERSION",
     "SchemaError",

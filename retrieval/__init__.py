@@ -15,9 +15,11 @@ from .embedders import (
     OpenClipEmbedder,
     TestEmbedder,
     build_embedder,
+    describe_embedder,
     embedder_from_identity,
     identities_match,
     load_image_rgb,
+    resolve_embedder,
     sha256_file,
 )
 from .index import (
@@ -59,6 +61,7 @@ __all__ = [
     "build_embedder",
     "build_index",
     "concept_query",
+    "describe_embedder",
     "embedder_from_identity",
     "hard_negatives",
     "identities_match",
@@ -67,6 +70,7 @@ __all__ = [
     "load_index",
     "random_negatives",
     "real_photo_token_count",
+    "resolve_embedder",
     "sha256_file",
     "soft_positive_bins",
     "soft_positives",

@@ -37,10 +37,12 @@ __all__ = [
     "OpenClipEmbedder",
     "TestEmbedder",
     "build_embedder",
+    "describe_embedder",
     "embedder_from_identity",
     "identities_match",
     "load_image_rgb",
     "comparable_identity",
+    "resolve_embedder",
     "sha256_file",
 ]
 
@@ -426,3 +428,82 @@ def embedder_from_identity(identity: dict[str, Any], device: str = "cpu", batch_
             f"stored {comparable_identity(identity)}, got {comparable_identity(embedder.identity)}"
         )
     return embedder
+
+
+def describe_embedder(identity: dict[str, Any]) -> str:
+    """A short name of an embedding space for reports, e.g. ``OpenCLIP ViT-H-14 (pretrained laion2b_s32b_b79k)``.
+
+    The test embedder says that it is not CLIP, so a number computed with it is never read as CLIP-I.
+    """
+    kind = identity.get("kind")
+    if kind == "test":
+        side = identity.get("thumbnail", 8)
+        return (
+            f"test embedder (random projection of {side}x{side} thumbnails, dim {identity.get('dim')}, "
+            f"seed {identity.get('seed')}; not CLIP)"
+        )
+    if kind == "open_clip":
+        if identity.get("pretrained"):
+            source = f"pretrained {identity['pretrained']}"
+        elif identity.get("weights_sha256"):
+            source = f"weights sha256 {identity['weights_sha256'][:12]}"
+        elif identity.get("random_weights"):
+            source = f"random init, seed {identity.get('seed')}; not trained"
+        else:
+            source = "hub weights"
+        return f"OpenCLIP {identity.get('model')} ({source})"
+    return f"embedder {comparable_identity(identity)}"
+
+
+def resolve_embedder(
+    name: str | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    weights: str | Path | None = None,
+    model_config: str | Path | None = None,
+    index_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> Embedder:
+    """The embedder of image metrics (CLIP-I) and of MyVLM's concept head.
+
+    In order: the test embedder when ``name`` is ``"test"``; an OpenCLIP model when any OpenCLIP
+    option is given; otherwise the embedder stored with the index at ``index_dir``. The test
+    embedder is used only when asked for by name, so an index built with it is refused here.
+
+    Args:
+        name: ``"open_clip"`` (the default) or ``"test"``.
+        model: open_clip model name (or the stem of ``model_config``).
+        pretrained: an open_clip pretrained tag.
+        weights: a local open_clip checkpoint file.
+        model_config: a custom open_clip architecture JSON.
+        index_dir: a retrieval index whose stored embedder is the default.
+        device: torch device of an OpenCLIP model.
+
+    Raises:
+        ConfigError: an unknown name, OpenCLIP options with the test embedder, no source for an
+            OpenCLIP model, or an index built with the test embedder.
+    """
+    options = {"model": model, "pretrained": pretrained, "weights": weights, "model_config": model_config}
+    given = [key for key, value in options.items() if value]
+    if name == "test":
+        if given:
+            raise ConfigError(f"the test embedder takes no OpenCLIP options (got {', '.join(given)})")
+        return TestEmbedder()
+    if name not in (None, "open_clip"):
+        raise ConfigError(f"unknown embedder {name!r}; choose open_clip or test")
+    if given:
+        return OpenClipEmbedder(model, pretrained, weights, model_config, device=device)
+    if index_dir is not None:
+        from .index import ImageIndex
+
+        identity = ImageIndex.load(index_dir).identity
+        if identity.get("kind") == "test":
+            raise ConfigError(
+                f"the index {index_dir} was built with the test embedder, which is not CLIP; pass an "
+                "OpenCLIP model (a pretrained tag or a weights file), or ask for the test embedder by name"
+            )
+        return embedder_from_identity(identity, device=device)
+    raise ConfigError(
+        "no image embedder: pass an OpenCLIP model (a pretrained tag, or a weights file with its model "
+        "config), or a retrieval index built with one; the test embedder must be asked for by name"
+    )

@@ -79,7 +79,7 @@ def test_every_method_runs_end_to_end(backend, setup, name, tmp_path):
     root, data, test = setup
     options = {"train": TRAIN} if name.startswith(("yochameleon", "yollava")) else {}
     if name == "myvlm":
-        options = {"steps": 5}
+        options = {"steps": 5, "embedder": "test"}  # the index's embedder is the test one: asked by name
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
     method = build_method(name, backend, **options)
     assert method.name == name
@@ -151,7 +151,7 @@ def test_myvlm_head_separates_synthetic_embeddings():
 
 def test_myvlm_is_the_base_model_when_the_head_does_not_fire(backend, setup, tmp_path, photos):
     _, data, _ = setup
-    myvlm = build_method("myvlm", backend, steps=3)
+    myvlm = build_method("myvlm", backend, steps=3, embedder="test")
     none = build_method("none", backend)
     myvlm.fit(data, tmp_path)
     stranger = photos[0]  # the astronaut: not the cat

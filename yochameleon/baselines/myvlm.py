@@ -92,7 +92,9 @@ class MyVLM(Method):
 
     Args:
         backend: the frozen base model.
-        embedder: the retrieval embedder for the concept head (default: the deterministic test embedder).
+        embedder: the embedder of the concept head: an embedder, ``"test"`` for the test embedder,
+            or ``None`` for the one stored with the concept's retrieval index (chosen as CLIP-I's is,
+            by :func:`yochameleon.retrieval.resolve_embedder`).
         negatives: negative image paths for the head; by default the prepared data's negatives.
         steps: optimisation steps for the concept embedding (MyVLM: 100).
         lr: learning rate of the embedding (MyVLM: 1.0 on a unit-normalised vector).
@@ -113,9 +115,7 @@ class MyVLM(Method):
         seed: int = 0,
     ) -> None:
         super().__init__(backend)
-        from yochameleon.retrieval import TestEmbedder
-
-        self.embedder = embedder or TestEmbedder()
+        self.embedder = embedder
         self.negatives = negatives
         self.steps, self.lr, self.attn_reg, self.batch_size, self.seed = steps, lr, attn_reg, batch_size, seed
         self.concepts: list[_Concept] = []
@@ -131,8 +131,15 @@ class MyVLM(Method):
         m = read_manifest(concept.data_dir)
         return sorted({m.image_path(r) for r in m.records if r.label in ("neg_hard", "neg_easy")})
 
+    def _resolve_embedder(self, concept: ConceptData) -> None:
+        if self.embedder is None or isinstance(self.embedder, str):
+            from yochameleon.retrieval import resolve_embedder
+
+            self.embedder = resolve_embedder(self.embedder, index_dir=concept.index_dir)
+
     def fit(self, concept: ConceptData, workdir: Path) -> None:
         super().fit(concept, workdir)
+        self._resolve_embedder(concept)
         pos_images = [load_rgb(p) for p in concept.photos]
         neg_paths = self._negatives(concept)
         if not neg_paths:

@@ -2,6 +2,10 @@
 
 Each method is fitted on the concept folder, scored by :func:`yochameleon.eval.harness.evaluate`,
 and the records are written as one summary with its report.
+
+CLIP-I and MyVLM's concept head use one embedder: the OpenCLIP model given by ``--pretrained`` or
+``--weights`` / ``--model-config``, else the one stored with ``--index``. The test embedder (not
+CLIP) is used only with ``--embedder test``; the report names the embedder either way.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ def run(args: argparse.Namespace) -> None:
     from yochameleon.eval.harness import TestSet, evaluate
     from yochameleon.eval.report import markdown_table, write_report
     from yochameleon.eval.schema import summarize
-    from yochameleon.retrieval import TestEmbedder
+    from yochameleon.retrieval import resolve_embedder
 
+    # Before the model loads: a missing or refused embedder fails at once.
+    embedder = resolve_embedder(
+        args.embedder,
+        model=args.clip_model,
+        pretrained=args.pretrained,
+        weights=args.weights,
+        model_config=args.model_config,
+        index_dir=args.index,
+        device=args.device,
+    )
     backend = load_backend(args.model, LoadOptions(device=args.device))
     if args.yollava:
         test = TestSet.from_yollava(args.test_dir, args.yollava, args.visual_qa, args.text_qa)
@@ -39,16 +53,17 @@ def run(args: argparse.Namespace) -> None:
     )
     records = []
     for name in args.method:
-        options = (
-            {"train": {"optim": {"epochs": args.epochs}}}
-            if name.startswith(("yochameleon", "yollava"))
-            else {}
-        )
+        options: dict[str, Any] = {}
+        if name.startswith(("yochameleon", "yollava")):
+            options = {"train": {"optim": {"epochs": args.epochs}}}
+        elif name == "myvlm":
+            options = {"embedder": embedder}
         method = build_method(name, backend, **options)
         method.fit(data, Path(args.out) / "work")
-        records.append(evaluate(method, test, folder.name, args.seed, data.photos, TestEmbedder()))
+        records.append(evaluate(method, test, folder.name, args.seed, data.photos, embedder))
         method.close()
-    summary = summarize(records, {"model": args.model, "test_dir": str(args.test_dir)})
+    config = {"model": args.model, "test_dir": str(args.test_dir), "embedder": embedder.identity}
+    summary = summarize(records, config)
     write_report(summary, args.out)
     print(markdown_table(summary))
 
@@ -72,7 +87,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--concept", required=True, help="concept folder")
     p.add_argument("--data-dir", default=None, help="prepared data of the concept (yochameleon prepare)")
-    p.add_argument("--index", default=None, help="retrieval index for trained methods")
+    p.add_argument(
+        "--index",
+        default=None,
+        help="retrieval index for trained methods; its embedder scores CLIP-I unless one is given",
+    )
     p.add_argument(
         "--test-dir", required=True, help="our test layout, or a Yo'LLaVA dataset root with --yollava"
     )
@@ -85,5 +104,24 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    clip = p.add_argument_group(
+        "image embedder",
+        "the model behind CLIP-I and MyVLM's concept head (default: the one stored with --index)",
+    )
+    clip.add_argument(
+        "--embedder",
+        default="open_clip",
+        choices=["open_clip", "test"],
+        help="open_clip, or test for the test embedder (a random projection of thumbnails, not CLIP)",
+    )
+    clip.add_argument(
+        "--clip-model", default=None, metavar="NAME", help="open_clip model name, e.g. ViT-H-14"
+    )
+    weights = clip.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", default=None, metavar="TAG", help="open_clip pretrained tag")
+    weights.add_argument("--weights", default=None, metavar="FILE", help="local open_clip checkpoint file")
+    clip.add_argument(
+        "--model-config", default=None, metavar="JSON", help="custom open_clip architecture JSON"
+    )
     p.set_defaults(func=run)
     return p
