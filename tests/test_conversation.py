@@ -48,7 +48,8 @@ def test_training_inference_and_methods_build_the_same_turn(backend, photos):
     question = recognition_question(0)
     record = {"task": "understanding", "kind": "recognition", "question": question, "answer": "Yes."}
     seq = build_sequence(backend, record, tokens, image_ids(backend, photos[1]))
-    trained_turn = seq.input_ids[: seq.labels.index(next(t for t in seq.labels if t != IGNORE))]
+    answer_starts = next(i for i, label in enumerate(seq.labels) if label != IGNORE)
+    trained_turn = seq.input_ids[:answer_starts]
 
     pm_turn, used = PersonalizedModel(backend)._prompt_ids(question.replace("<sks>", "<bo>"), photos[1])
     assert used == [tokens] and pm_turn == trained_turn
@@ -67,6 +68,16 @@ def test_training_inference_and_methods_build_the_same_turn(backend, photos):
         )
         == trained_turn
     )
+
+
+def test_yes_no_follows_the_concept_s_self_prompt_or_its_absence(backend, photos):
+    tokens = attach(backend, ConceptSpec("bo", n_g=2, n_u=2))
+    question = "<image>Is <bo> in this photo?"
+    turn, _ = PersonalizedModel(backend)._prompt_ids(question, photos[0])
+    self_prompted = PersonalizedModel(backend).yes_no_logprobs(question, photos[0])
+    plain = PersonalizedModel(backend, self_prompting=False).yes_no_logprobs(question, photos[0])
+    assert self_prompted == conversation.yes_no_logprobs(backend, turn + tokens.u_ids)
+    assert plain == conversation.yes_no_logprobs(backend, turn) != self_prompted
 
 
 def test_harness_yes_no_of_a_trained_concept_equals_personalized_model(backend, concept, tiny_dir, tmp_path):
