@@ -183,14 +183,15 @@ def test_build_config_validation_and_reduced(tmp_path):
 
 def test_pretrain_config_validation():
     with pytest.raises(PretrainError, match="mix"):
-        LMTrainConfig(mix=(0.5, 0.5, 0.5, 0.0, 0.0, 0.0))
-    with pytest.raises(PretrainError, match="6 non-negative shares"):
-        LMTrainConfig(mix=(0.0, 0.40, 0.30, 0.20, 0.10))  # a 5-task mix from before redraws
+        LMTrainConfig(mix=(0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0))
+    with pytest.raises(PretrainError, match="7 non-negative shares"):
+        LMTrainConfig(mix=(0.0, 0.40, 0.30, 0.20, 0.10, 0.0))  # a 6-task mix from before yes/no
     with pytest.raises(PretrainError, match="pair_scenes_per_identity"):
         LMTrainConfig(pair_scenes_per_identity=0)
     with pytest.raises(PretrainError, match="choice_share"):
         LMTrainConfig(choice_share=1.5)
-    assert LMTrainConfig(mix=[0, 0.5, 0.5, 0, 0, 0], pair_scenes_per_identity=0).mix == (0, 0.5, 0.5, 0, 0, 0)
+    mix = [0, 0.5, 0.5, 0, 0, 0, 0]
+    assert LMTrainConfig(mix=mix, pair_scenes_per_identity=0).mix == tuple(mix)
     with pytest.raises(PretrainError, match="GroupNorm"):
         VQTrainConfig(base_channels=48)
     with pytest.raises(PretrainError, match="steps"):
@@ -394,13 +395,13 @@ def test_image_bank_holds_one_canonical_view_per_pretraining_identity():
         return torch.arange(len(seen) - len(images), len(seen)).repeat_interleave(4).view(-1, 4)
 
     backend = SimpleNamespace(encode_images=encode)
-    redraw = LMTrainConfig(n_identities=6, mix=(0.0, 0.40, 0.22, 0.15, 0.10, 0.13))
+    redraw = LMTrainConfig(n_identities=6, mix=(0.0, 0.40, 0.22, 0.15, 0.10, 0.13, 0.0))
     bank = build_image_bank(backend, world, redraw, progress=False)
     assert bank.canonical_ids.shape == (6, 4)
     views = seen[-6:]  # encoded last, in identity order
     for identity, view in zip(bank.identities[:6], views):
         assert np.array_equal(view, np.asarray(world.canonical_view(identity)))
-    no_redraw = LMTrainConfig(n_identities=6, mix=(0.0, 0.45, 0.30, 0.15, 0.10, 0.0))
+    no_redraw = LMTrainConfig(n_identities=6, mix=(0.0, 0.45, 0.30, 0.15, 0.10, 0.0, 0.0))
     assert build_image_bank(backend, world, no_redraw, progress=False).canonical_ids is None
 
 
@@ -420,7 +421,9 @@ def test_redraw_sample_asks_for_the_canonical_view_of_the_photo_s_object():
     )
     shown = set()
     for seed in range(20):
-        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 0, 1), True)
+        ids, labels = _sample_sequence(
+            backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 0, 1, 0), True
+        )
         prompt = [t for t, lab in zip(ids, labels) if lab == -100]
         photo = ids[2]  # <s> <boi> photo...
         assert backend.text(prompt[7:-1]) == REDRAW_REQUEST
@@ -437,7 +440,7 @@ def test_redraw_sample_asks_for_the_canonical_view_of_the_photo_s_object():
                 n_identities=2,
                 codebook_init=False,
                 pair_scenes_per_identity=0,
-                mix=(0.0, 0.5, 0.0, 0.0, 0.0, 0.5),
+                mix=(0.0, 0.5, 0.0, 0.0, 0.0, 0.5, 0.0),
             ),
             progress=False,
         )
@@ -555,7 +558,7 @@ def test_compiled_pretraining_matches_eager_and_leaves_an_eager_model(tiny_dir):
             steps=3,
             batch_size=4,
             n_identities=2,
-            mix=(0.2,) * 5 + (0.0,),
+            mix=(0.2, 0.2, 0.2, 0.2, 0.1, 0.0, 0.1),
             bf16=False,
             codebook_init=False,
             compile=compiled,
@@ -632,7 +635,9 @@ def test_all_questions_sample_asks_every_question_once_with_only_answers_labelle
     bank = ImageBank(base + twins, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
     firsts = set()
     for seed in range(12):
-        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 1, 0, 0, 0, 0), True)
+        ids, labels = _sample_sequence(
+            backend, bank, np.random.default_rng(seed), (0, 1, 0, 0, 0, 0, 0), True
+        )
         assert len(ids) == len(labels) and ids[:2] == [1, 2]
         answered = [t for t in labels if t != -100]
         assert labels.count(9) == 6  # five attribute answers and the caption, each closed by <eot>
@@ -701,7 +706,9 @@ def test_pair_scene_samples_answer_what_the_scene_shows():
     )
     kinds = set()
     for seed in range(60):
-        ids, labels = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 1, 0), True)
+        ids, labels = _sample_sequence(
+            backend, bank, np.random.default_rng(seed), (0, 0, 0, 0, 1, 0, 0), True
+        )
         prompt = backend.text([t for t, lab in zip(ids, labels) if lab == -100])
         answer = backend.text([t for t in labels if t != -100])
         n_images = ids.count(2)
@@ -767,7 +774,7 @@ def test_existence_turns_ask_yes_about_the_description_and_no_about_a_changed_on
     base = world.splits["pretrain"][:2]
     bank = ImageBank(base + base, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
     rng = np.random.default_rng(0)
-    ids, labels = _sample_sequence(backend, bank, rng, (0, 1, 0, 0, 0, 0), True, existence=True)
+    ids, labels = _sample_sequence(backend, bank, rng, (0, 1, 0, 0, 0, 0, 0), True, existence=True)
     assert labels.count(9) == 8
     assert LMTrainConfig().existence_questions  # on by default in toy world v2
 
@@ -889,3 +896,46 @@ def test_existence_and_twin_gates_are_balanced_so_a_constant_answer_scores_one_h
         assert existence["all"] == 0.5 and set(existence) == {"all", *QA_FACTORS}
         assert all(existence[f] == 0.5 for f in QA_FACTORS)  # every factor is changed equally often
         assert gates.twin_separation_accuracy(Spans(), world, identities, per=3) == 0.5
+
+
+def test_yes_no_turns_answer_by_what_the_photo_shows():
+    from yochameleon.eval.toyworld.pretrain import ImageBank, _sample_sequence, factor_check, yes_no_turns
+    from yochameleon.eval.toyworld.world import MARK_COLOURS, full_caption
+
+    world = ToyWorld(0)
+    identity, stranger = world.splits["pretrain"][:2]
+    assert identity.signature != stranger.signature
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        turns = yes_no_turns(identity, stranger, rng)
+        assert [a for _, a in turns].count("Yes.") == 3 and [a for _, a in turns].count("No.") == 4
+        assert not _changed_factors(identity, turns[0][0]) and _changed_factors(identity, turns[1][0])
+        assert full_caption(stranger) in turns[2][0] and turns[2][1] == "No."
+    # Every one-attribute check is true exactly when it says "Yes.", marks included.
+    asked = set()
+    for _ in range(400):
+        shown = bool(rng.random() < 0.5)
+        question, answer = factor_check(identity, rng, shown)
+        assert answer == ("Yes." if shown else "No.")
+        word = question.rstrip("?").split()[-1 if "mark" not in question else -2]
+        if "mark" in question:
+            assert word in MARK_COLOURS and (word in identity.mark_colours) == shown
+            asked.add("marks")
+        else:
+            truth = {v for f, v in _described(full_caption(identity)).items() if f != "marks"}
+            assert (word in truth) == shown, question
+            asked.add("shape" if question.startswith("Is the object a ") else "adjective")
+    assert "marks" in asked and len(asked) >= 3
+    # As a task of the mix: one photo, seven questions, each answer and its <eot> supervised.
+    vocab: dict[str, int] = {}
+    backend = SimpleNamespace(
+        special=SimpleNamespace(bos=1, eot=9, pad=0),
+        tokenize=lambda text: [vocab.setdefault(w, 100 + len(vocab)) for w in text.split()],
+        image_span=lambda ids: [2, *ids, 3],
+    )
+    base = world.splits["pretrain"][:2]
+    bank = ImageBank(base + base, torch.full((6, 4), 5), np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
+    ids, labels = _sample_sequence(backend, bank, rng, (0, 0, 0, 0, 0, 0, 1), True, existence=True)
+    supervised = [t for t in labels if t != -100]
+    assert len(supervised) == 14 and supervised.count(9) == 7
+    assert {vocab["Yes."], vocab["No."]} == set(supervised) - {9}
