@@ -1,0 +1,117 @@
+"""Why a trained concept scores what it scores: the looks the quality benchmark's closing notes need.
+
+A benchmark row says *that* a method misses; these say *why*, on the user's path (the base from disk and
+the concept file training wrote):
+
+* :func:`token_drift`: how far each group of learned rows (``<sks>``, generation, understanding; input
+  embedding and output head) moved from the base's rows at the same ids, where training starts them.
+  Rows that barely moved were never used by the loss.
+* :func:`recognition_rates`: the "Yes" rate on the training photos beside new photos, twins and random
+  scenes. High on training photos and low on new ones is memorisation; high everywhere is a concept
+  that answers "Yes" whatever it sees.
+* :func:`sample_answers`: what the open answers look like.
+
+Example:
+    >>> pm = PersonalizedModel.load("eval/toyworld/artifacts/base", ["run/concept/sks"], device="cpu")
+    >>> token_drift("eval/toyworld/artifacts/base", "run/concept/sks")["u"]["embed"]
+    0.83
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["concept_diagnostics", "recognition_rates", "sample_answers", "token_drift"]
+
+
+def _groups(n_g: int, n_u: int, shared: bool) -> dict[str, slice]:
+    """Row ranges of each token group in a concept file (ids are ``[sks, g..., u...]``)."""
+    groups = {"sks": slice(0, 1), "g": slice(1, 1 + n_g)}
+    if not shared and n_u:
+        groups["u"] = slice(1 + n_g, 1 + n_g + n_u)
+    return groups
+
+
+@torch.no_grad()
+def token_drift(base_dir: str | Path, concept_file: str | Path) -> dict[str, dict[str, float]]:
+    """Relative distance of each learned row group from the base's rows at the concept's ids.
+
+    Returns:
+        ``{group: {"embed": d, "head": d}}`` with ``d = ||learned - base|| / ||base||`` over the group
+        (``group`` is ``sks``, ``g`` and, unless the concept shares one set, ``u``). Training starts each
+        row at the base's row for its id (:func:`yochameleon.concept.attach`), so 0 means "never moved".
+    """
+    from yochameleon.backends import load_backend
+    from yochameleon.backends.base import _base_weight
+    from yochameleon.concept import read_concept_file
+
+    meta, rows = read_concept_file(concept_file)
+    backend = load_backend(str(base_dir))
+    ids = torch.tensor(meta.token_ids, dtype=torch.long)
+    base = {
+        "embed": _base_weight(backend.input_embeddings()).detach()[ids].float(),
+        "head": _base_weight(backend.output_head()).detach()[ids].float(),
+    }
+    drift: dict[str, dict[str, float]] = {}
+    for group, rows_of in _groups(meta.n_g, meta.n_u, meta.shared).items():
+        drift[group] = {}
+        for part in ("embed", "head"):
+            start = base[part][rows_of]
+            moved = (rows[part].float()[rows_of] - start).norm()
+            drift[group][part] = float(moved / start.norm().clamp_min(1e-12))
+    return drift
+
+
+def recognition_rates(pm, groups: Mapping[str, Sequence[Image.Image]], concept: str | None = None) -> dict:
+    """The "Yes" rate (likelihood mode, as the benchmark scores) of each group of photos."""
+    return {
+        name: float(np.mean([pm.recognize(image, concept) for image in images])) if images else float("nan")
+        for name, images in groups.items()
+    }
+
+
+def sample_answers(
+    pm, questions: Sequence[str], image: Image.Image | None = None, max_new_tokens: int = 24
+) -> dict[str, str]:
+    """Greedy answers to ``questions`` (about ``image`` when given), as a user would read them."""
+    return {question: pm.ask(question, image=image, max_new_tokens=max_new_tokens) for question in questions}
+
+
+def concept_diagnostics(
+    base_dir: str | Path,
+    concept_file: str | Path,
+    photos: Mapping[str, Sequence[Image.Image]],
+    questions: Sequence[str] = ("What colour is <sks>?", "Describe <sks>."),
+    self_prompting: bool = True,
+) -> dict:
+    """All three looks for one trained concept, loaded the way users load it.
+
+    Args:
+        base_dir: the base model directory.
+        concept_file: the concept file training wrote (``.safetensors`` / ``.json`` stem or either file).
+        photos: named groups, e.g. ``{"training": [...], "new": [...], "twins": [...], "random": [...]}``;
+            the first photo of ``"new"`` (when given) is the one the image questions ask about.
+        questions: open questions, asked without a photo.
+        self_prompting: whether the concept was trained with self-prompting (see
+            :class:`~yochameleon.infer.PersonalizedModel`).
+
+    Returns:
+        ``{"token_drift": ..., "recognition": ..., "answers": ..., "photo_answers": ...}``.
+    """
+    from yochameleon.infer import PersonalizedModel
+
+    pm = PersonalizedModel.load(str(base_dir), [concept_file], device="cpu", self_prompting=self_prompting)
+    new = list(photos.get("new", ()))
+    return {
+        "token_drift": token_drift(base_dir, concept_file),
+        "recognition": recognition_rates(pm, photos),
+        "answers": sample_answers(pm, questions),
+        "photo_answers": sample_answers(pm, ["Is <sks> in this photo?", "What is in this photo?"], new[0])
+        if new
+        else {},
+    }
