@@ -11,6 +11,7 @@ import torch
 
 from yochameleon.baselines import ConceptData, build_method, method_names
 from yochameleon.baselines.myvlm import LinearProbeHead
+from yochameleon.data.config import DataConfig
 from yochameleon.errors import ConfigError, DataError
 from yochameleon.eval.harness import TestSet, evaluate
 from yochameleon.retrieval import TestEmbedder
@@ -18,6 +19,8 @@ from yochameleon.retrieval import TestEmbedder
 TRAIN = {
     "optim": {"epochs": 1, "lr": 3e-2, "batch_size": 4},
     "concept": {"n_g": 4, "n_u": 4},
+    # The data the setup prepares; training refuses a folder prepared with other settings.
+    "data": {"n_recognition": 8, "n_hard_negatives": 4, "n_easy_negatives": 4, "n_soft_positives": 6},
     "logging": {"loggers": []},
     "model": {"device": "cpu"},
 }
@@ -25,7 +28,8 @@ TRAIN = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from yochameleon.data.pipeline import PrepareOptions, prepare_concept
+    from yochameleon.config import from_dict
+    from yochameleon.data.pipeline import prepare_concept
     from yochameleon.demo import make_concept_folder, make_pool
     from yochameleon.retrieval import build_index
 
@@ -33,12 +37,8 @@ def setup(tmp_path_factory):
     concept = make_concept_folder(root)
     pool = make_pool(root, per_photo=1)
     build_index(pool, root / "index", TestEmbedder(), progress=False)
-    prepare_concept(
-        concept,
-        root / "data",
-        root / "index",
-        PrepareOptions(n_g=4, n_recognition=8, n_hard_negatives=4, n_easy_negatives=4, n_soft_positives=6),
-    )
+    data_cfg = from_dict(DataConfig, {**TRAIN["data"], "index_dir": str(root / "index")})
+    prepare_concept(concept, root / "data", data_cfg, n_g=TRAIN["concept"]["n_g"])
     test = root / "test"
     photos = sorted((concept / "photos").glob("*.png"))
     for sub, files in (("positives", photos[:2]), ("negatives_easy", sorted(pool.glob("*.png"))[:2])):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from yochameleon import cli
 from yochameleon.baselines import method_names
 from yochameleon.cli import COMMAND_MODULES, build_parser, main
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 COMMANDS = {
     "make-tiny",
     "prepare",
@@ -70,3 +72,33 @@ def test_eval_refuses_an_unknown_method_before_loading_a_model(monkeypatch, caps
         main(argv)
     assert exc.value.code == 2
     assert "invalid choice: 'yochamelon'" in capsys.readouterr().err
+
+
+def test_prepare_takes_the_recipe_and_records_its_settings(tiny_dir, tmp_path, capsys):
+    from data_helpers import make_concept
+
+    from yochameleon.data.manifest import read_header
+
+    concept = make_concept(tmp_path / "cat", 3, qa_lines=[{"question": "What is <sks>?", "answer": "A cat."}])
+    data_dir = tmp_path / "data"
+    argv = [
+        "prepare",
+        str(RECIPES / "tiny-cpu.yaml"),
+        f"model.name_or_path={tiny_dir}",
+        f"concept.concept_dir={concept}",
+        f"concept.data_dir={data_dir}",
+        "concept.n_g=4",
+        "data.n_recognition=6",
+    ]
+    assert main(argv) == 0
+    header = read_header(data_dir)
+    assert header["n_g"] == 4 and header["counts"]["recognition/pos"] == 6
+    settings = header["settings"]
+    assert settings["concept.n_g"] == 4 and settings["data.n_recognition"] == 6
+    assert settings["data.n_soft_positives"] == 30  # from the recipe file
+    assert settings["concept.concept_dir"] == str(concept.resolve())
+    out = capsys.readouterr().out
+    assert "recognition/pos" in out and f"prepared {data_dir}" in out and "VQ-encoded now" in out
+    # The old form names a folder where the recipe goes: one clear line, exit status 2.
+    assert main(["prepare", str(concept)]) == 2
+    assert "prepare takes a recipe" in capsys.readouterr().err

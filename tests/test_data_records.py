@@ -13,8 +13,9 @@ from data_helpers import pool, save_noise, skimage_photo, spec_bins
 
 from yochameleon import prompts as P
 from yochameleon.data.manifest import MANIFEST, Manifest, read_manifest, summary_table, write_manifest
-from yochameleon.data.records import Record, RecordOptions, build_records, make_records
-from yochameleon.errors import DataError
+from yochameleon.data.config import DataConfig
+from yochameleon.data.records import Record, build_records, make_records
+from yochameleon.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_default_spec_sized_concept(tmp_path, photos):
 def test_recognition_text(tmp_path, photos):
     negs = pool(tmp_path / "n", 6, 10)
     recs = make_records(
-        "bo", photos, negs[:3], negs[3:], [], [], tmp_path / "d", RecordOptions(n_recognition=60)
+        "bo", photos, negs[:3], negs[3:], [], [], tmp_path / "d", DataConfig(n_recognition=60)
     )
     rec = [r for r in recs if r.kind == "recognition"]
     assert all(
@@ -78,7 +79,7 @@ def test_recognition_text(tmp_path, photos):
 
 def test_negative_split_and_missing_kinds(tmp_path, photos):
     negs = pool(tmp_path / "n", 4, 10)
-    only_hard = make_records("bo", photos, negs, [], [], [], tmp_path / "d", RecordOptions(n_recognition=10))
+    only_hard = make_records("bo", photos, negs, [], [], [], tmp_path / "d", DataConfig(n_recognition=10))
     assert Counter(r.label for r in only_hard if r.label) == {"pos": 10, "neg_hard": 10}
     split = make_records(
         "bo",
@@ -88,10 +89,10 @@ def test_negative_split_and_missing_kinds(tmp_path, photos):
         [],
         [],
         tmp_path / "d",
-        RecordOptions(n_recognition=10, hard_fraction=0.7),
+        DataConfig(n_recognition=10, hard_fraction=0.7),
     )
     assert Counter(r.label for r in split if r.label) == {"pos": 10, "neg_hard": 7, "neg_easy": 3}
-    none = make_records("bo", photos, [], [], [], [], tmp_path / "d", RecordOptions(n_recognition=10))
+    none = make_records("bo", photos, [], [], [], [], tmp_path / "d", DataConfig(n_recognition=10))
     assert Counter(r.label for r in none if r.label) == {"pos": 10}
 
 
@@ -108,7 +109,8 @@ def test_concept_photos_in_the_pool_are_not_negatives(tmp_path, photos):
         [(copy, 0.99, 1)],
         [],
         tmp_path / "d",
-        RecordOptions(n_g=4, n_recognition=4),
+        DataConfig(n_recognition=4),
+        n_g=4,
     )
     own = {r.image for r in recs if r.label == "pos"}
     assert not own & {r.image for r in recs if r.label == "neg_hard"}
@@ -117,16 +119,14 @@ def test_concept_photos_in_the_pool_are_not_negatives(tmp_path, photos):
 
 def test_text_qa_repeats_per_photo(tmp_path, photos):
     one_answer = [("What colour is <sks>?", "Orange.")]
-    recs = make_records(
-        "bo", photos[:3], [], [], [], one_answer, tmp_path / "d", RecordOptions(n_recognition=0)
-    )
+    recs = make_records("bo", photos[:3], [], [], [], one_answer, tmp_path / "d", DataConfig(n_recognition=0))
     qa = [r for r in recs if r.kind == "text_qa"]
     assert len(qa) == 3 and all(
         r.image is None and r.flip is False and r.question == one_answer[0][0] for r in qa
     )
     per_photo = [("What colour is <sks>?", f"Answer {i}.") for i in range(5)] + [("Is <sks> big?", "No.")]
     recs = make_records(
-        "bo", photos, [], [], [], per_photo, tmp_path / "d", RecordOptions(n_recognition=0, text_qa_photos=2)
+        "bo", photos, [], [], [], per_photo, tmp_path / "d", DataConfig(n_recognition=0, text_qa_repeats=2)
     )
     answers = [r.answer for r in recs if r.kind == "text_qa"]
     assert answers == [f"Answer {i}." for i in range(5)] + ["No.", "No."]
@@ -143,7 +143,8 @@ def test_generation_records(tmp_path, photos):
         soft,
         [],
         tmp_path / "d",
-        RecordOptions(n_g=4, n_recognition=0, soft_prompt_form="code"),
+        DataConfig(n_recognition=0, soft_prompt_form="code"),
+        n_g=4,
     )
     real = [r for r in recs if r.kind == "generation_real"]
     assert len(real) == 3 and [r.flip for r in real] == [False, False, True]
@@ -154,11 +155,11 @@ def test_generation_records(tmp_path, photos):
     # Objects with path/score/n_tokens attributes (e.g. retrieval results) are accepted too.
     objs = [SimpleNamespace(path=p, score=s, n_tokens=m) for p, s, m in soft]
     again = make_records(
-        "bo", photos[:2], [], [], objs, [], tmp_path / "d", RecordOptions(n_g=4, n_recognition=0)
+        "bo", photos[:2], [], [], objs, [], tmp_path / "d", DataConfig(n_recognition=0), n_g=4
     )
     assert [r.n_g for r in again if r.kind == "generation_soft"] == [1, 1, 1, 2, 2, 3, 3]
     no_soft = make_records(
-        "bo", photos, [], [], [], [], tmp_path / "d", RecordOptions(n_recognition=0, n_real_min=9)
+        "bo", photos, [], [], [], [], tmp_path / "d", DataConfig(n_recognition=0, n_real_min=9)
     )
     assert sum(r.kind == "generation_real" for r in no_soft) == 9
 
@@ -167,7 +168,7 @@ def test_images_are_staged_by_content(tmp_path, photos):
     dup = tmp_path / "dup.jpg"
     shutil.copy(photos[1], dup)
     data = tmp_path / "data"
-    recs = make_records("bo", photos, [dup], [], [], [], data, RecordOptions(n_recognition=4))
+    recs = make_records("bo", photos, [dup], [], [], [], data, DataConfig(n_recognition=4))
     images = {r.image for r in recs}
     assert all(i.startswith("images/") and (data / i).is_file() for i in images)
     assert len(list((data / "images").iterdir())) == 4  # dup shares photos[1]'s file
@@ -175,7 +176,7 @@ def test_images_are_staged_by_content(tmp_path, photos):
     staged = data / next(r.image for r in recs if r.label == "pos")
     assert os.stat(staged).st_nlink == 2
     no_links = make_records(
-        "bo", photos, [], [], [], [], tmp_path / "d2", RecordOptions(n_recognition=1, link_images=False)
+        "bo", photos, [], [], [], [], tmp_path / "d2", DataConfig(n_recognition=1, link_images=False)
     )
     copied = tmp_path / "d2" / no_links[0].image
     assert os.stat(copied).st_nlink == 1 and copied.read_bytes() == photos[0].read_bytes()
@@ -186,7 +187,7 @@ def test_seeded(tmp_path, photos):
 
     def questions(seed):
         recs = make_records(
-            "bo", photos, negs, [], [], [], tmp_path / "d", RecordOptions(n_recognition=20, seed=seed)
+            "bo", photos, negs, [], [], [], tmp_path / "d", DataConfig(n_recognition=20, seed=seed)
         )
         return [(r.question, r.answer) for r in recs]
 
@@ -199,18 +200,26 @@ def test_bad_inputs(tmp_path, photos):
     with pytest.raises(DataError, match="no photos"):
         make_records("bo", [], [], [], [], [], d)
     with pytest.raises(DataError, match=r"uses 4 g-tokens; it must be 1..3"):
-        make_records("bo", photos, [], [], [(s, 0.5, 4)], [], d, RecordOptions(n_g=4))
+        make_records("bo", photos, [], [], [(s, 0.5, 4)], [], d, DataConfig(), n_g=4)
     with pytest.raises(DataError, match=r"uses 0 g-tokens"):
-        make_records("bo", photos, [], [], [(s, 0.5, 0)], [], d, RecordOptions(n_g=4))
+        make_records("bo", photos, [], [], [(s, 0.5, 0)], [], d, DataConfig(), n_g=4)
     with pytest.raises(DataError, match=r"must be \(path, score, n_tokens\)"):
         make_records("bo", photos, [], [], [(s, 0.5)], [], d)
     with pytest.raises(DataError, match="missing or empty"):
         make_records("bo", photos, [tmp_path / "gone.png"], [], [], [], d)
     with pytest.raises(DataError, match="does not mention"):
         make_records("bo", photos, [], [], [], [("What is it?", "A dog.")], d)
-    for bad in (dict(n_g=0), dict(hard_fraction=1.5), dict(soft_prompt_form="x"), dict(text_qa_photos=0)):
-        with pytest.raises(DataError):
-            RecordOptions(**bad)
+    with pytest.raises(DataError, match="n_g must be at least 1"):
+        make_records("bo", photos, [], [], [], [], d, DataConfig(), n_g=0)
+    for bad, key in (
+        (dict(hard_fraction=1.5), "hard_fraction"),
+        (dict(soft_prompt_form="x"), "soft_prompt_form"),
+        (dict(text_qa_repeats=0), "text_qa_repeats"),
+        (dict(n_recognition=-1), "n_recognition"),
+        (dict(tasks=["caption"]), "tasks"),
+    ):
+        with pytest.raises(ConfigError, match=f"data.{key}"):
+            DataConfig(**bad)
 
 
 @pytest.mark.parametrize(
@@ -274,9 +283,10 @@ def _prepared(tmp_path, photos):
         soft,
         [("What is <sks>?", "A dog.")],
         data,
-        RecordOptions(n_g=4, n_recognition=8),
+        DataConfig(n_recognition=8),
+        n_g=4,
     )
-    header = write_manifest(data, "bo", 4, recs)
+    header = write_manifest(data, "bo", 4, recs, {"concept.n_g": 4, "data.n_recognition": 8})
     return data, recs, header
 
 
@@ -284,7 +294,8 @@ def test_manifest_round_trip(tmp_path, photos):
     data, recs, header = _prepared(tmp_path, photos)
     lines = (data / MANIFEST).read_text().splitlines()
     assert json.loads(lines[0]) == header and len(lines) == len(recs) + 1
-    assert header["manifest_version"] == 1 and header["concept"] == "bo" and header["n_g"] == 4
+    assert header["manifest_version"] == 2 and header["concept"] == "bo" and header["n_g"] == 4
+    assert header["settings"] == {"concept.n_g": 4, "data.n_recognition": 8}
     assert header["counts"] == {
         "generation_real": 4,
         "generation_soft": 6,
@@ -303,7 +314,8 @@ def test_manifest_round_trip(tmp_path, photos):
         _soft(pool(tmp_path / "s", 6, 100), 4),
         [("What is <sks>?", "A dog.")],
         data,
-        RecordOptions(n_g=4, n_recognition=8),
+        DataConfig(n_recognition=8),
+        n_g=4,
     )
     assert m.image_path(m.records[0]).is_file()
     # Self-contained: the data directory can move.
@@ -338,8 +350,8 @@ def _set_image(line, value):
         (lambda ls: [ls[0], _set_image(ls[1], "../../etc/passwd")] + ls[2:], "outside the data directory"),
         (lambda ls: [ls[0], _set_image(ls[1], "images/../../x.png")] + ls[2:], "outside the data directory"),
         (
-            lambda ls: [ls[0].replace('"manifest_version": 1', '"manifest_version": 2')] + ls[1:],
-            "manifest_version 2",
+            lambda ls: [ls[0].replace('"manifest_version": 2', '"manifest_version": 1')] + ls[1:],
+            "manifest_version 1",
         ),
         (lambda ls: ls[:3] + ["{not json"] + ls[4:], r"manifest.jsonl:4: not valid JSON"),
         (lambda ls: ls[:-1], "do not match the header counts"),

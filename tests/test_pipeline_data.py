@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from yochameleon.data.concept_folder import ConceptFolder, import_yollava
+from yochameleon.data.config import DataConfig
 from yochameleon.data.manifest import read_manifest, summary_table, write_manifest
 from yochameleon.data.photos import load_photos, load_rgb
-from yochameleon.data.pipeline import PrepareOptions, prepare_concept, token_lookup
-from yochameleon.data.records import RecordOptions, build_records
+from yochameleon.data.pipeline import prepare_concept, token_lookup
+from yochameleon.data.records import build_records
 from yochameleon.data.token_cache import TokenCache
 from yochameleon.errors import ConfigError, DataError
 
@@ -163,7 +164,8 @@ def test_records_balance_and_answers(tmp_path, concept_dir):
         soft,
         [("What is <sks>?", "A cat.")],
         tmp_path / "data",
-        RecordOptions(n_g=4, n_recognition=20),
+        DataConfig(n_recognition=20),
+        n_g=4,
     )
     rec = [r for r in recs if r["kind"] == "recognition"]
     pos = [r for r in rec if r["label"] == "pos"]
@@ -185,7 +187,7 @@ def test_records_balance_and_answers(tmp_path, concept_dir):
 def test_manifest_round_trip_and_outside_paths(tmp_path, concept_dir):
     data = tmp_path / "data"
     photos = sorted((concept_dir / "photos").glob("*.png"))
-    recs = build_records("cat", photos, [], [], [], [], data, RecordOptions(n_g=4, n_recognition=4))
+    recs = build_records("cat", photos, [], [], [], [], data, DataConfig(n_recognition=4), n_g=4)
     header = write_manifest(data, "cat", 4, recs)
     m = read_manifest(data)
     assert m.header == header and m.record_dicts() == recs
@@ -244,15 +246,21 @@ def test_prepare_then_second_prepare_encodes_nothing(backend, concept_dir, tmp_p
     for i in range(12):
         _photo(pool / f"pool{i}.png", 300 + i)
     build_index(pool, tmp_path / "index", TestEmbedder(), progress=False)
-    opts = PrepareOptions(n_g=4, n_recognition=8, n_hard_negatives=4, n_easy_negatives=4, n_soft_positives=6)
-    header = prepare_concept(concept_dir, tmp_path / "data", tmp_path / "index", opts)
+    opts = DataConfig(
+        index_dir=str(tmp_path / "index"),
+        n_recognition=8,
+        n_hard_negatives=4,
+        n_easy_negatives=4,
+        n_soft_positives=6,
+    )
+    header = prepare_concept(concept_dir, tmp_path / "data", opts, n_g=4)
     assert header["counts"]["recognition/neg_hard"] == 4 and header["counts"]["generation_soft"] == 6
     m = read_manifest(tmp_path / "data")
     first = token_lookup(backend, m, progress=False, cache_dir=tmp_path / "cache")
     assert first.cache.stats["encoded"] > 0
     rec = next(r for r in m.record_dicts() if r["image"])
     assert len(first(rec)) == backend.image_seq_len
-    prepare_concept(concept_dir, tmp_path / "data", tmp_path / "index", opts)
+    prepare_concept(concept_dir, tmp_path / "data", opts, n_g=4)
     second = token_lookup(
         backend, read_manifest(tmp_path / "data"), progress=False, cache_dir=tmp_path / "cache"
     )
@@ -262,13 +270,13 @@ def test_prepare_then_second_prepare_encodes_nothing(backend, concept_dir, tmp_p
 def test_prepare_without_index_and_empty_pool_degrade(backend, concept_dir, tmp_path):
     from yochameleon.retrieval import TestEmbedder, build_index
 
-    header = prepare_concept(concept_dir, tmp_path / "d1", None, PrepareOptions(n_g=4, n_recognition=4))
+    header = prepare_concept(concept_dir, tmp_path / "d1", DataConfig(n_recognition=4), n_g=4)
     assert "recognition/neg_hard" not in header["counts"] and header["counts"]["recognition/pos"] == 4
     (tmp_path / "empty").mkdir()
     build_index(tmp_path / "empty", tmp_path / "eidx", TestEmbedder(), progress=False)
     with pytest.warns(UserWarning):
         header = prepare_concept(
-            concept_dir, tmp_path / "d2", tmp_path / "eidx", PrepareOptions(n_g=4, n_recognition=4)
+            concept_dir, tmp_path / "d2", DataConfig(index_dir=str(tmp_path / "eidx"), n_recognition=4), n_g=4
         )
     assert "generation_soft" not in header["counts"]
 
@@ -295,7 +303,7 @@ def test_text_qa_from_an_answerer_when_no_qa_file(backend, concept_dir, tmp_path
             return "It is a tabby cat."
 
     header = prepare_concept(
-        concept_dir, tmp_path / "d", None, PrepareOptions(n_g=4, n_recognition=4), answerer=Constant()
+        concept_dir, tmp_path / "d", DataConfig(n_recognition=4), n_g=4, answerer=Constant()
     )
     qa = [r for r in read_manifest(tmp_path / "d").record_dicts() if r["kind"] == "text_qa"]
     assert qa and all(r["answer"] == "It is a tabby cat." for r in qa if "tabby" in r["answer"])
@@ -308,15 +316,14 @@ def test_text_qa_from_an_answerer_when_no_qa_file(backend, concept_dir, tmp_path
 
 
 def test_recipe_text_qa_repeats_sets_how_often_each_qa_pair_is_asked(concept_dir, tmp_path):
-    from yochameleon.train.config import DataConfig, TrainConfig
+    from yochameleon.config import load_config
+    from yochameleon.train.config import TrainConfig
 
     n_pairs = sum(1 for line in (concept_dir / "qa.jsonl").read_text().splitlines() if line.strip())
     counts = {}
     for repeats in (1, 3):
-        cfg = TrainConfig(data=DataConfig(text_qa_repeats=repeats))
-        opts = PrepareOptions.from_train_config(cfg)
-        opts = PrepareOptions(**{**opts.__dict__, "n_g": 4, "n_recognition": 4})
-        prepare_concept(concept_dir, tmp_path / f"d{repeats}", None, opts)
+        cfg = load_config(TrainConfig, None, [f"data.text_qa_repeats={repeats}", "data.n_recognition=4"])
+        prepare_concept(concept_dir, tmp_path / f"d{repeats}", cfg.data, n_g=4)
         records = read_manifest(tmp_path / f"d{repeats}").record_dicts()
         counts[repeats] = sum(r["kind"] == "text_qa" for r in records)
     # qa.jsonl rows and the facts of concept.yaml, each asked once, then three times.

@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         f"concept.concept_dir={concept_dir}",
         f"concept.data_dir={root / 'data'}",
         f"data.index_dir={index_dir}",
+        "data.reprepare=true",  # the demo owns its data folder: rebuild it if older settings made it
     ]
     cfg = load_config(TrainConfig, RECIPE, overrides)
     print(f"[4/6] training with {RECIPE.name} -> {run_dir}")

@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -463,7 +463,7 @@ def run_bench(
     from yochameleon.backends import LoadOptions, load_backend
     from yochameleon.baselines import ConceptData
     from yochameleon.config import to_dict
-    from yochameleon.data.pipeline import PrepareOptions, prepare_concept
+    from yochameleon.data.pipeline import prepare_concept
     from yochameleon.eval.harness import TestSet, evaluate
     from yochameleon.eval.report import write_report
     from yochameleon.eval.schema import write_summary
@@ -546,8 +546,8 @@ def run_bench(
                     header = prepare_concept(
                         concept_dir,
                         data_dir,
-                        index_dir,
-                        PrepareOptions.from_train_config(train_cfg),
+                        replace(train_cfg.data, index_dir=str(index_dir)),
+                        train_cfg.concept.n_g,
                         name=name,
                     )
                     samples[f"{name}/seed{seed}"] = dict(header["counts"])

@@ -129,6 +129,7 @@ def run_demo(
             f"concept.concept_dir={concept_dir}",
             f"concept.data_dir={root / 'data'}",
             f"data.index_dir={index_dir}",
+            "data.reprepare=true",  # the demo owns its data folder: rebuild it if older settings made it
             *(overrides or []),
         ],
     )

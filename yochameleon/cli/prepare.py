@@ -1,47 +1,75 @@
-"""``yochameleon prepare CONCEPT_DIR --out DATA_DIR [--index INDEX_DIR] [--model MODEL]``."""
+"""``yochameleon prepare RECIPE.yaml [key.sub=value ...]``: a recipe's training data, ahead of ``train``.
+
+Prepare reads the same recipe and overrides as ``train`` and does what training would do before its
+first step, for every concept of the recipe: records into ``concept.data_dir`` (default
+``OUTPUT_DIR/data/NAME``), with the recipe's ``data`` settings recorded in the manifest header, and
+the VQ token cache. Training with the same recipe then uses the folder as is; training with other
+data settings refuses it and names the keys that differ.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from yochameleon.errors import ConfigError
 
 
 def run(args: argparse.Namespace) -> None:
-    """Build the manifest (and, with ``--model``, the token cache) and print a summary."""
+    """Prepare every concept of the recipe and print its record counts and token-cache use."""
+    import torch
+
+    from yochameleon.backends import LoadOptions, load_backend
+    from yochameleon.config import load_config
     from yochameleon.data.manifest import read_manifest, summary_table
-    from yochameleon.data.pipeline import PrepareOptions, base_model_answerer, prepare_concept, token_lookup
+    from yochameleon.data.pipeline import base_model_answerer, prepare_concept, token_lookup
+    from yochameleon.train.config import TrainConfig
 
-    backend = None
-    if args.model:
-        from yochameleon.backends import load_backend
-
-        backend = load_backend(args.model)
-    opts = PrepareOptions(n_g=args.n_g, soft_prompt_form=args.soft_prompt_form, seed=args.seed)
-    prepare_concept(
-        args.concept_dir,
-        args.out,
-        args.index,
-        opts,
-        answerer=base_model_answerer(backend) if backend is not None else None,
+    if Path(args.recipe).is_dir():
+        raise ConfigError(
+            f"{args.recipe} is a folder; prepare takes a recipe: yochameleon prepare RECIPE.yaml "
+            "concept.concept_dir=CONCEPT_DIR concept.data_dir=DATA_DIR [data.index_dir=INDEX_DIR ...]"
+        )
+    cfg = load_config(TrainConfig, args.recipe, args.overrides)
+    entries = cfg.concept_entries()
+    missing = [e["name"] for e in entries if not e["concept_dir"]]
+    if missing:
+        raise ConfigError(f"concept(s) {', '.join(missing)} have no concept_dir to prepare from")
+    m = cfg.model
+    device = "cuda" if m.device == "auto" and torch.cuda.is_available() else m.device
+    device = "cpu" if device == "auto" else device
+    backend = load_backend(
+        m.name_or_path, LoadOptions(dtype=m.dtype, quantization=m.quantization, device=device)
     )
-    manifest = read_manifest(args.out)
-    print(summary_table(manifest))
-    if backend is not None:
+    # The base model answers text QA for a folder without qa.jsonl, as it does when training prepares.
+    answerer = base_model_answerer(backend)
+    for entry in entries:
+        prepare_concept(
+            entry["concept_dir"],
+            entry["data_dir"],
+            cfg.data,
+            cfg.concept.n_g,
+            name=entry["name"],
+            answerer=answerer,
+        )
+        manifest = read_manifest(entry["data_dir"])
+        print(summary_table(manifest))
         stats = token_lookup(backend, manifest).cache.stats
-        print(f"token cache: {stats['encoded']} images VQ-encoded now, {stats['hits']} already cached")
+        print(
+            f"token cache: {stats['encoded']} images VQ-encoded now, {stats['hits']} already cached\n"
+            f"prepared {entry['data_dir']}"
+        )
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``prepare`` to a top-level ``add_subparsers()`` object."""
     p = subparsers.add_parser(
-        "prepare", help="build training records and the token cache for a concept folder"
+        "prepare",
+        help="build a recipe's training records and token cache: prepare RECIPE.yaml [key.sub=value ...]",
+        description=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("concept_dir")
-    p.add_argument("--out", required=True, help="data directory to write")
-    p.add_argument("--index", default=None, help="FAISS index directory (yochameleon index)")
-    p.add_argument("--model", default=None, help="model whose VQ tokens to cache")
-    p.add_argument("--n-g", type=int, default=16)
-    p.add_argument("--soft-prompt-form", default="paper", choices=["paper", "code"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, the same as for train")
     p.set_defaults(func=run)
     return p

@@ -1,15 +1,21 @@
 """The versioned JSONL manifest of a prepared concept (``DATA_DIR/manifest.jsonl``).
 
-Line 1 is a header; every other line is one record. Schema, version 1:
+Line 1 is a header; every other line is one record. Schema, version 2:
 
 Header::
 
-    {"manifest_version": 1,            # int; readers refuse other versions
+    {"manifest_version": 2,            # int; readers refuse other versions
      "concept": "bo",                  # the concept's name
      "n_g": 16,                        # generation tokens of the concept
      "counts": {"recognition/pos": 200, "recognition/neg_hard": 100, "recognition/neg_easy": 100,
                 "text_qa": 50, "generation_real": 67, "generation_soft": 1000},   # per kind[/label]
+     "settings": {"concept.n_g": 16, "concept.concept_dir": "/abs/bo", "data.index_dir": "/abs/index",
+                  "data.n_recognition": 200, ...},   # the recipe keys the records were built with
      "created_with": "0.1.0"}          # yochameleon version that wrote it
+
+``settings`` holds every recorded key of :class:`~yochameleon.data.config.DataConfig` (paths made
+absolute); training compares it with its recipe and refuses a folder prepared otherwise. Version 1
+had no ``settings``.
 
 Record (every field present; ``null`` where it does not apply)::
 
@@ -37,14 +43,15 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from yochameleon import __version__
 from yochameleon.data.records import Record, record_key
 from yochameleon.errors import DataError
 
 MANIFEST = "manifest.jsonl"
-MANIFEST_VERSION = 1
-HEADER_FIELDS = ("manifest_version", "concept", "n_g", "counts", "created_with")
+MANIFEST_VERSION = 2
+HEADER_FIELDS = ("manifest_version", "concept", "n_g", "counts", "settings", "created_with")
 
 
 @dataclass
@@ -118,8 +125,23 @@ def _check_records(records: list[Record], concept: str, n_g: int, where: str) ->
             )
 
 
-def write_manifest(data_dir: str | Path, concept: str, n_g: int, records: list[Record] | list[dict]) -> dict:
+def write_manifest(
+    data_dir: str | Path,
+    concept: str,
+    n_g: int,
+    records: list[Record] | list[dict],
+    settings: dict[str, Any] | None = None,
+) -> dict:
     """Validate ``records`` and write ``DATA_DIR/manifest.jsonl`` atomically; return the header.
+
+    Args:
+        data_dir: the data directory.
+        concept: the concept's name.
+        n_g: generation tokens of the concept.
+        records: the records.
+        settings: the recipe keys the records were built with
+            (:func:`~yochameleon.data.config.prepared_settings`); empty for hand-built manifests,
+            which training then refuses as prepared with unknown settings.
 
     Raises:
         DataError: an invalid record, duplicate ids, a record of another concept, or an image path
@@ -137,6 +159,7 @@ def write_manifest(data_dir: str | Path, concept: str, n_g: int, records: list[R
         "concept": concept,
         "n_g": n_g,
         "counts": count_records(recs),
+        "settings": dict(settings or {}),
         "created_with": __version__,
     }
     path = root / MANIFEST
@@ -149,6 +172,26 @@ def write_manifest(data_dir: str | Path, concept: str, n_g: int, records: list[R
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return header
+
+
+def read_header(data_dir: str | Path) -> dict:
+    """The header of ``DATA_DIR/manifest.jsonl`` as written, of any version, without reading records.
+
+    Raises:
+        DataError: no manifest, or a first line that is not a JSON object.
+    """
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; run `yochameleon prepare` first")
+    with path.open(encoding="utf-8") as fh:
+        first = fh.readline()
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:1: the header is not valid JSON ({exc.msg})") from exc
+    if not isinstance(header, dict):
+        raise DataError(f"{path}:1: the header must be an object")
     return header
 
 

@@ -7,54 +7,22 @@ and caching each live in their own module; here they run in order.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yochameleon.data.config import DataConfig, prepared_settings, settings_differences
 from yochameleon.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PrepareOptions:
-    """What ``prepare`` builds for one concept (the ``data`` section of a recipe maps onto it)."""
-
-    n_g: int = 16
-    n_recognition: int = 200
-    n_hard_negatives: int = 100
-    n_easy_negatives: int = 100
-    n_soft_positives: int = 1000
-    soft_prompt_form: str = "paper"
-    flip: bool = True
-    text_qa_repeats: int = 5
-    seed: int = 0
-    min_photos: int = 3
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_train_config(cls, cfg) -> PrepareOptions:
-        d, c = cfg.data, cfg.concept
-        return cls(
-            n_g=c.n_g if not c.shared else c.n_g,
-            n_recognition=d.n_recognition,
-            n_hard_negatives=d.n_hard_negatives,
-            n_easy_negatives=d.n_easy_negatives,
-            n_soft_positives=d.n_soft_positives,
-            soft_prompt_form=d.soft_prompt_form,
-            flip=d.flip,
-            text_qa_repeats=d.text_qa_repeats,
-            seed=d.seed,
-        )
-
-
-def mine(concept_photos: list[Path], index_dir: str | Path | None, opts: PrepareOptions) -> dict[str, list]:
-    """Hard negatives, random negatives and soft positives for a concept from a FAISS index.
+def mine(concept_photos: list[Path], data: DataConfig, n_g: int) -> dict[str, list]:
+    """Hard negatives, random negatives and soft positives for a concept from ``data.index_dir``.
 
     Returns empty lists (with a warning) when there is no index, so a concept still trains on its
     own photos.
     """
-    if index_dir is None:
+    if data.index_dir is None:
         logger.warning("no retrieval index: training without retrieved negatives and soft positives")
         return {"hard": [], "easy": [], "soft": []}
     from yochameleon.retrieval import (
@@ -67,14 +35,14 @@ def mine(concept_photos: list[Path], index_dir: str | Path | None, opts: Prepare
         soft_positives,
     )
 
-    index = ImageIndex.load(index_dir)
+    index = ImageIndex.load(data.index_dir)
     embedder = embedder_from_identity(index.identity)
     query = concept_query(embedder.embed_images([str(p) for p in concept_photos], progress=False))
     exclude = [sha256_file(p) for p in concept_photos]
-    soft = soft_positives(index, query, L=opts.n_soft_positives, n_g=opts.n_g, exclude=exclude)
-    hard = hard_negatives(index, query, k=opts.n_hard_negatives, exclude=exclude)
+    soft = soft_positives(index, query, L=data.n_soft_positives, n_g=n_g, exclude=exclude)
+    hard = hard_negatives(index, query, k=data.n_hard_negatives, exclude=exclude)
     easy = random_negatives(
-        index, k=opts.n_easy_negatives, seed=opts.seed, exclude=exclude + [m.sha256 for m in hard]
+        index, k=data.n_easy_negatives, seed=data.seed, exclude=exclude + [m.sha256 for m in hard]
     )
     return {"hard": [Path(m.path) for m in hard], "easy": [Path(m.path) for m in easy], "soft": soft}
 
@@ -115,35 +83,44 @@ def base_model_answerer(backend):
 def prepare_concept(
     concept_dir: str | Path,
     data_dir: str | Path,
-    index_dir: str | Path | None = None,
-    opts: PrepareOptions | None = None,
+    data: DataConfig | None = None,
+    n_g: int = 16,
     name: str | None = None,
     answerer=None,
 ) -> dict:
-    """Build the manifest for one concept folder. Returns the header (with counts).
+    """Build the manifest for one concept folder. Returns the header (with counts and settings).
 
     Text QA comes from ``qa.jsonl``; without one, ``answerer`` (e.g. :func:`base_model_answerer`) is
     asked the attribute questions about each photo and consistent answers are kept. Facts in
-    ``concept.yaml`` become QA pairs too.
+    ``concept.yaml`` become QA pairs too. The settings the records are built with go into the
+    manifest header, where training checks them against its recipe.
+
+    Args:
+        concept_dir: the user's concept folder.
+        data_dir: the data folder to write.
+        data: the recipe's ``data`` section (retrieval index, sizes, switches).
+        n_g: the concept's generation tokens (``concept.n_g``).
+        name: the concept's name (default: the folder's).
+        answerer: asked for text QA when the folder has no ``qa.jsonl``.
     """
     from yochameleon.data.concept_folder import ConceptFolder
     from yochameleon.data.manifest import write_manifest
     from yochameleon.data.qa import facts_to_qa, generate_text_qa
-    from yochameleon.data.records import RecordOptions, build_records
+    from yochameleon.data.records import build_records
     from yochameleon.prompts import attribute_questions
 
-    opts = opts or PrepareOptions()
-    folder = ConceptFolder.load(concept_dir, min_photos=opts.min_photos)
+    data = data or DataConfig()
+    folder = ConceptFolder.load(concept_dir, min_photos=data.min_photos)
     logger.info("%s", folder.report.summary())
     photos = folder.photo_paths
-    mined = mine(photos, index_dir, opts)
+    mined = mine(photos, data, n_g)
     qa = list(folder.qa)
     if not qa and answerer is not None:
         result = generate_text_qa(photos, attribute_questions(folder.is_person), answerer, progress=False)
         qa = list(result.pairs)
     qa += facts_to_qa(folder.facts)
-    data = Path(data_dir)
-    data.mkdir(parents=True, exist_ok=True)
+    out = Path(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
     records = build_records(
         concept=name or folder.name,
         photos=photos,
@@ -151,34 +128,74 @@ def prepare_concept(
         easy_negatives=mined["easy"],
         soft_positives=[(Path(s.path), s.score, s.n_tokens) for s in mined["soft"]],
         qa_pairs=qa,
-        data_dir=data,
-        options=RecordOptions(
-            n_g=opts.n_g,
-            n_recognition=opts.n_recognition,
-            flip=opts.flip,
-            seed=opts.seed,
-            soft_prompt_form=opts.soft_prompt_form,
-            text_qa_photos=opts.text_qa_repeats,
-        ),
+        data_dir=out,
+        options=data,
+        n_g=n_g,
     )
-    return write_manifest(data, name or folder.name, opts.n_g, records)
+    settings = prepared_settings(data, n_g, concept_dir)
+    return write_manifest(out, name or folder.name, n_g, records, settings)
+
+
+def prepared_differences(data_dir: str | Path, wanted: dict[str, Any]) -> list[str]:
+    """How a prepared folder's recorded settings differ from ``wanted`` (one line per key).
+
+    A manifest of another version counts as different: it records no settings to compare.
+
+    Raises:
+        DataError: the folder has no manifest, or its header is not a JSON object.
+    """
+    from yochameleon.data.manifest import MANIFEST_VERSION, read_header
+
+    header = read_header(data_dir)
+    version = header.get("manifest_version")
+    if version != MANIFEST_VERSION:
+        return [
+            f"manifest_version: the folder has {version!r}, this version of yochameleon writes {MANIFEST_VERSION}"
+        ]
+    return settings_differences(header.get("settings") or {}, wanted)
 
 
 def load_training_data(backend, entry: dict, data_dir: str | Path, cfg) -> tuple[list[dict], Any]:
-    """Records and a token lookup for one concept of a training run, preparing it if needed."""
+    """Records and a token lookup for one concept of a training run, preparing it if needed.
+
+    A folder prepared with settings other than the recipe's is refused, listing the keys, unless
+    ``data.reprepare`` asks to prepare it again.
+
+    Args:
+        backend: the frozen base model (its token cache; it answers text QA when there is no qa.jsonl).
+        entry: the concept's ``{name, concept_dir, data_dir}``.
+        data_dir: the concept's data folder.
+        cfg: the run's :class:`~yochameleon.train.config.TrainConfig`.
+
+    Raises:
+        DataError: no data and no concept folder, or a folder prepared with other settings.
+    """
     from yochameleon.data.manifest import MANIFEST, read_manifest
 
     data = Path(data_dir)
-    if not (data / MANIFEST).is_file():
-        if not entry.get("concept_dir"):
+    concept_dir = entry.get("concept_dir") or None
+    wanted = prepared_settings(cfg.data, cfg.concept.n_g, concept_dir)
+    differences = prepared_differences(data, wanted) if (data / MANIFEST).is_file() else []
+    if differences and not cfg.data.reprepare:
+        raise DataError(
+            f"{data} was prepared with other settings than this recipe's:\n  "
+            + "\n  ".join(differences)
+            + "\nPrepare it again (`yochameleon prepare` with this recipe and these overrides, or "
+            "data.reprepare=true), or point concept.data_dir at another folder."
+        )
+    if differences or not (data / MANIFEST).is_file():
+        if not concept_dir:
             raise DataError(
-                f"concept {entry['name']!r} has neither prepared data in {data} nor a concept_dir"
+                f"concept {entry['name']!r} has no concept_dir to prepare {data} from"
+                + (" again" if differences else "")
             )
+        if differences:
+            logger.info("preparing %s again (data.reprepare): %s", data, "; ".join(differences))
         prepare_concept(
-            entry["concept_dir"],
+            concept_dir,
             data,
-            cfg.data.index_dir,
-            PrepareOptions.from_train_config(cfg),
+            cfg.data,
+            cfg.concept.n_g,
             name=entry["name"],
             answerer=base_model_answerer(backend),
         )
@@ -187,8 +204,8 @@ def load_training_data(backend, entry: dict, data_dir: str | Path, cfg) -> tuple
 
 
 __all__ = [
-    "PrepareOptions",
     "prepare_concept",
+    "prepared_differences",
     "load_training_data",
     "base_model_answerer",
     "token_lookup",

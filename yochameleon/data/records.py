@@ -10,7 +10,7 @@ What is built (defaults follow the spec's per-concept recipe of ~1.5k samples):
   flip), and as many negatives, split ``hard_fraction`` : rest between hard (retrieved) and easy
   (random) negatives (one kind takes all when the other is missing), each cycled the same way. The
   question and the "Yes, …"/"No, …" answer are drawn independently from the paraphrase lists.
-* **text QA** — every question is asked ``min(#photos, text_qa_photos)`` times (the original asked
+* **text QA** — every question is asked ``min(#photos, text_qa_repeats)`` times (the original asked
   each question about each of 5 photos); the answers of a question are cycled, so a file with one
   answer per question repeats it and a file with one answer per photo keeps them all.
 * **generation_real** — the photos, cycled to the size of the largest soft-positive bin (at least
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from yochameleon.data.config import DataConfig
 from yochameleon.data.photos import file_sha256
 from yochameleon.errors import DataError
 from yochameleon.prompts import (
@@ -156,45 +157,6 @@ class Record:
 
 
 @dataclass(frozen=True)
-class RecordOptions:
-    """Sizes and switches of the record builder.
-
-    Args:
-        n_g: generation tokens of the concept (real photos use all of them).
-        n_recognition: recognition positives; negatives get the same number in all.
-        hard_fraction: share of the negatives taken from hard (retrieved) negatives.
-        text_qa_photos: each QA question is repeated once per photo, for at most this many photos.
-        n_real_min: fewest real-photo generation records.
-        flip: add horizontally flipped variants (the image is flipped at encode time).
-        seed: sampling seed.
-        soft_prompt_form: ``paper`` or ``code`` (see ``prompts.soft_positive_prompt``).
-        link_images: hard-link images into the data directory when possible (else copy).
-    """
-
-    n_g: int = 16
-    n_recognition: int = 200
-    hard_fraction: float = 0.5
-    text_qa_photos: int = 5
-    n_real_min: int = 0
-    flip: bool = True
-    seed: int = 0
-    soft_prompt_form: str = "paper"
-    link_images: bool = True
-
-    def __post_init__(self) -> None:
-        if self.n_g < 1:
-            raise DataError(f"n_g must be at least 1, got {self.n_g}")
-        if self.n_recognition < 0 or self.text_qa_photos < 1 or self.n_real_min < 0:
-            raise DataError("n_recognition and n_real_min must be >= 0 and text_qa_photos >= 1")
-        if not 0.0 <= self.hard_fraction <= 1.0:
-            raise DataError(f"hard_fraction must be in [0, 1], got {self.hard_fraction}")
-        if self.soft_prompt_form not in SOFT_PROMPT_FORMS:
-            raise DataError(
-                f"soft_prompt_form must be one of {SOFT_PROMPT_FORMS}, got {self.soft_prompt_form!r}"
-            )
-
-
-@dataclass(frozen=True)
 class SoftPositive:
     """A retrieved image described by the first ``n_tokens`` g-tokens; ``score`` is its similarity."""
 
@@ -289,7 +251,8 @@ def make_records(
     soft_positives: list[Any],
     qa_pairs: list[tuple[str, str]],
     data_dir: str | Path,
-    options: RecordOptions | None = None,
+    options: DataConfig | None = None,
+    n_g: int = 16,
 ) -> list[Record]:
     """All training records of one concept (see the module docstring), with images staged.
 
@@ -302,22 +265,25 @@ def make_records(
             those attributes), ``1 <= n_tokens < n_g``.
         qa_pairs: ``(question, answer)`` pairs; questions mention ``<sks>``.
         data_dir: the data directory; images are staged into ``data_dir/images``.
-        options: sizes and switches.
+        options: sizes and switches (a recipe's ``data`` section).
+        n_g: generation tokens of the concept; real photos use all of them.
 
     Raises:
-        DataError: no photos, a missing image, a soft positive with an impossible token count, or a
-            QA question without ``<sks>``.
+        DataError: no photos, a missing image, ``n_g < 1``, a soft positive with an impossible token
+            count, or a QA question without ``<sks>``.
     """
-    opts = options or RecordOptions()
+    opts = options or DataConfig()
+    if n_g < 1:
+        raise DataError(f"n_g must be at least 1, got {n_g}")
     if not photos:
         raise DataError(f"concept {concept!r} has no photos to build records from")
     photos = [Path(p) for p in photos]
     soft = [as_soft_positive(s) for s in soft_positives]
     for s in soft:
-        if not 1 <= s.n_tokens < opts.n_g:
+        if not 1 <= s.n_tokens < n_g:
             raise DataError(
-                f"soft positive {s.path} uses {s.n_tokens} g-tokens; it must be 1..{opts.n_g - 1} "
-                f"(all {opts.n_g} are reserved for real photos)"
+                f"soft positive {s.path} uses {s.n_tokens} g-tokens; it must be 1..{n_g - 1} "
+                f"(all {n_g} are reserved for real photos)"
             )
     for q, _ in qa_pairs:
         if SKS not in q:
@@ -362,12 +328,12 @@ def make_records(
                 label=label,
             )
 
-    # Text QA: each question asked once per photo (up to text_qa_photos); its answers are cycled.
+    # Text QA: each question asked once per photo (up to text_qa_repeats); its answers are cycled.
     answers_of: dict[str, list[str]] = defaultdict(list)
     for q, a in qa_pairs:
         if a not in answers_of[q]:
             answers_of[q].append(a)
-    repeats = min(len(photos), opts.text_qa_photos)
+    repeats = min(len(photos), opts.text_qa_repeats)
     for q, answers in answers_of.items():
         for i in range(max(repeats, len(answers))):
             add(task="understanding", kind="text_qa", question=q, answer=answers[i % len(answers)])
@@ -382,7 +348,7 @@ def make_records(
             question=GENERATION_REQUEST,
             image=stager.stage(path)[0],
             flip=flip,
-            n_g=opts.n_g,
+            n_g=n_g,
         )
     for s in soft:
         add(
@@ -406,13 +372,14 @@ def build_records(
     soft_positives: list[Any],
     qa_pairs: list[tuple[str, str]],
     data_dir: str | Path,
-    options: RecordOptions | None = None,
+    options: DataConfig | None = None,
+    n_g: int = 16,
 ) -> list[dict]:
     """:func:`make_records` as plain dicts (the manifest's line format)."""
     return [
         r.to_dict()
         for r in make_records(
-            concept, photos, hard_negatives, easy_negatives, soft_positives, qa_pairs, data_dir, options
+            concept, photos, hard_negatives, easy_negatives, soft_positives, qa_pairs, data_dir, options, n_g
         )
     ]
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from yochameleon.concept import normalize_name
+from yochameleon.data.config import TASKS, DataConfig
 from yochameleon.errors import ConfigError
-
-TASKS = ("recognition", "text_qa", "generation_real", "generation_soft")
 
 
 @dataclass
@@ -64,47 +64,6 @@ class ConceptConfig:
             {**item, "name": normalize_name(item["name"])} if isinstance(item["name"], str) else item
             for item in self.extra
         ]
-
-
-@dataclass
-class DataConfig:
-    """How training records are built from the concept folder.
-
-    Args:
-        index_dir: a FAISS index (``yochameleon index``) of the negative / soft-positive pool; without
-            one, no retrieved data is used.
-        tasks: which record kinds to train on.
-        n_recognition: recognition samples per class (positive and negative).
-        n_hard_negatives: retrieved nearest pool images used as hard negatives.
-        n_easy_negatives: random pool images used as easy negatives.
-        n_soft_positives: L, the number of most-similar pool images used as soft positives.
-        soft_prompt_form: ``paper`` (``<sks> is <g1..gm>. A photo of <sks>.``) or ``code``
-            (``A photo of <g1..gm>.``).
-        flip: horizontal-flip augmentation.
-        text_qa_repeats: each text question/answer pair is asked once per photo, for at most this many
-            photos; raise it to weigh text QA against recognition (which has ``n_recognition`` samples).
-        eval_dir: optional folder of held-out photos (``photos/`` and ``negatives/``) for checkpoint
-            selection; without it the training positives are used.
-    """
-
-    index_dir: str | None = None
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    n_recognition: int = 200
-    n_hard_negatives: int = 100
-    n_easy_negatives: int = 100
-    n_soft_positives: int = 1000
-    soft_prompt_form: Literal["paper", "code"] = "paper"
-    flip: bool = True
-    text_qa_repeats: int = 5
-    eval_dir: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.text_qa_repeats < 1:
-            raise ConfigError(f"data.text_qa_repeats must be at least 1, got {self.text_qa_repeats}")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad or not self.tasks:
-            raise ConfigError(f"data.tasks must be a non-empty subset of {list(TASKS)}, got {self.tasks}")
 
 
 @dataclass
@@ -201,3 +160,19 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 50
     keep_checkpoints: int = 2
+
+    def concept_entries(self) -> list[dict[str, str]]:
+        """Every concept of the run as ``{name, concept_dir, data_dir}``, ``concept.extra`` included.
+
+        ``data_dir`` defaults to ``OUTPUT_DIR/data/NAME``, where ``prepare`` writes and training reads.
+        """
+        c = self.concept
+        entries = [{"name": c.name, "concept_dir": c.concept_dir, "data_dir": c.data_dir}, *c.extra]
+        return [
+            {
+                "name": e["name"],
+                "concept_dir": e.get("concept_dir") or "",
+                "data_dir": e.get("data_dir") or str(Path(self.output_dir) / "data" / e["name"]),
+            }
+            for e in entries
+        ]

@@ -75,6 +75,12 @@ def build_sequence(
         if image_ids is None:
             raise DataError(f"generation record {record.get('id')} has no image")
         n = int(record.get("n_g") or concept.spec.n_g)
+        if not 1 <= n <= concept.spec.n_g:
+            # The slices below would silently hand back fewer g-tokens than the record asks for.
+            raise DataError(
+                f"generation record {record.get('id')} asks for {n} g-tokens, but concept "
+                f"{concept.spec.name!r} has {concept.spec.n_g}; prepare its data with concept.n_g={concept.spec.n_g}"
+            )
         g = concept.g_strings[:n]
         if kind == "generation_soft":
             human, preamble = soft_positive_prompt(sks, g, record.get("prompt_form") or "paper"), ""
