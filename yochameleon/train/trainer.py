@@ -45,7 +45,7 @@ from yochameleon.train.checkpoint import (
 from yochameleon.train.config import TrainConfig
 from yochameleon.train.loggers import build_logger
 from yochameleon.train.loss import label_only_loss
-from yochameleon.train.sequences import Sequence, build_sequence, collate, length_grouped_batches
+from yochameleon.train.sequences import IGNORE, Sequence, build_sequence, collate, length_grouped_batches
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,39 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def rank_batches(batches: list[list[int]], world: int, rank: int) -> list[list[int]]:
+    """This rank's share of every global batch, the same number of batches of the same size on every rank.
+
+    A global batch holds ``batch_size * world`` indices, but the short ones (the tail of each
+    length-sorted group) may hold fewer than ``world``; slicing them ``[rank::world]`` would leave a
+    rank without its batch, and its peers would wait for it at the gradient reduce forever. As
+    ``DistributedSampler`` pads an epoch, a short batch is padded to a multiple of ``world`` with its
+    own first indices: a few samples count twice in that step, none is dropped.
+
+    Args:
+        batches: the global batches of an epoch, as indices (every rank computes the same list).
+        world: number of processes.
+        rank: this process's index.
+
+    Returns:
+        One batch per global batch, so ``len(result) == len(batches)`` on every rank.
+    """
+    shares = []
+    for batch in batches:
+        padded = [batch[i % len(batch)] for i in range(math.ceil(len(batch) / world) * world)]
+        shares.append(padded[rank::world])
+    return shares
+
+
+def labelled_weight(sequence: Sequence, task_weights: dict[str, float]) -> float:
+    """How much a sequence counts in a token-averaged loss: its labelled targets times its task weight.
+
+    Position ``t`` predicts label ``t + 1``, so the first label is never a target.
+    """
+    targets = sum(1 for label in sequence.labels[1:] if label != IGNORE)
+    return targets * task_weights.get(sequence.kind, 1.0)
 
 
 class Trainer:
@@ -102,11 +135,6 @@ class Trainer:
         self.best: dict[str, Any] | None = None
 
     # ----- set-up -----------------------------------------------------------------------------
-    def _concept_entries(self) -> list[dict[str, str]]:
-        c = self.cfg.concept
-        first = {"name": c.name, "concept_dir": c.concept_dir, "data_dir": c.data_dir}
-        return [first, *c.extra]
-
     def setup(self, records: dict[str, list[dict]] | None = None, image_ids: Any = None) -> None:
         """Attach concepts and build their sequences.
 
@@ -117,18 +145,19 @@ class Trainer:
         """
         torch.manual_seed(self.cfg.seed)
         c = self.cfg.concept
-        for entry in self._concept_entries():
+        for entry in self.cfg.concept_entries():
             spec = ConceptSpec(entry["name"], c.n_g, c.n_u, c.shared)
             self.concepts[spec.name] = attach(self.backend, spec)
-        for entry in self._concept_entries():
+        for entry in self.cfg.concept_entries():
             tokens = self.concepts[entry["name"]]
             if records is not None:
                 recs, lookup = records[entry["name"]], image_ids
             else:
                 from yochameleon.data.pipeline import load_training_data
 
-                data_dir = entry.get("data_dir") or str(self.run_dir / "data" / entry["name"])
-                recs, lookup = load_training_data(self.backend, entry, data_dir, self.cfg)
+                # Rank 0 prepares a missing folder and fills the token cache; the others then read them.
+                with self.accelerator.main_process_first():
+                    recs, lookup = load_training_data(self.backend, entry, entry["data_dir"], self.cfg)
             if self.cfg.eval_every:
                 self.eval_sets[entry["name"]] = self._eval_set(recs, lookup)
             kinds = set(self.cfg.data.tasks)
@@ -317,13 +346,16 @@ class Trainer:
                 disable=not (self.is_main and cfg.logging.progress),
             )
             task_weights = cfg.method.task_weights
+            label_weights = [labelled_weight(seq, task_weights) for seq in self.sequences]
             device = self.backend.device
             t_last = time.perf_counter()
             while self.step < total:
                 epoch = self.step // steps_per_epoch
                 batches = length_grouped_batches(lengths, o.batch_size * world, cfg.seed + epoch)
-                # This rank's share of every global batch (DDP-style sharding).
-                batches = [b[rank::world] for b in batches if b[rank::world]]
+                batches = rank_batches(batches, world, rank)
+                # Resume arithmetic: every rank holds per_epoch batches in the same order (one per
+                # global batch), so the micro-batch index of the first step not yet taken this epoch
+                # is the same on every rank, and a resumed run continues exactly where it stopped.
                 start = (self.step - epoch * steps_per_epoch) * o.grad_accum
                 groups = [batches[i : i + o.grad_accum] for i in range(start, len(batches), o.grad_accum)]
                 for group in groups:
@@ -332,7 +364,16 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     step_loss, kinds_loss = 0.0, {}
                     n_tokens = 0
-                    for idx in group:
+                    # Each micro-batch's loss is a mean over its labelled tokens. Weighting it by its
+                    # share of the step's labelled tokens, summed over every rank, makes the step's
+                    # gradient the mean over all of them, as one big batch would give.
+                    weights = [sum(label_weights[i] for i in idx) for idx in group]
+                    rank_weight = sum(weights)
+                    step_weight = rank_weight
+                    if world > 1:
+                        mine = torch.tensor(rank_weight, dtype=torch.float64, device=device)
+                        step_weight = float(self.accelerator.reduce(mine, reduction="sum"))
+                    for idx, weight in zip(group, weights, strict=True):
                         batch = collate([self.sequences[i] for i in idx], self.backend.special.pad).to(device)
                         with self.accelerator.autocast():
                             loss, per_kind = label_only_loss(
@@ -340,8 +381,9 @@ class Trainer:
                             )
                         if not torch.isfinite(loss):
                             self._stop_non_finite(optimizer, loss, log)
-                        (loss / len(group)).backward()
-                        step_loss += loss.item() / len(group)
+                        # x world: the gradient reduce below averages over the ranks.
+                        (loss * (weight * world / step_weight)).backward()
+                        step_loss += loss.item() * (weight / rank_weight)
                         kinds_loss.update(per_kind)
                         n_tokens += int(batch.attention_mask.sum())
                     if world > 1:
