@@ -939,3 +939,20 @@ def test_yes_no_turns_answer_by_what_the_photo_shows():
     supervised = [t for t in labels if t != -100]
     assert len(supervised) == 14 and supervised.count(9) == 7
     assert {vocab["Yes."], vocab["No."]} == set(supervised) - {9}
+
+
+def test_base_refinement_config_and_its_share_of_mark_changes():
+    from yochameleon.eval.toyworld.pretrain import BaseRefineConfig, existence_description
+
+    with pytest.raises(PretrainError, match="marks_share"):
+        BaseRefineConfig(marks_share=1.5)
+    with pytest.raises(PretrainError, match="steps"):
+        BaseRefineConfig(steps=-1)
+    with pytest.raises(PretrainError, match="mix"):
+        BaseRefineConfig(mix=(1.0, 0.0))
+    assert BuildConfig.create().base_refine.steps > BuildConfig.create(reduced=True).base_refine.steps > 0
+    identity = ToyWorld(0).splits["pretrain"][0]
+    rng = np.random.default_rng(0)
+    for share, expected in ((0.0, 0), (1.0, 200)):
+        firsts = [existence_description(identity, rng, share)[2] for _ in range(200)]
+        assert firsts.count("marks") == expected

@@ -51,6 +51,7 @@ from .gates import (
 )
 from .pretrain import (
     EMBEDDER_NAME,
+    BaseRefineConfig,
     EmbedderTrainConfig,
     LMTrainConfig,
     VQRefineConfig,
@@ -126,6 +127,7 @@ class BuildConfig:
             silently accepted). Not part of any stage's cache key.
         threads: torch CPU threads for training.
         scorer_steps, pool_size: scorer training steps and retrieval pool size.
+        vq, vq_refine, lm, base_refine, embedder, gates: each stage's settings.
     """
 
     out: str = str(default_out_dir())
@@ -141,6 +143,7 @@ class BuildConfig:
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)
     vq_refine: VQRefineConfig = field(default_factory=VQRefineConfig)
     lm: LMTrainConfig = field(default_factory=LMTrainConfig)
+    base_refine: BaseRefineConfig = field(default_factory=BaseRefineConfig)
     embedder: EmbedderTrainConfig = field(default_factory=EmbedderTrainConfig)
     gates: GateSizes = field(default_factory=GateSizes)
 
@@ -177,6 +180,7 @@ class BuildConfig:
             seeded = {
                 "vq": replace(seeded["vq"], steps=120, batch_size=32),
                 "vq_refine": replace(seeded["vq_refine"], steps=30),
+                "base_refine": BaseRefineConfig(steps=20),
                 "lm": replace(seeded["lm"], steps=120, batch_size=16, n_identities=256, compile=False),
                 "embedder": replace(seeded["embedder"], steps=40, batch_size=32),
                 "gates": GateSizes(
@@ -403,6 +407,18 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
         base_dir, results["base"] = cache.run("base", base_key, base_stage)
         stage_seconds["base"] = time.perf_counter() - t0
 
+        # 3a. continued pretraining with grounded yes/no weighted up (a stage of its own: cached apart) -----
+        if config.base_refine.steps:
+            base_refine_key = {"base": base_dir.name, "refine": asdict(config.base_refine)}
+            source = base_dir / "base"
+
+            def base_refine_stage(folder: Path) -> dict:
+                return _base_refine_stage(config, world, vq_dir, source, folder / "base", progress)
+
+            t0 = time.perf_counter()
+            base_dir, results["base_refine"] = cache.run("base_refine", base_refine_key, base_refine_stage)
+            stage_seconds["base_refine"] = time.perf_counter() - t0
+
         # 3b. the base model's gates: a stage of their own, so measuring differently never retrains it ----
         base_gates_key = {"base": base_dir.name, "scorer": scorer_dir.name, "gates": asdict(config.gates)}
 
@@ -513,6 +529,33 @@ def _base_stage(config: BuildConfig, world: ToyWorld, vq_dir: Path, base_dir: Pa
     backend = load_backend(base_dir)
     bank = build_image_bank(backend, world, config.lm, progress)
     stats = pretrain_lm(backend, bank, config.lm, progress)
+    write_base_dir(base_dir, spec, vq_state, decoder, seed=config.seed, model=backend.model)
+    return {"stats": stats}
+
+
+def _base_refine_stage(
+    config: BuildConfig, world: ToyWorld, vq_dir: Path, source: Path, base_dir: Path, progress: bool
+) -> dict:
+    """Continue pretraining the base in ``source`` with :class:`BaseRefineConfig` into ``base_dir``."""
+    from safetensors.torch import load_file
+    from transformers import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    from yochameleon.backends import load_backend
+    from yochameleon.backends.chameleon_vq import attach_vq_decoder
+
+    from .pretrain import vq_config
+
+    refine = config.base_refine
+    backend = load_backend(source)
+    bank = build_image_bank(backend, world, config.lm, progress)  # the photos the base was trained on
+    lm = replace(config.lm, steps=refine.steps, lr=refine.lr, mix=refine.mix, codebook_init=False)
+    stats = pretrain_lm(backend, bank, lm, progress, marks_share=refine.marks_share)
+    spec = base_spec(config.lm, config.vq, config.image_size)
+    vq_state = load_file(str(vq_dir / "vq.safetensors"))
+    vqmodel = ChameleonVQVAE(ChameleonVQVAEConfig(**vq_config(config.vq, config.image_size)))
+    vqmodel.load_state_dict(vq_state)
+    decoder = attach_vq_decoder(vqmodel, vq_dir / "vq_decoder.safetensors", dtype=torch.float32)
     write_base_dir(base_dir, spec, vq_state, decoder, seed=config.seed, model=backend.model)
     return {"stats": stats}
 
