@@ -347,10 +347,8 @@ def attach(
         )
     ids = torch.tensor(tokens.ids, dtype=torch.long)
     if rows is None:
-        from yochameleon.backends.base import _base_weight
-
-        emb_w = _base_weight(backend.input_embeddings())
-        head_w = _base_weight(backend.output_head())
+        emb_w = backend.base_weight("embed")
+        head_w = backend.base_weight("head")
         rows = {
             "embed": emb_w.detach()[ids.to(emb_w.device)].float(),
             "head": head_w.detach()[ids.to(head_w.device)].float(),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from yochameleon.backends.base import Backend, _base_weight
+from yochameleon.backends.base import Backend
 from yochameleon.concept import ConceptSpec, ConceptTokens, allocate_ids
 from yochameleon.errors import YoChameleonError
 from yochameleon.train.loss import LOGITS_SCOPE
@@ -100,8 +100,9 @@ class FullMatrixConcept:
         self.tokens = tokens
         self.original_embedding = backend.input_embeddings()
         self.original_head = backend.output_head()
-        emb_w = _base_weight(self.original_embedding)
-        head_w = _base_weight(self.original_head)
+        # The base matrices, kept before the trainable copies replace the modules below.
+        self.base_embed = emb_w = backend.base_weight("embed")
+        self.base_head = head_w = backend.base_weight("head")
         self.embedding = nn.Embedding.from_pretrained(emb_w.detach().clone(), freeze=False)
         self.head = nn.Linear(head_w.shape[1], head_w.shape[0], bias=False).to(head_w.device, head_w.dtype)
         with torch.no_grad():
@@ -120,10 +121,8 @@ class FullMatrixConcept:
     @torch.no_grad()
     def restore_frozen_rows(self) -> None:
         """Put back the base rows of every non-concept id (the original ``index_no_updates``)."""
-        emb_w = _base_weight(self.original_embedding)
-        head_w = _base_weight(self.original_head)
-        self.embedding.weight[self.frozen] = emb_w[self.frozen]
-        self.head.weight[self.frozen] = head_w[self.frozen]
+        self.embedding.weight[self.frozen] = self.base_embed[self.frozen]
+        self.head.weight[self.frozen] = self.base_head[self.frozen]
 
     def concept_rows(self) -> dict[str, torch.Tensor]:
         """The current concept rows ``{"embed", "head"}`` as fp32 CPU copies."""

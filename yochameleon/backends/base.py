@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -249,8 +249,8 @@ class Backend:
         return [i for i in inner if i not in self.special.extra_image_ids][: self.image_seq_len]
 
     def image_span_constraint(self):
-        """A :class:`yochameleon.generation.SpanConstraint` for this family's image layout."""
-        from yochameleon.generation import ImageSpanConstraint
+        """A :class:`~yochameleon.backends.constraints.SpanConstraint` for this family's image layout."""
+        from yochameleon.backends.constraints import ImageSpanConstraint
 
         return ImageSpanConstraint(self.special, self.image_seq_len)
 
@@ -285,6 +285,22 @@ class Backend:
 
     def set_output_head(self, module: nn.Module) -> None:
         self.model.set_output_embeddings(module)
+
+    def base_weight(self, part: Literal["embed", "head"]) -> torch.Tensor:
+        """The base model's own input-embedding or output-head matrix, under any concept wrapper.
+
+        Attached concepts wrap both modules (the wrapper keeps the original as ``base``); this is the
+        untouched ``[vocab, hidden]`` weight underneath, in the model's dtype and on its device.
+
+        Args:
+            part: ``"embed"`` for the input embedding, ``"head"`` for the output head.
+        """
+        if part not in ("embed", "head"):
+            raise ValueError(f"part must be 'embed' or 'head', got {part!r}")
+        module = self.input_embeddings() if part == "embed" else self.output_head()
+        while hasattr(module, "base"):
+            module = module.base
+        return module.weight
 
     @property
     def hidden_size(self) -> int:
@@ -344,17 +360,10 @@ class Backend:
         """
         if self._fingerprint is None:
             h = hashlib.sha256()
-            for weight in (_base_weight(self.input_embeddings()), _base_weight(self.output_head())):
+            for weight in (self.base_weight("embed"), self.base_weight("head")):
                 rows = torch.linspace(0, weight.shape[0] - 1, steps=min(257, weight.shape[0])).long()
                 sample = weight.detach()[rows.to(weight.device)].float().cpu().contiguous()
                 h.update(str(tuple(weight.shape)).encode())
                 h.update(sample.numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
-
-
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    # Concept wrappers keep the original module as ``base``; fingerprint the untouched matrix.
-    while hasattr(module, "base"):
-        module = module.base
-    return module.weight

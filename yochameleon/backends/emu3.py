@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from yochameleon.backends.base import Backend, LoadOptions, SpecialIds, load_hf
+from yochameleon.backends.constraints import SpanConstraint
 from yochameleon.errors import BackendError
-from yochameleon.generation import SpanConstraint
 
 if TYPE_CHECKING:
     from PIL import Image

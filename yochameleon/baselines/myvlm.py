@@ -159,9 +159,7 @@ class MyVLM(Method):
         self._train_embedding(self.concepts[-1], pos_images, concept)
 
     def _image_norm(self) -> float:
-        from yochameleon.backends.base import _base_weight
-
-        w = _base_weight(self.backend.input_embeddings())
+        w = self.backend.base_weight("embed")
         ids = torch.tensor(self.backend.special.image_token_ids, device=w.device)
         return float(w[ids].float().norm(dim=-1).mean())
 
