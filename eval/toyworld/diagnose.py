@@ -47,15 +47,14 @@ def token_drift(base_dir: str | Path, concept_file: str | Path) -> dict[str, dic
         row at the base's row for its id (:func:`yochameleon.concept.attach`), so 0 means "never moved".
     """
     from yochameleon.backends import load_backend
-    from yochameleon.backends.base import _base_weight
     from yochameleon.concept import read_concept_file
 
     meta, rows = read_concept_file(concept_file)
     backend = load_backend(str(base_dir))
     ids = torch.tensor(meta.token_ids, dtype=torch.long)
     base = {
-        "embed": _base_weight(backend.input_embeddings()).detach()[ids].float(),
-        "head": _base_weight(backend.output_head()).detach()[ids].float(),
+        "embed": backend.base_weight("embed").detach()[ids].float(),
+        "head": backend.base_weight("head").detach()[ids].float(),
     }
     drift: dict[str, dict[str, float]] = {}
     for group, rows_of in _groups(meta.n_g, meta.n_u, meta.shared).items():
