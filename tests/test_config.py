@@ -27,6 +27,26 @@ def test_recipes_exist():
     assert {"yochameleon-anole7b.yaml", "yollava-anole7b.yaml", "tiny-cpu.yaml"} <= names
 
 
+def test_recipes_are_found_by_name_as_package_data(tmp_path, monkeypatch):
+    from yochameleon.config import recipe_path, shipped_recipes
+
+    assert shipped_recipes() == sorted(p.stem for p in RECIPES)
+    # From any working directory: the import system finds them, not a path from __file__.
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny-cpu", "tiny-cpu.yaml", "recipes/tiny-cpu.yaml"):
+        assert recipe_path(name).read_text() == (RECIPES[0].parent / "tiny-cpu.yaml").read_text()
+    own = tmp_path / "tiny-cpu.yaml"
+    own.write_text("seed: 3\n")
+    assert recipe_path("tiny-cpu.yaml").resolve() == own  # a file of that name wins
+    assert load_config(TrainConfig, "tiny-cpu.yaml").seed == 3
+    with pytest.raises(
+        ConfigError, match="neither a file nor a shipped recipe: multi-concept-tiny, tiny-cpu"
+    ):
+        recipe_path("tiny-gpu")
+    with pytest.raises(ConfigError, match="does not exist"):
+        recipe_path(tmp_path / "elsewhere" / "tiny-cpu.yaml")
+
+
 def test_overrides_are_typed_and_nested(tmp_path):
     cfg = load_config(
         TrainConfig,

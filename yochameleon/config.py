@@ -168,17 +168,52 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file (optional) and dotted overrides, validating everything.
+def shipped_recipes() -> list[str]:
+    """Names of the recipes installed with the package (``tiny-cpu``, ``yochameleon-anole7b``…)."""
+    from importlib.resources import files
+
+    return sorted(
+        f.name[: -len(".yaml")] for f in files("yochameleon.recipes").iterdir() if f.name.endswith(".yaml")
+    )
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: ``name_or_path`` itself when it is a file, else the shipped recipe of that name.
+
+    Shipped recipes are package data (``yochameleon.recipes``), found through the import system
+    rather than a path relative to this file, so they are there in a wheel install too.
+
+    Args:
+        name_or_path: a YAML file, or a shipped recipe's name with or without ``.yaml``.
 
     Raises:
-        ConfigError: missing file, bad YAML, unknown key, wrong type or a failed validation rule.
+        ConfigError: neither a file nor a shipped recipe (the message lists the shipped ones).
+    """
+    from importlib.resources import files
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    shipped = files("yochameleon.recipes") / f"{name}.yaml"
+    if path.parent == Path(".") or path.parent.name == "recipes":
+        if shipped.is_file():
+            return Path(str(shipped))
+    raise ConfigError(
+        f"recipe {name_or_path} does not exist (neither a file nor a shipped recipe: "
+        f"{', '.join(shipped_recipes())})"
+    )
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load ``cls`` from a YAML file or shipped recipe (optional) and dotted overrides, validating everything.
+
+    Raises:
+        ConfigError: missing recipe, bad YAML, unknown key, wrong type or a failed validation rule.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p} does not exist")
+        p = recipe_path(path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny-cpu.yaml"
+from yochameleon.config import recipe_path
+
+RECIPE = recipe_path("tiny-cpu")  # shipped as package data, so a wheel install has it
 # skimage.data photos: the concept is the cat; the others make the pool of negatives.
 CONCEPT_PHOTO = "chelsea"
 POOL_PHOTOS = [

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from yochameleon.config import recipe_path
 from yochameleon.errors import ConfigError
 
 from .build import default_out_dir
@@ -69,7 +70,7 @@ __all__ = [
     "write_test_dir",
 ]
 
-BENCH_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld-bench.yaml"
+BENCH_RECIPE = recipe_path("toyworld-bench")  # shipped as package data
 QUICK_METHODS: tuple[str, ...] = ("none", "yochameleon")
 REFERENCE = "yochameleon"
 SPLITS: tuple[str, ...] = ("heldout", "dev")

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from yochameleon.config import recipe_path
+
 from .build import default_out_dir
 from .pretrain import EMBEDDER_NAME
 from .world import ToyWorld
@@ -27,7 +29,7 @@ __all__ = ["DEMO_QUESTIONS", "DEMO_RECIPE", "artifacts_ready", "run_demo"]
 # Text questions asked without a photo: what the concept's tokens carry from training (qa.jsonl).
 DEMO_QUESTIONS = ("What colour is <sks>?", "What shape is <sks>?")
 
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld.yaml"
+DEMO_RECIPE = recipe_path("toyworld")  # shipped as package data
 
 
 def artifacts_ready(artifacts: str | Path | None = None) -> bool:
