@@ -166,7 +166,10 @@ def test_sampling_and_text_generation(janus):
     assert torch.equal(a, b) and not torch.equal(a[0], a[1])
     text = generate(janus, prompt[:1], TextConstraint(sp, janus.vocab_size), 12)[0].tolist()
     assert all(i < janus.text_vocab_size for i in text)
-    assert isinstance(janus.decode_text(text + [sp.image_token_ids[0]]), str)
+    # Code ids have no text: decoding drops them, and the text ids round-trip.
+    assert janus.decode_text(text + [sp.image_token_ids[0]]) == janus.decode_text(text)
+    words = janus.tokenize("A photo of a dog.")
+    assert janus.decode_text([*words, sp.image_token_ids[0], sp.image_token_ids[-1]]) == "A photo of a dog."
 
 
 def test_concept_trains_only_its_rows_and_save_load_reproduces_logits(janus_dir, janus, photos, tmp_path):

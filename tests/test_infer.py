@@ -109,4 +109,15 @@ def test_load_from_files(backend, tiny_dir, tmp_path):
     st, _ = save_concept(backend, "rex", tmp_path / "rex")
     pm = PersonalizedModel.load(str(tiny_dir), [st], device="cpu")
     assert list(pm.concepts) == ["rex"]
-    assert isinstance(pm.recognize(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (64, 64))), bool)
+    from PIL import Image
+
+    from yochameleon.prompts import recognition_question
+
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    question = recognition_question(0).replace("<sks>", "<rex>")
+    # The concept loaded from its files scores as the one attached in memory on the same base.
+    yes, no = pm.yes_no_logprobs(question, image)
+    want = PersonalizedModel(backend).yes_no_logprobs(question, image)
+    assert (yes, no) == pytest.approx(want, abs=1e-5)
+    assert yes < 0 and no < 0 and yes != no
+    assert pm.recognize(image) is (yes > no)

@@ -308,11 +308,15 @@ def test_text_qa_from_an_answerer_when_no_qa_file(backend, concept_dir, tmp_path
     qa = [r for r in read_manifest(tmp_path / "d").record_dicts() if r["kind"] == "text_qa"]
     assert qa and all(r["answer"] == "It is a tabby cat." for r in qa if "tabby" in r["answer"])
     assert header["counts"]["text_qa"] == len(qa)
-    # The default answerer is the base model itself; it answers with text.
-    answer = base_model_answerer(backend).answer(
-        "What colour is <sks>?", __import__("PIL.Image").Image.new("RGB", (64, 64))
-    )
-    assert isinstance(answer, str)
+    # The default answerer is the base model itself, asked the rendered prompt about the photo.
+    from yochameleon.data.qa import DEFAULT_SUBJECT
+    from yochameleon.infer import PersonalizedModel
+    from yochameleon.prompts import answerer_prompt
+
+    photo = Image.new("RGB", (64, 64), (30, 120, 200))
+    answer = base_model_answerer(backend).answer("What colour is <sks>?", photo)
+    prompt = answerer_prompt("What colour is <sks>?", DEFAULT_SUBJECT)
+    assert answer == PersonalizedModel(backend).ask(prompt, image=photo, max_new_tokens=24)
 
 
 def test_recipe_text_qa_repeats_sets_how_often_each_qa_pair_is_asked(concept_dir, tmp_path):

@@ -299,14 +299,16 @@ def test_two_concepts_in_one_run_mix_batches_and_save_separately(backend, image_
     from yochameleon.infer import PersonalizedModel
 
     recs = _records(1)
-    cfg = _config(tmp_path, **{"optim.epochs": 2, "concept.extra": [{"name": "dog"}]})
+    cfg = _config(tmp_path, **{"optim.epochs": 2, "optim.batch_size": 2, "concept.extra": [{"name": "dog"}]})
     trainer = Trainer(cfg, backend=backend)
     trainer.setup(records={"cat": recs, "dog": recs}, image_ids=image_lookup)
     cat, dog = trainer.concepts["cat"], trainer.concepts["dog"]
     assert not set(cat.ids) & set(dog.ids)
     from yochameleon.train.sequences import length_grouped_batches
 
-    batches = length_grouped_batches([len(s) for s in trainer.sequences], 4, cfg.seed)
+    # The first epoch's batches exactly as the trainer draws them (one process: the global batches).
+    batches = length_grouped_batches([len(s) for s in trainer.sequences], cfg.optim.batch_size, cfg.seed)
+    assert {len(b) for b in batches} == {2}
     assert any(len({trainer.sequences[i].concept for i in b}) == 2 for b in batches)  # batches mix concepts
     result = trainer.train()
     assert set(result.concept_files) == {"cat", "dog"}
