@@ -12,8 +12,8 @@ import pytest
 from data_helpers import pool, save_noise, skimage_photo, spec_bins
 
 from yochameleon import prompts as P
-from yochameleon.data.manifest import MANIFEST, Manifest, read_manifest, summary_table, write_manifest
 from yochameleon.data.config import DataConfig
+from yochameleon.data.manifest import MANIFEST, Manifest, read_manifest, summary_table, write_manifest
 from yochameleon.data.records import Record, build_records, make_records
 from yochameleon.errors import ConfigError, DataError
 
