@@ -71,6 +71,7 @@ def test_bench_train_tiny_writes_both_implementations_ablation_and_estimator_che
         "checkpointing",
         "capped_chunks",
         "shape_buckets",
+        "bounded_heap",
     ]
     for row in result["ablation"]:
         assert row["features"][row["feature_off"]] is False

@@ -13,7 +13,9 @@ An ablation runs the fast path with one feature switched off at a time:
 * ``checkpointing``: gradient checkpointing of the decoder layers (off: every activation kept);
 * ``capped_chunks``: label-only logits chunks capped at 8 MiB on a CPU (off: 1,024-row chunks);
 * ``shape_buckets``: on a CPU, lengths padded to a multiple of 64 and logits chunks to 32 rows, so
-  oneDNN compiles and caches few kernels (off: every batch's own shapes).
+  oneDNN compiles and caches few kernels (off: every batch's own shapes);
+* ``bounded_heap``: on a CPU, glibc's mmap threshold fixed at 1 MiB, so freed activations and logits
+  go back to the system (off: glibc's sliding threshold, whose heap keeps freed fragments resident).
 
 The workload is a realistic mixed set of one concept's records (recognition of positives and
 negatives, real and soft-positive generation, text QA) on real photos from scikit-image, batch 4.
@@ -51,6 +53,7 @@ FEATURES = (
     "checkpointing",
     "capped_chunks",
     "shape_buckets",
+    "bounded_heap",
 )
 FEATURE_LABELS = {
     "token_cache": "no token cache: re-encode images every step",
@@ -60,6 +63,7 @@ FEATURE_LABELS = {
     "checkpointing": "no checkpointing: keep every activation",
     "capped_chunks": "no chunk cap: 1,024-row logits chunks",
     "shape_buckets": "no shape buckets: every batch its own shapes",
+    "bounded_heap": "no heap bound: glibc's sliding mmap threshold",
 }
 MODEL_SIZES = ("tiny", "small", "anole-tiny")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -83,6 +87,7 @@ class Features:
     checkpointing: bool = True
     capped_chunks: bool = True
     shape_buckets: bool = True
+    bounded_heap: bool = True
 
     @classmethod
     def reference(cls) -> Features:
@@ -479,8 +484,11 @@ class StepRunner:
 
         from yochameleon.concept import ConceptSpec, allocate_ids, attach, get_bank
         from yochameleon.eval.bench.reference import FullMatrixConcept, original_pad_length
+        from yochameleon.train.loss import bound_cpu_heap
         from yochameleon.train.sequences import build_sequence
 
+        if features.bounded_heap and backend.device.type == "cpu":
+            bound_cpu_heap()  # before the first allocation, whichever loss runs
         self.backend = backend
         self.features = features
         self.records = records
@@ -563,6 +571,7 @@ class StepRunner:
                 chunk=self.logits_chunk,
                 max_chunk_bytes=None if self.features.capped_chunks else sys.maxsize,
                 buckets=None if self.features.shape_buckets else False,
+                bound_heap=None if self.features.bounded_heap else False,
             )[0]
         return full_vocabulary_loss(self.backend, batch)
 
