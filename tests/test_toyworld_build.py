@@ -522,8 +522,8 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
     lines: list[str] = []
     again = build(config, progress=False, log=lines.append)  # every stage cached: only copying is left
     assert not any("building" in line for line in lines)
-    # scorer, vq, vq_refine, base, base_gates, embedder + pool index
-    assert sum("cached" in line for line in lines) == 7
+    # scorer, vq, vq_refine, base, base_refine, base_gates, embedder + pool index
+    assert sum("cached" in line for line in lines) == 8
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
     # Measuring the gates differently re-measures them and retrains nothing.
     lines.clear()
