@@ -14,8 +14,9 @@ An ablation runs the fast path with one feature switched off at a time:
 * ``capped_chunks``: label-only logits chunks capped at 8 MiB on a CPU (off: 1,024-row chunks);
 * ``shape_buckets``: on a CPU, lengths padded to a multiple of 64 and logits chunks to 32 rows, so
   oneDNN compiles and caches few kernels (off: every batch's own shapes);
-* ``bounded_heap``: on a CPU, glibc's mmap threshold fixed at 1 MiB, so freed activations and logits
-  go back to the system (off: glibc's sliding threshold, whose heap keeps freed fragments resident).
+* ``bounded_heap``: on a CPU, glibc's mmap threshold fixed at a logits chunk's 8 MiB, so larger freed
+  blocks go back to the system (off: glibc's sliding threshold, whose heap keeps freed fragments
+  resident).
 
 The workload is a realistic mixed set of one concept's records (recognition of positives and
 negatives, real and soft-positive generation, text QA) on real photos from scikit-image, batch 4.

@@ -16,10 +16,10 @@ On a CPU, shapes are bucketed: a batch's length is padded to a multiple of :data
 (zero-weight rows). oneDNN compiles and caches kernels per matrix shape, and with every batch a
 length of its own a bf16 run on anole-tiny held ~100 MB of them (issue 27).
 
-On a CPU with glibc, the loss also fixes malloc's mmap threshold for the process
-(:func:`bound_cpu_heap`): by default glibc raises that threshold to the size of every large block
-freed, so after the first freed activation every chunk and activation of a step came from a heap
-that keeps its freed fragments resident, and a step's peak RSS was 3-4 times its live tensors.
+On a CPU with glibc, the loss also fixes malloc's mmap threshold for the process at the size of
+a logits chunk (:func:`bound_cpu_heap`): by default glibc raises that threshold to the size of every
+large block freed, so on the small benchmark model every chunk and activation of a step came from a
+heap that keeps its freed fragments resident, and a step's peak RSS was 3-4 times its live tensors.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ LENGTH_BUCKET = 64
 ROW_BUCKET = 32
 # Blocks from this size up get their own mapping, returned to the system when freed (see
 # bound_cpu_heap). glibc's default slides from 128 KiB up to 32 MiB, the largest block freed so far.
-CPU_MMAP_THRESHOLD = 1 << 20
+# Each mapping costs page faults when first written: at 1 MiB an fp32 anole-tiny step spent 50% more
+# CPU time for 155 -> 68 MB (and bf16 nothing), so only blocks as large as a logits chunk get one.
+CPU_MMAP_THRESHOLD = LOGITS_CHUNK_BYTES
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from malloc.h
 _heap_bound: int | None = None
 
@@ -61,7 +63,9 @@ def bound_cpu_heap(threshold: int = CPU_MMAP_THRESHOLD) -> bool:
     activation and logits chunk below that size comes from the heap, whose freed fragments stay
     resident: on the small benchmark model (65k vocabulary, 1,024 image tokens) one fp32 step peaked
     at 0.9-1.4 GB of RSS for ~0.33 GB of live tensors. A fixed threshold gives each block of at least
-    ``threshold`` bytes its own mapping, returned when it is freed, and turns the sliding off.
+    ``threshold`` bytes its own mapping, returned when it is freed, and turns the sliding off: that
+    step peaks at 0.34 GB, for ~15% more step time (the fresh pages' faults). Models whose blocks are
+    all smaller than ``threshold`` (anole-tiny) keep the heap as before.
 
     Returns:
         Whether the threshold is fixed (``False`` off Linux/glibc, e.g. musl or macOS).
