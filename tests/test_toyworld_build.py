@@ -956,3 +956,55 @@ def test_base_refinement_config_and_its_share_of_mark_changes():
     for share, expected in ((0.0, 0), (1.0, 200)):
         firsts = [existence_description(identity, rng, share)[2] for _ in range(200)]
         assert firsts.count("marks") == expected
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_independent_turns_are_each_the_question_asked_alone(backend, attention):
+    """A row of independent turns gives each answer the loss it has when its question is asked alone."""
+    from yochameleon.eval.toyworld.pretrain import _multi_turn, lm_loss, segment_attention
+
+    model = backend.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(attention)
+    try:
+        image = [backend.special.boi, 300, 301, 302, backend.special.eoi]
+        turns = [
+            ("Is it red?", "Yes."),
+            ("What shape is the object?", "It is a circle."),
+            ("Is it big?", "No."),
+        ]
+        row = _multi_turn(backend, image, turns, np.random.default_rng(0), independent=True)
+        ids, labels = pad_batch([row, conversation(backend, [5], [6])], backend.special.pad)
+        mask, positions = segment_attention(
+            [row, conversation(backend, [5], [6])], ids.shape[1], attention == "eager"
+        )
+        with torch.no_grad():
+            hidden, _ = backend.hidden_states(ids, attention_mask=mask, position_ids=positions)
+            packed_logits = backend.logits(hidden[0])
+            for question, answer in turns:
+                alone_ids, alone_labels = conversation(
+                    backend, image + backend.tokenize(" " + question), backend.tokenize(answer)
+                )
+                alone, _ = backend.hidden_states(torch.tensor([alone_ids]))
+                alone_logits = backend.logits(alone[0])
+                # Find this turn in the packed row: the answer tokens right after its question.
+                q = [*backend.tokenize(" " + question), backend.special.eot]
+                start = next(i for i in range(len(row[0])) if row[0][i : i + len(q)] == q) + len(q)
+                n = len(backend.tokenize(answer)) + 1
+                prefix = len(alone_ids) - n
+                torch.testing.assert_close(
+                    packed_logits[start - 1 : start - 1 + n],
+                    alone_logits[prefix - 1 : prefix - 1 + n],
+                    atol=1e-4,
+                    rtol=1e-4,
+                )
+            # The same row read as one running conversation differs (later turns see earlier answers).
+            causal, _ = backend.hidden_states(ids[:1])
+            assert not torch.allclose(backend.logits(causal[0]), packed_logits, atol=1e-4)
+            # And the loss path takes the mask: per-sequence loss of the packed row is finite and labelled.
+            loss = lm_loss(
+                backend, ids[:1], labels[:1], per_sequence=True, attention=(mask[:1], positions[:1])
+            )
+            assert torch.isfinite(loss)
+    finally:
+        model.set_attn_implementation(previous)

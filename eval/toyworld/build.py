@@ -550,7 +550,14 @@ def _base_refine_stage(
     backend = load_backend(source)
     bank = build_image_bank(backend, world, config.lm, progress)  # the photos the base was trained on
     lm = replace(config.lm, steps=refine.steps, lr=refine.lr, mix=refine.mix, codebook_init=False)
-    stats = pretrain_lm(backend, bank, lm, progress, marks_share=refine.marks_share)
+    stats = pretrain_lm(
+        backend,
+        bank,
+        lm,
+        progress,
+        marks_share=refine.marks_share,
+        independent_turns=refine.independent_turns,
+    )
     spec = base_spec(config.lm, config.vq, config.image_size)
     vq_state = load_file(str(vq_dir / "vq.safetensors"))
     vqmodel = ChameleonVQVAE(ChameleonVQVAEConfig(**vq_config(config.vq, config.image_size)))

@@ -661,12 +661,16 @@ class BaseRefineConfig:
         lr: peak learning rate (below pretraining's: the base is trained already).
         mix: task shares, as :attr:`LMTrainConfig.mix`.
         marks_share: share of existence "no" descriptions that change the marks (pretraining: 0.4).
+        independent_turns: the questions about one photo do not see each other's answers
+            (:func:`_multi_turn`); why: pretraining's running conversations let a yes/no be read off
+            earlier answers, and the gates ask each question alone.
     """
 
     steps: int = 1200
     lr: float = 1e-3
     mix: tuple[float, ...] = (0.0, 0.30, 0.15, 0.10, 0.05, 0.0, 0.40)
     marks_share: float = 0.15
+    independent_turns: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix", tuple(float(x) for x in self.mix))
@@ -1002,9 +1006,34 @@ def yes_no_turns(
     return turns
 
 
-def _multi_turn(backend, image: list[int], turns: list[tuple[str, str]], rng: np.random.Generator):
-    """One image, then ``turns`` in a random order (each one comes first as often as the others)."""
+def _multi_turn(
+    backend,
+    image: list[int],
+    turns: list[tuple[str, str]],
+    rng: np.random.Generator,
+    independent: bool = False,
+):
+    """One image, then ``turns`` in a random order (each one comes first as often as the others).
+
+    With ``independent`` the row is ``(ids, labels, segments)``: each turn is its own segment and sees
+    the image but not the other turns (:func:`pad_batch` builds the mask and positions), so every turn
+    is trained exactly in the single-question form the gates ask. Why: in one running conversation a
+    "yes"/"no" could be read off the answers before it (a described colour that was already named),
+    and a base trained that way answered the first, unaided question at chance.
+    """
     order = rng.permutation(len(turns))
+    if independent:
+        eot = backend.special.eot
+        ids = [backend.special.bos, *image]
+        labels = [-100] * len(ids)
+        segments = [0] * len(ids)
+        for segment, k in enumerate(order, start=1):
+            question = [*backend.tokenize(" " + turns[k][0]), eot]
+            answer = [*backend.tokenize(turns[k][1]), eot]
+            ids += question + answer
+            labels += [-100] * len(question) + answer
+            segments += [segment] * (len(question) + len(answer))
+        return ids, labels, segments
     first_question, first_answer = turns[order[0]]
     ids, labels = conversation(
         backend, image + backend.tokenize(" " + first_question), backend.tokenize(first_answer)
@@ -1055,7 +1084,8 @@ def _sample_sequence(
     choice_share: float = 0.0,
     existence: bool = False,
     marks_share: float = MARKS_CHANGED_SHARE,
-) -> tuple[list[int], list[int]]:
+    independent_turns: bool = False,
+) -> tuple[list[int], ...]:
     task = int(rng.choice(len(_TASKS), p=mix))
     if task == _PAIR_SCENE:
         return _pair_sample(backend, bank, rng)
@@ -1086,12 +1116,11 @@ def _sample_sequence(
         turns.append((DESCRIBE_QUESTION, full_caption(identity).capitalize() + "."))
         if existence:
             turns += existence_turns(identity, rng, marks_share)
-        return _multi_turn(backend, image, turns, rng)
+        return _multi_turn(backend, image, turns, rng, independent_turns)
     if task == _YES_NO:
         stranger = bank.identities[int(rng.integers(bank.n_base))]
-        return _multi_turn(
-            backend, span(int(rng.choice(photos))), yes_no_turns(identity, stranger, rng, marks_share), rng
-        )
+        turns = yes_no_turns(identity, stranger, rng, marks_share)
+        return _multi_turn(backend, span(int(rng.choice(photos))), turns, rng, independent_turns)
     if task == _REDRAW:
         human = span(int(rng.choice(photos))) + backend.tokenize(" " + REDRAW_REQUEST)
         return conversation(backend, human, backend.image_span(bank.canonical_ids[index].tolist()))
@@ -1115,37 +1144,78 @@ def _sample_sequence(
     return conversation(backend, human, backend.tokenize(answer))
 
 
-def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(rows: list[tuple[list[int], ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad ``(ids, labels)`` rows; causal attention makes a mask unnecessary for the labelled part."""
-    width = max(len(ids) for ids, _ in rows)
+    width = max(len(row[0]) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
+    for i, (row_ids, row_labels, *_) in enumerate(rows):
         ids[i, : len(row_ids)] = torch.tensor(row_ids)
         labels[i, : len(row_labels)] = torch.tensor(row_labels)
     return ids, labels
 
 
-def lm_loss(backend, ids: torch.Tensor, labels: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
+def segment_attention(rows: list[tuple[list[int], ...]], width: int, additive: bool):
+    """The attention mask ``[B, 1, T, T]`` and position ids ``[B, T]`` of rows with independent turns.
+
+    A row ``(ids, labels, segments)`` (from :func:`_multi_turn`) has segment 0 for the shared prefix and
+    ``k >= 1`` for its k-th turn; a token attends causally to the prefix and to its own turn, and each
+    turn's positions continue from the prefix, as if it were asked alone. Rows without segments are one
+    prefix (plain causal attention). Returns ``None`` when no row has segments.
+
+    Args:
+        additive: a float mask (0 or a large negative) for eager attention, else a boolean one.
+    """
+    if not any(len(row) > 2 for row in rows):
+        return None
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    positions = torch.arange(width).repeat(len(rows), 1)
+    for i, row in enumerate(rows):
+        seg = torch.tensor(row[2] if len(row) > 2 else [0] * len(row[0]))
+        segments[i, : len(seg)] = seg
+        prefix = int((seg == 0).sum())
+        for k in seg.unique().tolist():
+            if k > 0:
+                where = (seg == k).nonzero()[:, 0]
+                positions[i, where] = prefix + torch.arange(len(where))
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = ((query == key) | (key == 0)) & torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = allowed[:, None]
+    if additive:
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, -1e9), positions
+    return allowed, positions
+
+
+def lm_loss(
+    backend, ids: torch.Tensor, labels: torch.Tensor, per_sequence: bool = False, attention=None
+) -> torch.Tensor:
     """Next-token cross-entropy on labelled positions, computing logits only where they are needed.
 
     Args:
         per_sequence: average within each sequence first, then over the batch. Why: a text-to-image
             target has 64 labelled tokens and an answer three, so a token mean lets image generation
             drown out the understanding tasks.
+        attention: ``(mask, position_ids)`` from :func:`segment_attention`, or ``None`` (causal).
     """
     if not per_sequence:
-        hidden, _ = backend.hidden_states(ids)
+        mask, positions = attention if attention is not None else (None, None)
+        hidden, _ = backend.hidden_states(ids, attention_mask=mask, position_ids=positions)
         targets = labels[:, 1:]
         keep = targets != -100
         return F.cross_entropy(backend.logits(hidden[:, :-1][keep]), targets[keep])
-    total, rows = _per_sequence_loss_sum(backend, ids, labels)
+    total, rows = _per_sequence_loss_sum(backend, ids, labels, attention)
     return total / max(rows, 1)
 
 
-def _per_sequence_loss_sum(backend, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum over sequences of each one's mean token loss, and how many sequences had labels."""
-    hidden, _ = backend.hidden_states(ids)
+def _per_sequence_loss_sum(
+    backend, ids: torch.Tensor, labels: torch.Tensor, attention=None
+) -> tuple[torch.Tensor, int]:
+    """Sum over sequences of each one's mean token loss, and how many sequences had labels.
+
+    ``attention``: ``(mask, position_ids)`` from :func:`segment_attention`, or ``None`` (causal).
+    """
+    mask, positions = attention if attention is not None else (None, None)
+    hidden, _ = backend.hidden_states(ids, attention_mask=mask, position_ids=positions)
     targets = labels[:, 1:]
     keep = targets != -100
     token_loss = F.cross_entropy(backend.logits(hidden[:, :-1][keep]), targets[keep], reduction="none")
@@ -1189,11 +1259,13 @@ def pretrain_lm(
     config: LMTrainConfig,
     progress: bool = True,
     marks_share: float = MARKS_CHANGED_SHARE,
+    independent_turns: bool = False,
 ) -> dict:
     """Pretrain the backend's transformer in place (the VQ stays frozen).
 
     ``marks_share`` is the share of existence "no" descriptions that change the marks
-    (:func:`existence_description`).
+    (:func:`existence_description`); with ``independent_turns`` the questions about one photo do not
+    see each other's answers (:func:`_multi_turn`).
 
     Returns:
         Training facts: final loss (mean of the last 50 steps), steps and seconds.
@@ -1242,6 +1314,7 @@ def pretrain_lm(
                 config.choice_share,
                 config.existence_questions,
                 marks_share,
+                independent_turns,
             )
             for _ in range(config.batch_size)
         ]
@@ -1269,8 +1342,10 @@ def pretrain_lm(
 
 def _pretrain_backward(backend, rows: list[tuple[list[int], list[int]]], per_sequence: bool) -> float:
     """Backward of one batch's loss; returns the loss value."""
+    additive = backend.model.config._attn_implementation == "eager"
     if not per_sequence:
-        loss = lm_loss(backend, *pad_batch(rows, backend.special.pad))
+        ids, labels = pad_batch(rows, backend.special.pad)
+        loss = lm_loss(backend, ids, labels, attention=segment_attention(rows, ids.shape[1], additive))
         loss.backward()
         return loss.item()
     # Two length-sorted halves: two-photo questions are twice as long as the rest, and padding every
@@ -1280,7 +1355,9 @@ def _pretrain_backward(backend, rows: list[tuple[list[int], list[int]]], per_seq
     loss_value = 0.0
     for part in (rows[:half], rows[half:]):
         if part:
-            total, _ = _per_sequence_loss_sum(backend, *pad_batch(part, backend.special.pad))
+            ids, labels = pad_batch(part, backend.special.pad)
+            attention = segment_attention(part, ids.shape[1], additive)
+            total, _ = _per_sequence_loss_sum(backend, ids, labels, attention)
             (total / len(rows)).backward()
             loss_value += total.item() / len(rows)
     return loss_value
