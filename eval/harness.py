@@ -161,6 +161,7 @@ def evaluate(
     n_images: int = 4,
     fidelity: Callable[[list], float] | None = None,
     fidelity_name: str | None = None,
+    image_dir: str | Path | None = None,
 ) -> ConceptResult:
     """Score a fitted method on a test set.
 
@@ -175,6 +176,8 @@ def evaluate(
         n_images: images to generate.
         fidelity: optional scorer ``images -> fraction correct`` (the toy world's identity scorer).
         fidelity_name: what the record calls the fidelity scorer (not recorded when ``None``).
+        image_dir: where the generated images are saved (``00.png``, ...), so they can be looked at;
+            not saved when ``None``.
     """
     from yochameleon.retrieval import describe_embedder
 
@@ -204,6 +207,10 @@ def evaluate(
         result[key] = right / len(items)
     if real_photos and (embedder is not None or fidelity is not None):
         images = method.generate_images("A photo of <sks>.", n=n_images, seed=seed)
+        if image_dir is not None:
+            Path(image_dir).mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                image.save(Path(image_dir) / f"{i:02d}.png")
         if embedder is not None:
             result["clip_i"] = clip_i(
                 embedder.embed_images(images, progress=False),

@@ -259,4 +259,41 @@ def compare(
     return summarize(records, config, reference=reference, n_boot=n_boot, seed=seed)
 
 
-__all__ = ["LABELS", "PLOT_METRICS", "TABLE_METRICS", "compare", "markdown_table", "write_report"]
+__all__ = [
+    "LABELS",
+    "PLOT_METRICS",
+    "TABLE_METRICS",
+    "compare",
+    "contact_sheet",
+    "markdown_table",
+    "write_report",
+]
+
+
+def contact_sheet(rows: Sequence[Sequence], scale: int = 4, pad: int = 2):
+    """Rows of images on a white sheet, each tile the first image's size times ``scale``.
+
+    Nearest-neighbour upscaling keeps small (toy-world, 32-64 px) images readable. Rows may differ in
+    length (a missing generation leaves a gap).
+
+    Args:
+        rows: PIL images, one list per row; at least one image.
+        scale: tile side as a multiple of the first image's width.
+        pad: white pixels between and around tiles.
+
+    Returns:
+        The sheet, an RGB PIL image.
+    """
+    from PIL import Image
+
+    first = next((image for row in rows for image in row), None)
+    if first is None:
+        raise ValueError("a contact sheet needs at least one image")
+    side = first.size[0] * scale
+    width = max(len(row) for row in rows) * (side + pad) + pad
+    sheet = Image.new("RGB", (width, len(rows) * (side + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            tile = image.convert("RGB").resize((side, side), Image.NEAREST)
+            sheet.paste(tile, (pad + c * (side + pad), pad + r * (side + pad)))
+    return sheet

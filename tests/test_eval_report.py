@@ -127,3 +127,18 @@ def test_cli_compare_and_its_clear_error(tmp_path, capsys):
     (tmp_path / "old.json").write_text(json.dumps({"schema_version": 0}))
     assert cli_main(["compare", str(tmp_path / "old.json"), "--out", str(tmp_path / "o2")]) == 2
     assert "schema_version 0, expected 1" in capsys.readouterr().err
+
+
+def test_contact_sheet_places_rows_of_upscaled_tiles():
+    from PIL import Image
+
+    from yochameleon.eval.report import contact_sheet
+
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    sheet = contact_sheet([[red, blue], [blue]], scale=2, pad=1)
+    assert sheet.size == (2 * 17 + 1, 2 * 17 + 1)
+    assert sheet.getpixel((1, 1)) == (255, 0, 0) and sheet.getpixel((18, 1)) == (0, 0, 255)
+    assert sheet.getpixel((1, 18)) == (0, 0, 255)
+    assert sheet.getpixel((18, 18)) == (255, 255, 255)  # a shorter row leaves a gap
+    with pytest.raises(ValueError, match="at least one image"):
+        contact_sheet([[]])

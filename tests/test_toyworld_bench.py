@@ -343,3 +343,14 @@ def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
     # The table and plots of `yochameleon compare` sit beside the JSON.
     assert (out.parent / "report.md").is_file() and (out.parent / "metrics.png").is_file()
     assert "| none |" in (out.parent / "report.md").read_text()
+    # A contact sheet per method: a row per concept, its training photos then the generated images.
+    from PIL import Image
+
+    n_photos, n_generated = config["bench"]["n_photos"], config["bench"]["n_generated"]
+    for method in ("none", "yochameleon"):
+        generated = sorted((out.parent / "quick_work" / "images" / method).glob("*/seed0/*.png"))
+        assert len(generated) == 2 * n_generated
+        sheet = Image.open(out.parent / f"contact_{method}.png")
+        side = Image.open(generated[0]).size[0] * 4
+        assert sheet.size == ((n_photos + n_generated) * (side + 2) + 2, 2 * (side + 2) + 2)
+    assert records[0]["embedders"]["gen_fidelity"] == "toyworld-scorer:identity"

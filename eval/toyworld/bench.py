@@ -67,11 +67,15 @@ __all__ = [
     "prepare_pool",
     "run_bench",
     "valid_methods",
+    "write_contact_sheets",
     "write_test_dir",
 ]
 
 BENCH_RECIPE = recipe_path("toyworld-bench")  # shipped as package data
 QUICK_METHODS: tuple[str, ...] = ("none", "yochameleon")
+# What the summary calls the generation-fidelity scorer: identity (four factors + mark colours) read by
+# the toy world's own scorer, never by the generating model.
+FIDELITY_NAME = "toyworld-scorer:identity"
 REFERENCE = "yochameleon"
 SPLITS: tuple[str, ...] = ("heldout", "dev")
 REQUIRED_ARTIFACTS: tuple[str, ...] = (
@@ -586,6 +590,8 @@ def run_bench(
                                 embedder=embedder,
                                 n_images=config.n_generated,
                                 fidelity=fidelity,
+                                fidelity_name=FIDELITY_NAME,
+                                image_dir=work / "images" / method_name / name / f"seed{seed}",
                             )
                         )
                         t2 = time.perf_counter()
@@ -613,6 +619,7 @@ def run_bench(
     summary = bench_summary(records, run_config, n_boot=config.n_boot)
     write_summary(json_out, summary)
     paths = write_report(summary, report_dir)
+    sheets = write_contact_sheets(work, concepts, config.methods, config.seed_list[0], report_dir)
     timer.add("summary_report", time.perf_counter() - t0)
     total = time.perf_counter() - started
     timings = {**{k: round(v, 1) for k, v in timer.seconds.items()}, "total": round(total, 1)}
@@ -622,8 +629,39 @@ def run_bench(
     log(
         f"[bench] summary {json_out}; table {paths['md']}"
         + (f"; plots in {report_dir}" if "metrics_png" in paths else "")
+        + (f"; {len(sheets)} contact sheets (contact_<method>.png)" if sheets else "")
     )
     return summary
+
+
+def write_contact_sheets(
+    work: Path, concepts: Sequence[Identity], methods: Sequence[str], seed: int, out: Path
+) -> list[Path]:
+    """One PNG per method: a row per concept, its training photos then the images the method generated.
+
+    Reads what :func:`run_bench` saved under ``work`` (``concepts/<name>/photos`` and
+    ``images/<method>/<name>/seed<seed>``); a method that generated nothing gets no sheet.
+
+    Returns:
+        The sheets written, ``out/contact_<method>.png``.
+    """
+    from PIL import Image
+
+    from yochameleon.eval.report import contact_sheet
+
+    written = []
+    for method in methods:
+        rows = []
+        for identity in concepts:
+            generated = sorted((work / "images" / method / identity.name / f"seed{seed}").glob("*.png"))
+            if generated:
+                photos = sorted((work / "concepts" / identity.name / "photos").glob("*.png"))
+                rows.append([Image.open(p).convert("RGB") for p in [*photos, *generated]])
+        if rows:
+            path = Path(out) / f"contact_{method}.png"
+            contact_sheet(rows).save(path)
+            written.append(path)
+    return written
 
 
 def _run_config(config: BenchConfig, concepts: Sequence[Identity], samples: Mapping, train_cfg) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from yochameleon.config import recipe_path
+from yochameleon.eval.report import contact_sheet
 
 from .build import default_out_dir
 from .pretrain import EMBEDDER_NAME
@@ -44,18 +45,6 @@ def artifacts_ready(artifacts: str | Path | None = None) -> bool:
             "scorer.safetensors",
         )
     )
-
-
-def _sheet(rows: list[list[Image.Image]], scale: int = 4, pad: int = 2) -> Image.Image:
-    """Rows of equal-size images on a white sheet, upscaled with nearest neighbours (32 px is tiny)."""
-    side = rows[0][0].size[0] * scale
-    width = max(len(r) for r in rows) * (side + pad) + pad
-    sheet = Image.new("RGB", (width, len(rows) * (side + pad) + pad), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            tile = image.convert("RGB").resize((side, side), Image.NEAREST)
-            sheet.paste(tile, (pad + c * (side + pad), pad + r * (side + pad)))
-    return sheet
 
 
 def run_demo(
@@ -175,7 +164,7 @@ def run_demo(
     wanted = identity.attributes
     attributes = [scorer.attribute_accuracy([image], wanted) for image in generated]
     sheet = root / "compare.png"
-    _sheet([photos, generated]).save(sheet)
+    contact_sheet([photos, generated]).save(sheet)
     print(
         f"[5/5] {len(generated)} generated images in {gen_dir}: "
         + ", ".join(str(gen_dir / f"{i:02d}.png") for i in range(len(generated)))
