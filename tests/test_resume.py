@@ -159,6 +159,13 @@ def test_resume_extends_a_finished_run(backend, lookup, tmp_path):
     assert result.steps == 8
     assert torch.equal(want["embed"], got["embed"]) and torch.equal(want["head"], got["head"])
     assert json.loads((run / "run.json").read_text())["config"]["optim"]["max_steps"] == 8
+    # More epochs extend a run that finished at an epoch's end the same way.
+    _, want = _train(backend, lookup, _config(tmp_path / "straight-epochs", epochs=2))
+    run2 = tmp_path / "run-epochs"
+    assert _train(backend, lookup, _config(run2, epochs=1))[0].steps == 3
+    result, got = _train(backend, lookup, _config(run2, epochs=2), resume=True)
+    assert result.steps == 6
+    assert torch.equal(want["embed"], got["embed"]) and torch.equal(want["head"], got["head"])
     # Fewer steps, or any other change, is still refused.
     for changed, key in (
         ({"max_steps": 6}, "optim.max_steps: 8 -> 6"),
