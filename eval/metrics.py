@@ -429,10 +429,10 @@ def _insightface_embedder() -> Callable[[Any], np.ndarray | None] | None:
 
 def _as_image(item: Any) -> Any:
     if isinstance(item, (str, Path)):
-        from PIL import Image
+        # The project's one photo loader: the same pixel limit and messages as every other path.
+        from yochameleon.data.photos import load_image_file
 
-        with Image.open(item) as im:
-            return im.convert("RGB")
+        return load_image_file(item)
     return item
 
 

@@ -14,11 +14,12 @@ from data_helpers import make_concept, png_header_only, save_noise
 
 from yochameleon.backends import load_backend
 from yochameleon.cli import main
-from yochameleon.concept import ConceptSpec, attach, save_concept
+from yochameleon.concept import ConceptSpec, attach, read_concept_file, save_concept
 from yochameleon.config import from_dict
 from yochameleon.data.concept_folder import ConceptFolder
 from yochameleon.errors import BackendError, ConceptError, DataError
 from yochameleon.eval.harness import TestSet
+from yochameleon.eval.metrics import face_similarity
 from yochameleon.infer import PersonalizedModel
 from yochameleon.retrieval import TestEmbedder, build_index
 from yochameleon.retrieval.index import RetrievalWarning
@@ -42,7 +43,7 @@ def bad_images(tmp_path):
         # 144 megapixels in a few bytes: under PIL's own error limit, over ours.
         "big": (
             png_header_only(tmp_path / "big.png", 12000, 12000),
-            "big.png: decompression bomb \\(12000x12000 pixels is more than the limit of 80,000,000\\)",
+            "big.png: decompression bomb \\(144,000,000 pixels \\(12000x12000\\) is more than the limit of 80,000,000\\)",
         ),
     }
 
@@ -63,6 +64,12 @@ def test_library_image_paths_use_the_same_loader(backend, bad_images):
             pm.ask("Is <sks> here?", image=str(path))
         with pytest.raises(DataError, match=match):
             pm.recognize(path)
+
+
+def test_face_similarity_paths_use_the_same_loader(bad_images):
+    for path, match in bad_images.values():
+        with pytest.raises(DataError, match=match):
+            face_similarity([path], [path], backend=lambda image: None)
 
 
 def test_index_skips_over_limit_images_and_warns_on_an_empty_pool(tmp_path):
@@ -101,6 +108,21 @@ def test_test_set_images_must_stay_inside_the_test_folder(tmp_path):
     assert len(TestSet.load(root).vqa) == 1
 
 
+def test_eval_refuses_a_bad_test_set_before_loading_the_model(tmp_path, capsys):
+    root = tmp_path / "test"
+    save_noise(root / "positives" / "a.png", 0)
+    save_noise(tmp_path / "outside.png", 1)
+    item = {"question": "What colour?", "options": {"A": "red", "B": "blue"}, "answer": "A"}
+    (root / "vqa.json").write_text(json.dumps([{**item, "image": "../outside.png"}]))
+    argv = ["eval", "--model", "outputs/no-such-model", "--method", "none", "--embedder", "test"]
+    concept = make_concept(tmp_path / "c")
+    argv += ["--concept", str(concept), "--test-dir", str(root), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    # The test set's error, not the (missing) model's: nothing was loaded first.
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image '../outside.png' resolves outside the test directory" in err[0], err
+
+
 def test_prompt_naming_a_concept_that_is_not_attached(backend, caplog):
     attach(backend, ConceptSpec("sks", n_g=2, n_u=2))
     pm = PersonalizedModel(backend)
@@ -136,8 +158,12 @@ def test_concept_names_are_nfc_everywhere(backend, tmp_path):
     for spelling in (MAM_NFC, MAM_NFD):
         _, used = pm._prompt_ids(f"What is <{spelling}>?", None)
         assert used == [tokens]
-    st, js = save_concept(backend, MAM_NFD, tmp_path / MAM_NFC)
+    st, js = save_concept(backend, MAM_NFD, tmp_path / MAM_NFD)
     assert st.name == f"{MAM_NFC}.safetensors" and json.loads(js.read_text())["name"] == MAM_NFC
+    assert not (tmp_path / f"{MAM_NFD}.safetensors").exists()
+    # The decomposed spelling of the file name finds the file written under the composed one.
+    meta, _ = read_concept_file(tmp_path / f"{MAM_NFD}.safetensors")
+    assert meta.name == MAM_NFC
     cfg = from_dict(TrainConfig, {"concept": {"name": MAM_NFD, "extra": [{"name": MAM_NFD + "2"}]}})
     assert cfg.concept.name == MAM_NFC and cfg.concept.extra[0]["name"] == MAM_NFC + "2"
     folder = ConceptFolder.load(make_concept(tmp_path / MAM_NFD))

@@ -440,7 +440,9 @@ def save_concept(
         raise ConceptError(f"no concept named {name!r} is attached")
     tokens = bank.concepts[name]
     rows = concept_rows(backend, name)
-    st_path, json_path = _paths(path)
+    # The file name in NFC form too, so it is the name every other spelling is looked up under.
+    path = Path(path)
+    st_path, json_path = _paths(path.with_name(normalize_name(path.name)))
     st_path.parent.mkdir(parents=True, exist_ok=True)
     meta = ConceptFileMeta(
         name=name,
@@ -474,6 +476,11 @@ def read_concept_file(path: str | Path) -> tuple[ConceptFileMeta, dict[str, torc
     from safetensors.torch import load_file
 
     st_path, json_path = _paths(path)
+    if not st_path.is_file() and not json_path.is_file():
+        # A decomposed spelling (macOS input) finds the file saved under the composed name.
+        composed = _paths(normalize_name(str(path)))
+        if composed[0].is_file():
+            st_path, json_path = composed
     for p in (st_path, json_path):
         if not p.is_file():
             raise ConceptError(f"concept file {p} does not exist")

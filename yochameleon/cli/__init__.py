@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    if not args.verbose:
+        # faiss logs which CPU build it loaded at INFO ("Could not load library with AVX512 support"),
+        # two lines that read like a problem in front of every index command's own output.
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     # Library warnings (an empty index, skipped pool images) read like the logged ones: one line each.
     shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:

@@ -37,12 +37,13 @@ def run(args: argparse.Namespace) -> None:
         index_dir=args.index,
         device=args.device,
     )
-    backend = load_backend(args.model, LoadOptions(device=args.device))
+    # The test set and the concept folder too: a bad path inside them is refused before a 7B loads.
     if args.yollava:
         test = TestSet.from_yollava(args.test_dir, args.yollava, args.visual_qa, args.text_qa)
     else:
         test = TestSet.load(args.test_dir)
     folder = ConceptFolder.load(args.concept)
+    backend = load_backend(args.model, LoadOptions(device=args.device))
     data = ConceptData(
         folder.name,
         folder.root,

@@ -164,7 +164,8 @@ def check_pixels(image: Image.Image) -> None:
     """
     w, h = image.size
     if w * h > MAX_PIXELS:
-        raise PhotoError(SKIP_BOMB, f"{w}x{h} pixels is more than the limit of {MAX_PIXELS:,}")
+        # The count leads, as in the message for PIL's own refusal (which knows no width and height).
+        raise PhotoError(SKIP_BOMB, f"{w * h:,} pixels ({w}x{h}) is more than the limit of {MAX_PIXELS:,}")
 
 
 def open_image(path: str | Path) -> Image.Image:
