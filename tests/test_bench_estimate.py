@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -13,11 +14,13 @@ from yochameleon.eval.bench.estimate import (
     ModelShape,
     estimate,
     model_shape,
+    options_for_run,
     parameter_bytes,
     validate,
 )
 from yochameleon.eval.bench.reference import BenchError
 from yochameleon.eval.bench.train_bench import BenchOptions, Features, _worker_spec, run_in_subprocess
+from yochameleon.train.loss import LOGITS_CHUNK_BYTES, UPCAST_ROWS
 
 
 def test_anole_7b_parameters_and_memory():
@@ -52,6 +55,28 @@ def test_fast_path_features_lower_the_estimate():
     assert full_matrices.trainable_bytes > 100 * ours.trainable_bytes
     assert no_ckpt.activation_bytes > ours.activation_bytes
     assert full_logits.flops > ours.flops > no_ckpt.flops
+
+
+def test_eager_attention_and_whole_chunk_upcasts_raise_the_estimate_by_their_tensors():
+    shape = model_shape("anole-tiny")
+    base = EstimateOptions(quant="bf16", checkpointing=True, batch=4, seq=320, device="cpu")
+    ours = estimate(shape, base)
+    eager = estimate(shape, replace(base, sdpa=False))
+    # One recomputed layer's bf16 probabilities and masked scores, plus a float32 softmax transient.
+    assert eager.activation_bytes - ours.activation_bytes == 4 * shape.num_heads * 320**2 * (2 * 2 + 4)
+    whole = estimate(shape, replace(base, row_upcast=False))
+    rows = LOGITS_CHUNK_BYTES // (4 * shape.vocab_size)
+    assert whole.logits_bytes - ours.logits_bytes == (rows - UPCAST_ROWS) * shape.vocab_size * 8
+    # float32 chunks are worked on in place: nothing is upcast, whole or by rows.
+    fp32 = replace(base, quant="fp32")
+    assert estimate(shape, replace(fp32, row_upcast=False)).logits_bytes == estimate(shape, fp32).logits_bytes
+    run = {
+        "features": asdict(Features().without("sdpa").without("row_upcast")),
+        "device": "cpu",
+        "steps": [{"padded_tokens": 1280, "labelled_tokens": 640}],
+    }
+    opts = options_for_run(run, 4)
+    assert (opts.sdpa, opts.row_upcast, opts.seq) == (False, False, 320)
 
 
 def test_shapes_from_builtins_and_config_dirs(tmp_path):

@@ -11,7 +11,13 @@ import torch
 from torch.profiler import record_function
 
 from yochameleon.cli import build_parser
-from yochameleon.eval.bench.estimate import model_shape, options_for_run
+from yochameleon.eval.bench.estimate import (
+    BREAKDOWN_CATEGORIES,
+    check_breakdown,
+    estimate,
+    model_shape,
+    options_for_run,
+)
 from yochameleon.eval.bench.memory import CATEGORIES, MB, breakdown, format_breakdown, profile_step
 from yochameleon.eval.bench.reference import BenchError
 from yochameleon.eval.bench.train_bench import (
@@ -23,7 +29,9 @@ from yochameleon.eval.bench.train_bench import (
     _summarise,
     _worker_spec,
     check_targets,
+    format_breakdown_check,
     format_result,
+    resolve_model,
     run_in_subprocess,
     workload_records_mix60,
 )
@@ -88,6 +96,30 @@ def test_breakdown_adds_up_to_the_measured_training_memory():
     assert "logits and log-softmax transients" in text and "allocator slack" in text
 
 
+def test_estimate_is_checked_category_by_category_on_the_profiled_batch():
+    b = {c: 10.0 for c in CATEGORIES} | {"logits_max": 12.0, "train_memory": 70.0}
+    run = {
+        "features": Features().__dict__,
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "steps": [{"padded_tokens": 100, "labelled_tokens": 50}],
+        "breakdown": {**b, "batch_padded_tokens": 1200, "batch_labelled_tokens": 1000},
+    }
+    check = check_breakdown(model_shape("anole-tiny"), run, batch_size=4)
+    assert set(check) == {*BREAKDOWN_CATEGORIES, "total"}
+    assert check["activations"]["measured_mb"] == 30 and check["trainable"]["measured_mb"] == 20
+    assert check["logits"]["measured_mb"] == 12 and check["runtime"]["measured_mb"] == 10
+    assert check["total"]["measured_mb"] == 70
+    # Estimated for the profiled batch (1,200 tokens, 1,000 labelled), not the run's average one.
+    opts = options_for_run(run, 4)
+    opts.seq, opts.labelled_fraction = 300, 1000 / 1200
+    est = estimate(model_shape("anole-tiny"), opts)
+    assert check["total"]["estimated_mb"] == pytest.approx(est.training_bytes / MB)
+    assert check["logits"]["estimated_mb"] == pytest.approx(est.logits_bytes / MB)
+    text = format_breakdown_check({"ours bf16": check})
+    assert "ours bf16" in text and "activations" in text
+
+
 def test_mix60_is_the_issue_27_data_mix():
     records = workload_records_mix60()
     assert len(records) == 60
@@ -138,6 +170,25 @@ def test_cli_parses_memory_breakdown_dtypes_and_workload():
     args = build_parser().parse_args(["bench", "estimate", "--model-config", "anole-tiny"])
     shape = model_shape(args.model_config)
     assert (shape.hidden_size, shape.vocab_size, shape.image_tokens) == (256, 18432, 256)
+
+
+def test_ablation_rows_run_without_the_reference_and_only_those_asked_for():
+    args = build_parser().parse_args(
+        ["bench", "train", "--no-reference", "--ablate", "sdpa", "--ablate", "row_upcast", "--no-breakdown"]
+    )
+    assert args.no_reference and args.no_breakdown and args.ablate == ["sdpa", "row_upcast"]
+    assert BenchOptions(model="tiny").ablate == tuple(Features().__dict__)
+    with pytest.raises(BenchError, match="unknown fast-path features"):
+        BenchOptions(model="tiny", ablate=("faster",))
+    # The reference attends like ours: its rows compare trainers, the sdpa row compares attention.
+    assert Features.reference().sdpa and not Features.reference().row_upcast
+
+    def row(seconds, memory):
+        return {"s_per_step": seconds, "train_memory_mb": memory}
+
+    part = _compare({"ours": row(1.0, 100.0), "no_sdpa": row(1.5, 150.0)})
+    assert "reference" not in part and [r["feature_off"] for r in part["ablation"]] == ["sdpa"]
+    assert part["ablation"][0]["slowdown"] == 1.5 and part["ablation"][0]["memory_vs_ours"] == 1.5
 
 
 def test_targets_are_checked_per_dtype():
@@ -205,3 +256,27 @@ def test_bounded_heap_returns_freed_blocks_to_the_system():
     # Sliding threshold: the 12 MiB blocks come from the heap and stay resident once freed.
     assert held("sliding") > 40
     assert held("bound") < 8
+
+
+@pytest.mark.slow
+def test_anole_tiny_bf16_step_measures_no_more_memory_than_fp32_and_its_breakdown_holds():
+    """Issue 27 on its own preset: both dtypes under 230 MB, bf16 never above fp32, parts that add up."""
+    model_dir = resolve_model("anole-tiny")
+    # 15 steps of batch 4 are one epoch of the 60 records, so the largest batch is among them.
+    options = BenchOptions(model="anole-tiny", steps=15, device="cpu")
+    runs = {
+        dtype: run_in_subprocess(_worker_spec(options, model_dir, Features(), dtype, True), timeout=3600)
+        for dtype in ("float32", "bfloat16")
+    }
+    for run in runs.values():
+        b = run["breakdown"]
+        assert sum(b[c] for c in CATEGORIES) == pytest.approx(run["train_memory_mb"], abs=1e-6)
+        # The profiler's live tensors at the step's peak fit inside the measured RSS growth.
+        tensors = sum(b[c] for c in CATEGORIES if c != "allocator_slack")
+        assert 0 < tensors <= b["train_memory"]
+        assert b["tensor_peak"] <= b["train_memory"]
+        assert run["train_memory_mb"] <= 230
+    fp32, bf16 = runs["float32"], runs["bfloat16"]
+    assert bf16["train_memory_mb"] <= fp32["train_memory_mb"]
+    for part in ("activations", "gradients", "logits_max", "tensor_peak"):
+        assert bf16["breakdown"][part] <= fp32["breakdown"][part], part

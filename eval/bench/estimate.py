@@ -163,6 +163,10 @@ class EstimateOptions:
         label_only: logits at labelled positions only (``False``: at every position).
         rows_only: AdamW over the concept rows (``False``: whole embedding and head matrices).
         capped_chunks: logits chunks capped in bytes as the loss caps them (``False``: ``logits_chunk`` rows).
+        row_upcast: a low-precision chunk upcast to float32 ``UPCAST_ROWS`` rows at a time (``False``:
+            the whole chunk at once).
+        sdpa: fused attention (``False``: eager attention, whose ``B × heads × T × T`` scores and
+            probabilities are kept for backward).
         concept_tokens: trainable rows per matrix (``<sks>`` + 16 + 16 by default).
         device: ``cuda`` or ``cpu`` (selects the runtime overhead).
         gpu: key of :data:`GPUS` for the time estimate.
@@ -178,6 +182,8 @@ class EstimateOptions:
     label_only: bool = True
     rows_only: bool = True
     capped_chunks: bool = True
+    row_upcast: bool = True
+    sdpa: bool = True
     concept_tokens: int = 33
     device: str = "cuda"
     gpu: str = "h100"
@@ -278,6 +284,11 @@ def estimate(shape: ModelShape, options: EstimateOptions) -> Estimate:
         activations = tokens * (n_layers * stream + per_token_layer + a * (2 * inter + 4 * h))
     else:
         activations = tokens * (n_layers * per_token_layer + a * (2 * inter + 4 * h))
+    if not o.sdpa:
+        # Eager attention keeps each layer's probabilities (and the masked scores) for backward, and
+        # makes a float32 softmax transient: for one recomputed layer under checkpointing, else all.
+        scores = o.batch * shape.num_heads * o.seq**2
+        activations += scores * (2 * a * (1 if o.checkpointing else n_layers) + 4)
 
     # Logits. Label-only (one chunk at a time, in the head's dtype, the chunk capped at
     # LOGITS_CHUNK_BYTES on a CPU, LOGITS_CHUNK_BYTES_GPU on a GPU): the chunk with the concept columns spliced in, and the copy autograd makes
@@ -288,7 +299,9 @@ def estimate(shape: ModelShape, options: EstimateOptions) -> Estimate:
     if o.label_only:
         cap = LOGITS_CHUNK_BYTES if o.device == "cpu" else LOGITS_CHUNK_BYTES_GPU
         rows = min(o.logits_chunk, cap // (4 * vocab) if o.capped_chunks else o.logits_chunk, labelled)
-        upcast = min(UPCAST_ROWS, rows) * vocab * (8 if a < 4 else 4)
+        # float32 chunks are worked on in place, so only low-precision ones upcast whole without row_upcast.
+        whole = not o.row_upcast and a < 4
+        upcast = (rows if whole else min(UPCAST_ROWS, rows)) * vocab * (8 if a < 4 else 4)
         # Plus the labelled hidden states and their gradient (held until backward), targets, weights, CE.
         logits = rows * vocab * 2 * a + upcast + labelled * (2 * a * h + 16)
     else:
@@ -349,6 +362,8 @@ def options_for_run(run: dict[str, Any], batch_size: int) -> EstimateOptions:
         label_only=f["label_only"],
         rows_only=f["rows_only"],
         capped_chunks=f.get("capped_chunks", True),
+        row_upcast=f.get("row_upcast", True),
+        sdpa=f.get("sdpa", True),
         device="cuda" if str(run["device"]).startswith("cuda") else "cpu",
     )
 
@@ -371,6 +386,53 @@ def validate(shape: ModelShape, run: dict[str, Any], batch_size: int) -> dict[st
         "tolerance": TOLERANCE,
         "within_tolerance": abs(rel) <= TOLERANCE,
     }
+
+
+# The estimate's categories and the measured breakdown's categories (memory.CATEGORIES) they cover.
+BREAKDOWN_CATEGORIES = {
+    "trainable": ("trainable_parameters", "optimizer_state"),
+    "activations": ("activations", "gradients", "inputs_and_other"),
+    "logits": ("logits_max",),
+    "runtime": ("allocator_slack",),
+}
+
+
+def check_breakdown(shape: ModelShape, run: dict[str, Any], batch_size: int) -> dict[str, dict[str, float]]:
+    """The estimate's categories next to a measured ``bench train`` breakdown's, in MB.
+
+    The estimate is made for the profiled batch itself (its padded and labelled tokens), not the
+    run's average batch. Activations cover the profile's activations, the gradients autograd passes
+    between layers and other temporaries; logits are the most logits live at any time of the step
+    (the estimate's logits also hold the labelled hidden states and their gradient, which the profile
+    files under activations and gradients); runtime is the measured allocator slack.
+
+    Args:
+        shape: the measured model's shape.
+        run: a worker result or summary row with a ``breakdown``.
+        batch_size: samples per step of that run.
+
+    Returns:
+        ``{category: {"estimated_mb", "measured_mb"}}`` for :data:`BREAKDOWN_CATEGORIES` and ``total``.
+    """
+    b = run["breakdown"]
+    padded = max(1, b["batch_padded_tokens"])
+    opts = options_for_run(run, batch_size)
+    opts.seq = max(1, round(padded / batch_size))
+    opts.labelled_fraction = min(1.0, max(1, b["batch_labelled_tokens"]) / padded)
+    est = estimate(shape, opts)
+    estimated = {
+        "trainable": est.trainable_bytes,
+        "activations": est.activation_bytes,
+        "logits": est.logits_bytes,
+        "runtime": est.runtime_bytes,
+        "total": est.training_bytes,
+    }
+    out = {
+        name: {"estimated_mb": estimated[name] / MB, "measured_mb": sum(b[k] for k in keys)}
+        for name, keys in BREAKDOWN_CATEGORIES.items()
+    }
+    out["total"] = {"estimated_mb": estimated["total"] / MB, "measured_mb": b["train_memory"]}
+    return out
 
 
 def format_estimate(est: Estimate) -> str:

@@ -16,7 +16,12 @@ An ablation runs the fast path with one feature switched off at a time:
   oneDNN compiles and caches few kernels (off: every batch's own shapes);
 * ``bounded_heap``: on a CPU, glibc's mmap threshold fixed at a logits chunk's 8 MiB, so larger freed
   blocks go back to the system (off: glibc's sliding threshold, whose heap keeps freed fragments
-  resident).
+  resident);
+* ``row_upcast``: a low-precision chunk's logits upcast to float32 32 rows at a time (off: the whole
+  chunk at once, as ``logits.float()`` would; the same under fp32);
+* ``sdpa``: ``scaled_dot_product_attention`` (off: transformers' eager attention, which materialises
+  every head's ``T × T`` scores and their softmax for backward). The reference keeps it on: it is
+  transformers' default, so the reference's rows compare trainers, not attention kernels.
 
 The workload is a realistic mixed set of one concept's records (recognition of positives and
 negatives, real and soft-positive generation, text QA) on real photos from scikit-image, batch 4.
@@ -55,6 +60,8 @@ FEATURES = (
     "capped_chunks",
     "shape_buckets",
     "bounded_heap",
+    "row_upcast",
+    "sdpa",
 )
 FEATURE_LABELS = {
     "token_cache": "no token cache: re-encode images every step",
@@ -65,6 +72,8 @@ FEATURE_LABELS = {
     "capped_chunks": "no chunk cap: 1,024-row logits chunks",
     "shape_buckets": "no shape buckets: every batch its own shapes",
     "bounded_heap": "no heap bound: glibc's sliding mmap threshold",
+    "row_upcast": "no row upcast: a whole chunk's logits to fp32",
+    "sdpa": "no sdpa: eager attention",
 }
 MODEL_SIZES = ("tiny", "small", "anole-tiny")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -79,7 +88,7 @@ DEFAULTS: dict[str, Any] = {"workload": "mixed16", "dtypes": ("float32",), "thre
 
 @dataclass(frozen=True)
 class Features:
-    """Which fast-path features a run uses. All on is ours; all off is the reference."""
+    """Which fast-path features a run uses. All on is ours; all off but ``sdpa`` is the reference."""
 
     token_cache: bool = True
     label_only: bool = True
@@ -89,10 +98,13 @@ class Features:
     capped_chunks: bool = True
     shape_buckets: bool = True
     bounded_heap: bool = True
+    row_upcast: bool = True
+    sdpa: bool = True
 
     @classmethod
     def reference(cls) -> Features:
-        return cls(**dict.fromkeys(FEATURES, False))
+        # Attention stays transformers' default (sdpa): the reference rows compare trainers.
+        return cls(**dict.fromkeys(FEATURES, False) | {"sdpa": True})
 
     def without(self, feature: str) -> Features:
         """These features with ``feature`` switched off."""
@@ -127,6 +139,7 @@ class BenchOptions:
         dtypes: dtypes of the frozen weights; every configuration runs once per dtype.
         breakdown: profile one step of ours and of the reference (first run of each dtype) and
             report where its memory goes (:mod:`~yochameleon.eval.bench.memory`).
+        ablate: the features whose one-off rows the ablation runs (``None``: all of :data:`FEATURES`).
     """
 
     model: str = "small"
@@ -142,6 +155,7 @@ class BenchOptions:
     workload: str | None = None
     dtypes: tuple[str, ...] | None = None
     breakdown: bool = True
+    ablate: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         preset = PRESETS.get(self.model, {})
@@ -149,6 +163,10 @@ class BenchOptions:
             if getattr(self, key) is None:
                 setattr(self, key, preset.get(key, default))
         self.dtypes = tuple(self.dtypes)
+        self.ablate = FEATURES if self.ablate is None else tuple(self.ablate)
+        unknown = [f for f in self.ablate if f not in FEATURES]
+        if unknown:
+            raise BenchError(f"unknown fast-path features {unknown}; choose from {list(FEATURES)}")
         if self.workload not in WORKLOADS:
             raise BenchError(f"workload must be one of {sorted(WORKLOADS)}, got {self.workload!r}")
         bad = [d for d in self.dtypes if d not in DTYPES]
@@ -526,6 +544,8 @@ class StepRunner:
                 build_sequence(backend, r, self.tokens, cache[r["image"]] if r.get("image") else None)
                 for r in records
             ]
+        if not features.sdpa:
+            backend.model.set_attn_implementation("eager")
         if features.checkpointing:
             backend.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -563,7 +583,7 @@ class StepRunner:
 
     def loss(self, batch):
         from yochameleon.eval.bench.reference import full_vocabulary_loss
-        from yochameleon.train.loss import label_only_loss
+        from yochameleon.train.loss import UPCAST_ROWS, label_only_loss
 
         if self.features.label_only:
             return label_only_loss(
@@ -573,6 +593,7 @@ class StepRunner:
                 max_chunk_bytes=None if self.features.capped_chunks else sys.maxsize,
                 buckets=None if self.features.shape_buckets else False,
                 bound_heap=None if self.features.bounded_heap else False,
+                upcast_rows=UPCAST_ROWS if self.features.row_upcast else sys.maxsize,
             )[0]
         return full_vocabulary_loss(self.backend, batch)
 
@@ -668,11 +689,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     for indices in batches[: spec["steps"]]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         info = runner.step(indices)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         info["seconds"] = time.perf_counter() - t0
+        # CPU seconds of all threads: on a shared machine wall time mostly measures the other jobs.
+        info["cpu_seconds"] = time.process_time() - c0
         steps.append(info)
     peak = memory.peak()
     result = {
@@ -741,6 +764,7 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "s_per_step": statistics.median(per_step),
         "s_per_step_mean": total / len(steps),
         "s_per_step_runs": [statistics.median(s["seconds"] for s in r["steps"]) for r in runs],
+        "cpu_s_per_step": statistics.median(s.get("cpu_seconds", s["seconds"]) for s in steps),
         "samples_per_s": sum(s["samples"] for s in steps) / total,
         "padded_tokens_per_s": sum(s["padded_tokens"] for s in steps) / total,
         "real_tokens_per_s": sum(s["real_tokens"] for s in steps) / total,
@@ -881,8 +905,8 @@ def bench_train(options: BenchOptions, progress: bool = True, reference: bool = 
     for dtype in options.dtypes:
         for _ in range(options.repeats):
             jobs += [(dtype, "ours", ours)] + ([(dtype, "reference", ref)] if reference else [])
-        if options.ablation and reference:
-            jobs += [(dtype, f"no_{f}", ours.without(f)) for f in FEATURES]
+        if options.ablation:
+            jobs += [(dtype, f"no_{f}", ours.without(f)) for f in options.ablate]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {d: {} for d in options.dtypes}
     for dtype, name, features in tqdm(jobs, desc="bench train", disable=not progress):
         runs = results[dtype].setdefault(name, [])
@@ -916,10 +940,6 @@ def bench_train(options: BenchOptions, progress: bool = True, reference: bool = 
 def _compare(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One dtype's rows: ours, the reference, the ablation and their ratios."""
     o = summary["ours"]
-    out: dict[str, Any] = {"ours": o}
-    if "reference" not in summary:
-        return out
-    r = summary["reference"]
     ablation = []
     for f in FEATURES:
         if f"no_{f}" not in summary:
@@ -934,10 +954,13 @@ def _compare(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 **row,
             }
         )
+    out: dict[str, Any] = {"ours": o, "ablation": ablation}
+    if "reference" not in summary:
+        return out
+    r = summary["reference"]
     return {
         **out,
         "reference": r,
-        "ablation": ablation,
         "speedup": r["s_per_step"] / o["s_per_step"],
         # Mean time per sample, not the median step: the two agree only when all batches cost the same.
         "speedup_throughput": o["samples_per_s"] / r["samples_per_s"],
@@ -1006,10 +1029,39 @@ def estimator_check(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows = [("ours", part["ours"])]
         if "reference" in part:
             rows += [("reference", part["reference"])]
-            rows += [(f"{row['feature_off']} off", row) for row in part["ablation"]]
+        rows += [(f"{row['feature_off']} off", row) for row in part.get("ablation", [])]
         short = DTYPE_SHORT[dtype]
         checks += [{"configuration": f"{name}, {short}", **validate(shape, row, batch)} for name, row in rows]
     return checks
+
+
+def estimator_breakdown_check(result: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """The step estimator's categories against every measured breakdown of a result.
+
+    Returns:
+        ``{"ours fp32": check, ...}``, one :func:`~yochameleon.eval.bench.estimate.check_breakdown`
+        per configuration and dtype that was profiled.
+    """
+    from yochameleon.eval.bench.estimate import check_breakdown, model_shape
+
+    shape = model_shape(result["model_dir"])
+    batch = result["workload"]["batch_size"]
+    checks = {}
+    for dtype, part in result.get("by_dtype", {}).items():
+        for name in ("ours", "reference"):
+            if "breakdown" in part.get(name, {}):
+                checks[f"{name} {DTYPE_SHORT[dtype]}"] = check_breakdown(shape, part[name], batch)
+    return checks
+
+
+def format_breakdown_check(checks: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A table of :func:`estimator_breakdown_check`: estimated / measured MB per category."""
+    names = list(checks)
+    lines = [f"{'estimate / breakdown (MB)':<28}" + "".join(f"{n:>22}" for n in names)]
+    for cat in next(iter(checks.values())):
+        cells = [f"{checks[n][cat]['estimated_mb']:.1f} / {checks[n][cat]['measured_mb']:.1f}" for n in names]
+        lines.append(f"  {cat:<26}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -1022,7 +1074,7 @@ def format_result(result: dict[str, Any]) -> str:
         f"model {result['model']} on {m['cpu']} ({m['cores']} cores), device {first['device']}, "
         f"workload {result['workload']['name']} ({result['workload']['records']} records), "
         f"batch {result['workload']['batch_size']}, {first['steps']} timed steps per implementation",
-        f"{'configuration':<50} {'s/step':>7} {'samp/s':>7} {'pad tok/s':>9} {'real tok/s':>10} "
+        f"{'configuration':<50} {'s/step':>7} {'cpu s':>6} {'samp/s':>7} {'pad tok/s':>9} {'real tok/s':>10} "
         f"{'lab tok/s':>9} {'train MB':>8} {'>import MB':>10} {'model MB':>8} {'loss':>9}",
     ]
     breakdowns = {}
@@ -1031,10 +1083,11 @@ def format_result(result: dict[str, Any]) -> str:
         rows = [(f"ours (all fast-path features), {short}", part["ours"])]
         if "reference" in part:
             rows.append((f"reference, {short}", part["reference"]))
-            rows += [(f"  {row['label']}", row) for row in part["ablation"]]
+        rows += [(f"  {row['label']}", row) for row in part.get("ablation", [])]
         for name, row in rows:
             lines.append(
-                f"{name:<50} {row['s_per_step']:>7.3f} {row['samples_per_s']:>7.3f} "
+                f"{name:<50} {row['s_per_step']:>7.3f} {row.get('cpu_s_per_step', 0):>6.3f} "
+                f"{row['samples_per_s']:>7.3f} "
                 f"{row['padded_tokens_per_s']:>9.0f} {row['real_tokens_per_s']:>10.0f} "
                 f"{row['labelled_tokens_per_s']:>9.0f} {row['train_memory_mb']:>8.0f} "
                 f"{row['peak_above_import_mb']:>10.0f} {row['rss_after_model_mb']:>8.0f} {row['check_loss']:>9.5f}"
@@ -1068,6 +1121,14 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2, help="runs per implementation, interleaved A B A B")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--no-ablation", action="store_true", help="skip the one-feature-off rows")
+    parser.add_argument(
+        "--ablate",
+        action="append",
+        choices=list(FEATURES),
+        default=None,
+        help="run only this feature's one-off row, repeatable (default: every feature)",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference trainer")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1)")
     parser.add_argument(
@@ -1095,6 +1156,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="only profile ours (one run per dtype) and print where one step's memory goes",
     )
+    parser.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="skip the profiled step of ours and the reference (the tables without the breakdown)",
+    )
     parser.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
     parser.set_defaults(func=run_train)
     return parser
@@ -1115,10 +1181,15 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         workload=args.workload,
         dtypes=tuple(args.dtype) if args.dtype else None,
+        breakdown=args.memory_breakdown or not args.no_breakdown,
+        ablate=tuple(args.ablate) if args.ablate else None,
     )
-    result = bench_train(options, reference=not args.memory_breakdown)
+    result = bench_train(options, reference=not (args.memory_breakdown or args.no_reference))
     result["estimator_check"] = estimator_check(result)
+    result["estimator_breakdown_check"] = estimator_breakdown_check(result)
     print(format_result(result))
+    if result["estimator_breakdown_check"]:
+        print(format_breakdown_check(result["estimator_breakdown_check"]))
     for check in result["estimator_check"]:
         print(
             f"estimator vs measured ({check['configuration']}): {check['estimated_mb']:.0f} MB estimated, "

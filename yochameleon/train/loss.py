@@ -123,17 +123,22 @@ def chunk_rows(backend: Backend, chunk: int, max_bytes: int | None = None) -> in
 
 
 @torch.no_grad()
-def _ce_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def _ce_(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    upcast_rows: int = UPCAST_ROWS,
+) -> torch.Tensor:
     """Per-row cross-entropy of ``logits`` ``[N, V]`` in float32, whatever their dtype.
 
     With ``weights``, ``logits`` is overwritten with ``weights * (softmax - onehot)``, the gradient
     of ``sum(weights * ce)`` with respect to them (rounded to their dtype, as autograd would round
-    it through an upcast). Rows are upcast :data:`UPCAST_ROWS` at a time; float32 rows are worked
-    on in place, so float32 ``logits`` hold no logits afterwards, with or without ``weights``.
+    it through an upcast). Rows are upcast ``upcast_rows`` at a time; float32 rows are worked on in
+    place, so float32 ``logits`` hold no logits afterwards, with or without ``weights``.
     """
     ce = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, targets.numel(), UPCAST_ROWS):
-        sl = slice(start, start + UPCAST_ROWS)
+    for start in range(0, targets.numel(), upcast_rows):
+        sl = slice(start, start + upcast_rows)
         block, y = logits[sl], targets[sl]
         x = block.float()  # ``block`` itself when already float32: its values are not needed again
         target = x.gather(-1, y[:, None]).squeeze(-1)
@@ -151,9 +156,11 @@ def _ce_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | No
     return ce
 
 
-def _chunk_ce(backend: Backend, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_ce(
+    backend: Backend, hidden: torch.Tensor, targets: torch.Tensor, upcast_rows: int
+) -> torch.Tensor:
     with record_function(LOGITS_SCOPE):
-        return _ce_(backend.head_logits(hidden), targets)
+        return _ce_(backend.head_logits(hidden), targets, upcast_rows=upcast_rows)
 
 
 class _LabelledCrossEntropy(torch.autograd.Function):
@@ -166,7 +173,7 @@ class _LabelledCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, backend, chunk, hidden, targets, weights, *params):
+    def forward(ctx, backend, chunk, upcast_rows, hidden, targets, weights, *params):
         # ``params`` are the trainable tensors the logits may depend on; unused ones get no gradient.
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
@@ -180,7 +187,7 @@ class _LabelledCrossEntropy(torch.autograd.Function):
                     logits = backend.head_logits(inputs[0] if hidden.requires_grad else hidden[sl])
                 # No autograd node keeps the logits (a backend whose head did would fail loudly in
                 # autograd.grad below), so their gradient is written over them.
-                ce[sl] = _ce_(logits.detach(), targets[sl], weights[sl])
+                ce[sl] = _ce_(logits.detach(), targets[sl], weights[sl], upcast_rows)
                 if not inputs:
                     continue
                 with torch.enable_grad():
@@ -204,7 +211,7 @@ class _LabelledCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_hidden = saved.pop(0) * grad_loss if ctx.has_hidden else None
         grad_params = [saved.pop(0) * grad_loss if used else None for used in ctx.param_mask]
-        return (None, None, grad_hidden, None, None, *grad_params)
+        return (None, None, None, grad_hidden, None, None, *grad_params)
 
 
 def _trainable_parameters(backend: Backend) -> list[torch.nn.Parameter]:
@@ -234,6 +241,7 @@ def label_only_loss(
     max_chunk_bytes: int | None = None,
     buckets: bool | None = None,
     bound_heap: bool | None = None,
+    upcast_rows: int = UPCAST_ROWS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean (optionally task-weighted) cross-entropy over labelled tokens, and per-kind means.
 
@@ -245,6 +253,8 @@ def label_only_loss(
         max_chunk_bytes: most bytes of (float32) logits at once; see :func:`chunk_rows`.
         buckets: bucket shapes (see the module docstring); ``None``: on a CPU only.
         bound_heap: fix glibc's mmap threshold (:func:`bound_cpu_heap`); ``None``: on a CPU only.
+        upcast_rows: rows of low-precision logits upcast to float32 at once (``sys.maxsize``: a
+            whole chunk, as a plain ``logits.float()`` would; the benchmark's ablation).
 
     Returns:
         ``(loss, {kind: mean CE})``; the loss is averaged over labelled tokens (weighted mean when
@@ -276,9 +286,13 @@ def label_only_loss(
         w = torch.cat([w, w.new_zeros(extra)])
     if torch.is_grad_enabled() and y.numel():
         share = w / w.sum().clamp(min=1e-8)
-        loss, ce = _LabelledCrossEntropy.apply(backend, chunk, h, y, share, *_trainable_parameters(backend))
+        params = _trainable_parameters(backend)
+        loss, ce = _LabelledCrossEntropy.apply(backend, chunk, upcast_rows, h, y, share, *params)
     else:
-        parts = [_chunk_ce(backend, h[i : i + chunk], y[i : i + chunk]) for i in range(0, y.numel(), chunk)]
+        parts = [
+            _chunk_ce(backend, h[i : i + chunk], y[i : i + chunk], upcast_rows)
+            for i in range(0, y.numel(), chunk)
+        ]
         ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
         loss = (ce * w).sum() / w.sum().clamp(min=1e-8)
     ce = ce[:n]
