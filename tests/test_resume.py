@@ -210,3 +210,25 @@ def test_refused_resume_leaves_the_lock_file_untouched(backend, lookup, tmp_path
     with pytest.raises(TrainingError, match="already holds a run"):
         _train(backend, lookup, _config(run, max_steps=2))
     assert (lock.read_bytes(), lock.stat().st_mtime_ns) == before
+
+
+def test_train_command_refuses_before_loading_the_model(tmp_path, capsys):
+    from yochameleon.cli import main
+    from yochameleon.config import load_config, to_dict
+
+    run = tmp_path / "run"
+    # The model path does not exist: a refusal that came after loading it would read differently.
+    overrides = [f"output_dir={run}", "model.name_or_path=outputs/no-such-model"]
+    # What a finished run leaves behind: its recorded recipe, a checkpoint and the lock file.
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000004")
+    recorded = to_dict(load_config(TrainConfig, "tiny-cpu", overrides))
+    (run / "run.json").write_text(json.dumps({"config": recorded, "threads": 1}))
+    (run / ".lock").write_text("4242")
+    assert main(["train", "tiny-cpu", *overrides, "optim.lr=0.001", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        "error: cannot resume: the recipe changed since this run started:\n  optim.lr: 0.03 -> 0.001\n"
+    )
+    assert main(["train", "tiny-cpu", *overrides]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (run / ".lock").read_text() == "4242"

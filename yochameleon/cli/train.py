@@ -8,11 +8,14 @@ from typing import Any
 
 def run(args: argparse.Namespace) -> None:
     """Load the recipe with its overrides, train, and name the concept files written."""
-    from yochameleon.config import load_config
+    from yochameleon.config import load_config, to_dict
+    from yochameleon.train.checkpoint import check_run_dir
     from yochameleon.train.config import TrainConfig
     from yochameleon.train.trainer import Trainer
 
     cfg = load_config(TrainConfig, args.recipe, args.overrides)
+    # A refused resume (or a start over a finished run) before the model loads and the data is read.
+    check_run_dir(cfg.output_dir, to_dict(cfg), args.resume)
     trainer = Trainer(cfg)
     trainer.setup()
     result = trainer.train(resume=args.resume)

@@ -128,6 +128,42 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [line + notes.get(line.split(":", 1)[0], "") for line in diff_configs(a, b)]
 
 
+def check_run_dir(run_dir: str | Path, resolved: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """Refuse a resume with a changed recipe, or a fresh start over an existing run.
+
+    Read-only, and it needs no model: the trainer runs it before taking the lock, so a refused start
+    leaves the run directory (lock file included) untouched, and ``yochameleon train`` runs it
+    before loading the model, so the refusal comes at once.
+
+    Args:
+        run_dir: the run directory (``output_dir``).
+        resolved: the resolved recipe of this start (``to_dict`` of its config).
+        resume: whether this start resumes.
+
+    Returns:
+        The run's recorded ``run.json`` when resuming one, else ``None``.
+
+    Raises:
+        TrainingError: the recipe changed in a way a resume cannot take (each change listed), or
+            the directory holds a run and this is not a resume.
+    """
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "run.json"
+    if resume and meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        changes = resume_changes(old["config"], resolved)
+        if changes:
+            raise TrainingError(
+                "cannot resume: the recipe changed since this run started:\n  " + "\n  ".join(changes[:10])
+            )
+        return old
+    if not resume and (run_dir / "checkpoints" / "latest").exists():
+        raise TrainingError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another output_dir"
+        )
+    return None
+
+
 def remove_stale_tmp(run_dir: str | Path) -> list[Path]:
     """Delete ``checkpoints/.tmp-*`` folders that a killed run left behind; return them.
 

@@ -36,10 +36,10 @@ from yochameleon.config import to_dict
 from yochameleon.errors import TrainingError
 from yochameleon.train.checkpoint import (
     RunLock,
+    check_run_dir,
     config_hash,
     load_checkpoint,
     remove_stale_tmp,
-    resume_changes,
     save_checkpoint,
 )
 from yochameleon.train.config import TrainConfig
@@ -243,29 +243,6 @@ class Trainer:
                     "exp_avg_sq": tensors[f"optim/{i}/exp_avg_sq"].to(p.device).clone(),
                 }
 
-    def _check_run_dir(self, resume: bool, resolved: dict[str, Any]) -> dict[str, Any] | None:
-        """Refuse a resume with a changed recipe, or a fresh start over an existing run.
-
-        Read-only: it runs before the lock is taken, so a refused start leaves the run directory,
-        lock file included, untouched. Returns the run's recorded ``run.json`` when resuming.
-        """
-        meta_path = self.run_dir / "run.json"
-        if resume and meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            changes = resume_changes(old["config"], resolved)
-            if changes:
-                raise TrainingError(
-                    "cannot resume: the recipe changed since this run started:\n  "
-                    + "\n  ".join(changes[:10])
-                )
-            return old
-        if not resume and (self.run_dir / "checkpoints" / "latest").exists():
-            raise TrainingError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
-                "another output_dir"
-            )
-        return None
-
     def _write_run_meta(self, resolved: dict[str, Any], threads: int) -> None:
         # Written whole and renamed: other ranks read run.json while rank 0 rewrites it.
         meta = {"config_hash": config_hash(resolved), "config": resolved, "threads": threads}
@@ -303,7 +280,8 @@ class Trainer:
 
         cfg, o = self.cfg, self.cfg.optim
         resolved = to_dict(cfg)
-        old_meta = self._check_run_dir(resume, resolved)
+        # Read-only and before the lock: a refused start leaves the run directory untouched.
+        old_meta = check_run_dir(self.run_dir, resolved, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir).acquire() if self.is_main else None
         threads_before = torch.get_num_threads()
