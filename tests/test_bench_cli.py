@@ -72,6 +72,8 @@ def test_bench_train_tiny_writes_both_implementations_ablation_and_estimator_che
         "capped_chunks",
         "shape_buckets",
         "bounded_heap",
+        "row_upcast",
+        "sdpa",
     ]
     for row in result["ablation"]:
         assert row["features"][row["feature_off"]] is False
