@@ -522,8 +522,8 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
     lines: list[str] = []
     again = build(config, progress=False, log=lines.append)  # every stage cached: only copying is left
     assert not any("building" in line for line in lines)
-    # scorer, vq, vq_refine, base, base_refine, base_gates, embedder + pool index
-    assert sum("cached" in line for line in lines) == 8
+    # scorer, vq, vq_refine, base, base_refine, base_chat, base_gates, embedder + pool index
+    assert sum("cached" in line for line in lines) == 9
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
     # Measuring the gates differently re-measures them and retrains nothing.
     lines.clear()
@@ -649,6 +649,65 @@ def test_all_questions_sample_asks_every_question_once_with_only_answers_labelle
             assert all(t in answered for t in tokenize(qa.answer))
         firsts.add(ids[8])  # first word of the first question, right after the image span
     assert len(firsts) > 1  # the question order varies
+
+
+def test_chat_rows_are_the_frameworks_turns_with_names_defined_before_use(backend):
+    """Chat-round rows are exactly ``turn_ids`` plus a labelled answer, and their yes/no is right."""
+    from yochameleon.conversation import turn_ids
+    from yochameleon.eval.toyworld.pretrain import ChatRefineConfig, ImageBank, chat_sample
+    from yochameleon.eval.toyworld.world import caption, full_caption
+
+    for bad in ({"steps": -1}, {"chat_share": 1.5}, {"named_share": -0.1}, {"text_share": 2.0}):
+        with pytest.raises(PretrainError):
+            ChatRefineConfig(**bad)
+    world = ToyWorld(0)
+    base = [world.splits["pretrain"][0]]
+    base.append(next(i for i in world.splits["pretrain"] if i.shape != base[0].shape))
+    # One photo per identity; each photo's VQ ids say whose it is.
+    photos = [[7 + k] * backend.image_seq_len for k in range(2)]
+    bank = ImageBank(base, torch.tensor(photos), np.array([0, 1]), 2, np.ones(2, bool))
+    eot = backend.special.eot
+
+    def parts(ids, labels):
+        split = next(i for i, label in enumerate(labels) if label != -100)
+        assert ids[split - 1] == eot and ids[-1] == eot and labels[split:] == ids[split:]
+        human = ids[:split]
+        shown = [k for k in range(2) if backend.image_span(photos[k])[1:-1][0] in human]
+        text = backend.decode_text(human)
+        # Descriptions hold no "." and a question is one sentence: a "." with text after it ends a preamble.
+        end = text.find(".") + 1
+        preamble = text[:end] if 0 < end < len(text) else ""
+        question = text[len(preamble) :].strip()
+        # The human turn is what the framework sends: rebuilt from its parts, the ids are equal.
+        assert human == turn_ids(backend, question, [], [photos[k] for k in shown], preamble=preamble)
+        return preamble, question, shown, backend.decode_text(ids[split:-1])
+
+    kinds = set()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        preamble, question, shown, answer = parts(*chat_sample(backend, bank, rng, ChatRefineConfig()))
+        if preamble:
+            name = preamble.split(" is ")[0]
+            # The name is used in the question (one pattern paraphrase asks about "the surface").
+            assert name.isalpha() and name.islower()
+            assert name in question or question.endswith("What is on the surface?")
+            described = preamble[len(name) + 4 : -1]
+        if not shown:
+            kinds.add("text")
+            assert preamble and answer.startswith(f"{name} is ")
+        elif answer.startswith(("Yes", "No")):
+            kinds.add("named recognition" if preamble else "recognition")
+            if preamble:
+                owner = base[shown[0]]
+                fits = described in (caption(owner), full_caption(owner))
+                assert answer.startswith("Yes") == fits, (preamble, question, answer)
+        else:
+            kinds.add("attribute")
+            assert answer.startswith(("It is ", "It has "))
+    assert kinds == {"text", "named recognition", "recognition", "attribute"}
+    for _ in range(30):  # without names, no row has a preamble
+        preamble, _, shown, _ = parts(*chat_sample(backend, bank, rng, ChatRefineConfig(named_share=0.0)))
+        assert preamble == "" and len(shown) == 1
 
 
 def _word_backend():

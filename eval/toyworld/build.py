@@ -52,6 +52,7 @@ from .gates import (
 from .pretrain import (
     EMBEDDER_NAME,
     BaseRefineConfig,
+    ChatRefineConfig,
     EmbedderTrainConfig,
     LMTrainConfig,
     VQRefineConfig,
@@ -127,7 +128,8 @@ class BuildConfig:
             silently accepted). Not part of any stage's cache key.
         threads: torch CPU threads for training.
         scorer_steps, pool_size: scorer training steps and retrieval pool size.
-        vq, vq_refine, lm, base_refine, embedder, gates: each stage's settings.
+        vq, vq_refine, lm, base_refine, base_chat, embedder, gates: each stage's settings
+            (``base_chat`` is a second refinement round in the framework's conversation format).
     """
 
     out: str = str(default_out_dir())
@@ -144,6 +146,7 @@ class BuildConfig:
     vq_refine: VQRefineConfig = field(default_factory=VQRefineConfig)
     lm: LMTrainConfig = field(default_factory=LMTrainConfig)
     base_refine: BaseRefineConfig = field(default_factory=BaseRefineConfig)
+    base_chat: ChatRefineConfig = field(default_factory=ChatRefineConfig)
     embedder: EmbedderTrainConfig = field(default_factory=EmbedderTrainConfig)
     gates: GateSizes = field(default_factory=GateSizes)
 
@@ -181,6 +184,7 @@ class BuildConfig:
                 "vq": replace(seeded["vq"], steps=120, batch_size=32),
                 "vq_refine": replace(seeded["vq_refine"], steps=30),
                 "base_refine": BaseRefineConfig(steps=20),
+                "base_chat": ChatRefineConfig(steps=10),
                 "lm": replace(seeded["lm"], steps=120, batch_size=16, n_identities=256, compile=False),
                 "embedder": replace(seeded["embedder"], steps=40, batch_size=32),
                 "gates": GateSizes(
@@ -419,6 +423,24 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
             base_dir, results["base_refine"] = cache.run("base_refine", base_refine_key, base_refine_stage)
             stage_seconds["base_refine"] = time.perf_counter() - t0
 
+        # 3a'. a round in the framework's own conversation format, names defined in a preamble --------
+        if config.base_chat.steps:
+            base_chat_key = {
+                "base": base_dir.name,
+                "chat": asdict(config.base_chat),
+                "refine": asdict(config.base_refine),  # the rows outside the chat share
+            }
+            chat_source = base_dir / "base"
+
+            def base_chat_stage(folder: Path) -> dict:
+                return _base_refine_stage(
+                    config, world, vq_dir, chat_source, folder / "base", progress, chat=config.base_chat
+                )
+
+            t0 = time.perf_counter()
+            base_dir, results["base_chat"] = cache.run("base_chat", base_chat_key, base_chat_stage)
+            stage_seconds["base_chat"] = time.perf_counter() - t0
+
         # 3b. the base model's gates: a stage of their own, so measuring differently never retrains it ----
         base_gates_key = {"base": base_dir.name, "scorer": scorer_dir.name, "gates": asdict(config.gates)}
 
@@ -534,9 +556,19 @@ def _base_stage(config: BuildConfig, world: ToyWorld, vq_dir: Path, base_dir: Pa
 
 
 def _base_refine_stage(
-    config: BuildConfig, world: ToyWorld, vq_dir: Path, source: Path, base_dir: Path, progress: bool
+    config: BuildConfig,
+    world: ToyWorld,
+    vq_dir: Path,
+    source: Path,
+    base_dir: Path,
+    progress: bool,
+    chat: ChatRefineConfig | None = None,
 ) -> dict:
-    """Continue pretraining the base in ``source`` with :class:`BaseRefineConfig` into ``base_dir``."""
+    """Continue pretraining the base in ``source`` with :class:`BaseRefineConfig` into ``base_dir``.
+
+    With ``chat`` it is the chat round instead: its steps and rate, and its share of rows in the
+    framework's conversation format (:class:`ChatRefineConfig`).
+    """
     from safetensors.torch import load_file
     from transformers import ChameleonVQVAEConfig
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
@@ -549,7 +581,8 @@ def _base_refine_stage(
     refine = config.base_refine
     backend = load_backend(source)
     bank = build_image_bank(backend, world, config.lm, progress)  # the photos the base was trained on
-    lm = replace(config.lm, steps=refine.steps, lr=refine.lr, mix=refine.mix, codebook_init=False)
+    steps, lr = (refine.steps, refine.lr) if chat is None else (chat.steps, chat.lr)
+    lm = replace(config.lm, steps=steps, lr=lr, mix=refine.mix, codebook_init=False)
     stats = pretrain_lm(
         backend,
         bank,
@@ -557,6 +590,7 @@ def _base_refine_stage(
         progress,
         marks_share=refine.marks_share,
         independent_turns=refine.independent_turns,
+        chat=chat,
     )
     spec = base_spec(config.lm, config.vq, config.image_size)
     vq_state = load_file(str(vq_dir / "vq.safetensors"))
