@@ -11,6 +11,7 @@ import torch
 
 from yochameleon.baselines import ConceptData, build_method, method_names
 from yochameleon.baselines.myvlm import LinearProbeHead
+from yochameleon.baselines.prompting import definition
 from yochameleon.data.config import DataConfig
 from yochameleon.errors import ConfigError, DataError
 from yochameleon.eval.harness import TestSet, evaluate
@@ -111,6 +112,17 @@ def test_oracle_text_prompt_reads_the_oracle_description_and_refuses_a_concept_w
         plain.prompt("Is <sks> here?").ids
     )
     assert oracle.prompt_tokens() > plain.prompt_tokens()
+    # A description that does not name <sks> becomes the definition of the name the question uses.
+    bare = replace(
+        data, description="a small red fox", oracle_description="a small red fox with a white tail tip"
+    )
+    for method in (plain, oracle):
+        method.fit(bare, tmp_path)
+        text = backend.decode_text(method.prompt("Is <sks> here?").ids)
+        assert text.startswith("sks is a small red fox") and text.endswith(". Is sks here?")
+    assert (
+        definition("<sks> is a fox.", "x") == "sks is a fox." and definition("", "a toy") == "sks is a toy."
+    )
     with pytest.raises(ConfigError, match="oracle description"):
         build_method("text_prompt_oracle", backend).fit(replace(data, oracle_description=""), tmp_path)
 

@@ -682,7 +682,7 @@ def test_chat_rows_are_the_frameworks_turns_with_names_defined_before_use(backen
         assert human == turn_ids(backend, question, [], [photos[k] for k in shown], preamble=preamble)
         return preamble, question, shown, backend.decode_text(ids[split:-1])
 
-    kinds = set()
+    kinds, said_yes = set(), []
     rng = np.random.default_rng(0)
     for _ in range(200):
         preamble, question, shown, answer = parts(*chat_sample(backend, bank, rng, ChatRefineConfig()))
@@ -697,6 +697,7 @@ def test_chat_rows_are_the_frameworks_turns_with_names_defined_before_use(backen
             assert preamble and answer.startswith(f"{name} is ")
         elif answer.startswith(("Yes", "No")):
             kinds.add("named recognition" if preamble else "recognition")
+            said_yes.append(answer.startswith("Yes"))
             if preamble:
                 owner = base[shown[0]]
                 fits = described in (caption(owner), full_caption(owner))
@@ -705,6 +706,7 @@ def test_chat_rows_are_the_frameworks_turns_with_names_defined_before_use(backen
             kinds.add("attribute")
             assert answer.startswith(("It is ", "It has "))
     assert kinds == {"text", "named recognition", "recognition", "attribute"}
+    assert 0.35 < np.mean(said_yes) < 0.65  # balanced, so "no" is never the safe guess
     for _ in range(30):  # without names, no row has a preamble
         preamble, _, shown, _ = parts(*chat_sample(backend, bank, rng, ChatRefineConfig(named_share=0.0)))
         assert preamble == "" and len(shown) == 1

@@ -710,10 +710,10 @@ class ChatRefineConfig:
         text_share: share of the named rows asked without a photo (what the definition says).
     """
 
-    steps: int = 1200
+    steps: int = 2400
     lr: float = 5e-4
     chat_share: float = 0.5
-    named_share: float = 0.6
+    named_share: float = 0.8
     text_share: float = 0.2
 
     def __post_init__(self) -> None:
@@ -1091,9 +1091,11 @@ def _multi_turn(
 
 _NAME_LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 _CONCEPT_FACTORS = ("shape", "colour", "pattern", "size")  # the order of world.concept_qa's rows
-# In a chat-format recognition row, the share whose photo shows another object (the benchmark's random
-# scenes), so a named description is also rejected where nothing about the photo fits it.
-STRANGER_SHARE = 0.25
+# Chat-format photo rows: the share that are recognition questions (the rest ask about one attribute),
+# and the share of their "no" rows whose photo shows another object (the benchmark's random scenes), so
+# a description is also rejected where nothing in the photo fits it. Half the rows are "yes".
+RECOGNITION_SHARE = 0.7
+STRANGER_SHARE = 0.5
 
 
 def made_up_name(rng: np.random.Generator) -> str:
@@ -1112,9 +1114,9 @@ def chat_sample(
 
     With probability ``config.named_share`` the object gets a made-up name, defined in the preamble
     (``"qvo is a large red striped circle."``) and used in the question; otherwise the question names
-    it by its description, as the base was pretrained. The row is a recognition question (the
-    description of the photo's object or a changed one, as :func:`existence_description`; a quarter of
-    them about a photo of another object), a question about one attribute of the photo's object, or,
+    it by its description, as the base was pretrained. The row is a recognition question (half
+    "yes", the description of the photo's object; half "no", a changed description as
+    :func:`existence_description` or the object's own one about a photo of another object), a question about one attribute of the photo's object, or,
     for ``config.text_share`` of the named rows, an attribute question without a photo that the
     definition answers (multiple choice half of the time, as the benchmark's text QA asks).
 
@@ -1139,11 +1141,12 @@ def chat_sample(
         question, answer = question.replace("<sks>", name), row["answer"].replace("<sks>", name)
     else:
         photo_of = index
-        if rng.random() < 0.6:  # recognition
+        if rng.random() < RECOGNITION_SHARE:
             present, absent, _ = existence_description(identity, rng, marks_share)
             shown = bool(rng.random() < 0.5)
             described = present if shown else absent
-            if shown and rng.random() < STRANGER_SHARE:
+            if not shown and rng.random() < STRANGER_SHARE:
+                described = present
                 photo_of = int(rng.integers(bank.n_base))
                 other = bank.identities[photo_of]
                 shown = described in (caption(other), full_caption(other))

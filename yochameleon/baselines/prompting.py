@@ -11,6 +11,7 @@ from yochameleon.baselines.base import ConceptData, Method, Prompted
 from yochameleon.conversation import image_span_length
 from yochameleon.data.photos import load_rgb
 from yochameleon.errors import ConfigError
+from yochameleon.prompts import SKS
 
 # With no learned identifier, the concept is called by a plain word, as the paper's prompting rows do.
 PLAIN_NAME = "sks"
@@ -25,14 +26,28 @@ class NoPersonalization(Method):
         return Prompted(self._ids(text.replace("<sks>", PLAIN_NAME), image))
 
 
+def definition(description: str, fallback: str) -> str:
+    """The preamble that tells the model who ``sks`` is, from a user's description.
+
+    A description that names ``<sks>`` (``"<sks> is a brown dog."``) is used as written; one that does
+    not (``"a brown dog"``, as ``concept.yaml`` usually holds it) becomes ``"sks is a brown dog."``.
+    Why: prepended bare, the description never says that it describes ``sks``, and the question
+    that follows asks about a name the prompt never defined.
+    """
+    text = " ".join((description or fallback).split())
+    if SKS not in text:
+        text = f"{SKS} is {text.rstrip('.')}."
+    return text.replace(SKS, PLAIN_NAME)
+
+
 class TextPrompt(Method):
-    """``text_prompt``: the concept's description is prepended to every prompt."""
+    """``text_prompt``: the concept's description, as a definition of its name, before every prompt."""
 
     name = "text_prompt"
 
     def fit(self, concept: ConceptData, workdir: Path) -> None:
         super().fit(concept, workdir)
-        self.description = (concept.description or f"<sks> is a {concept.name}.").replace("<sks>", PLAIN_NAME)
+        self.description = definition(concept.description, f"a {concept.name}")
 
     def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
         return Prompted(self._ids(text.replace("<sks>", PLAIN_NAME), image, preamble=self.description))
@@ -58,7 +73,7 @@ class OracleTextPrompt(TextPrompt):
                 "(ConceptData.oracle_description); only benchmarks with ground truth provide one"
             )
         Method.fit(self, concept, workdir)
-        self.description = concept.oracle_description.replace("<sks>", PLAIN_NAME)
+        self.description = definition(concept.oracle_description, "")
 
 
 class ImagePrompt(Method):
