@@ -324,3 +324,36 @@ def test_progress_bar_follows_logging_progress(backend, image_lookup, tmp_path, 
     trainer.setup(records={"cat": _records(2)}, image_ids=image_lookup)
     trainer.train()
     assert ("train:" in capsys.readouterr().err) is progress
+
+
+def test_description_init_starts_the_latent_tokens_from_the_description_words(
+    backend, image_lookup, tmp_path
+):
+    """``concept.init=description``: each latent input row is a description word's embedding."""
+    from yochameleon.errors import ConceptError, ConfigError
+
+    with pytest.raises(ConfigError, match="concept.init"):
+        _config(tmp_path, **{"concept.init": "words"})
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    (folder / "concept.yaml").write_text("description: <sks> is a grey cat with a white tail.\n")
+    cfg = _config(tmp_path, **{"concept.init": "description", "concept.concept_dir": str(folder)})
+    trainer = Trainer(cfg, backend=backend)
+    trainer.setup(records={"cat": _records(2)}, image_ids=image_lookup)
+    tokens = trainer.concepts["cat"]
+    rows = concept_rows(backend, "cat")
+    embed, head = backend.base_weight("embed").float(), backend.base_weight("head").float()
+    words = backend.tokenize(" a grey cat with a white tail")
+    for k, token_id in enumerate(tokens.ids):
+        expected = embed[token_id] if k == 0 else embed[words[(k - 1) % len(words)]]
+        assert torch.equal(rows["embed"][k], expected), k
+        assert torch.equal(rows["head"][k], head[token_id])
+    # The default start is the base rows of the ids, as in the original method.
+    assert not torch.equal(rows["embed"][1:], embed[tokens.ids[1:]])
+
+    (folder / "concept.yaml").write_text("category: cat\n")  # no description: a clear error
+    with pytest.raises(ConceptError, match="no description"):
+        Trainer(cfg, backend=backend).setup(records={"cat": _records(2)}, image_ids=image_lookup)
+    no_folder = _config(tmp_path, **{"concept.init": "description"})
+    with pytest.raises(TrainingError, match="concept_dir"):
+        Trainer(no_folder, backend=backend).setup(records={"cat": _records(2)}, image_ids=image_lookup)

@@ -363,6 +363,35 @@ def attach(
     return tokens
 
 
+def description_rows(backend: Backend, tokens: ConceptTokens, description: str) -> dict[str, torch.Tensor]:
+    """Initial rows whose latent tokens read like the words of ``description``.
+
+    ``<sks>`` and every output-head row keep the base model's rows (as :func:`attach` would); the
+    input row of the k-th latent token (``g…`` then ``u…``, the order of the personalized prompt) is
+    the embedding of the description's ``k mod L``-th word piece. A leading ``"<sks> is"`` and a
+    closing full stop are dropped, so ``"<sks> is a brown dog."`` and ``"a brown dog"`` start the
+    same.
+
+    Raises:
+        ConceptError: the description has no words.
+    """
+    text = " ".join(description.replace("<sks>", " ").split()).rstrip(".").strip()
+    text = text[3:] if text.startswith("is ") else text
+    if not text:
+        raise ConceptError(
+            f"concept {tokens.spec.name!r} has no description to start its tokens from: write one in "
+            "concept.yaml (description: a brown dog with a white patch) or use concept.init=base"
+        )
+    words = backend.tokenize(" " + text)
+    ids = torch.tensor(tokens.ids, dtype=torch.long)
+    embed_w, head_w = backend.base_weight("embed"), backend.base_weight("head")
+    embed = embed_w.detach()[ids.to(embed_w.device)].float().cpu().clone()
+    table = embed_w.detach()[torch.tensor(words, device=embed_w.device)].float().cpu()
+    for k in range(1, len(tokens.ids)):
+        embed[k] = table[(k - 1) % len(words)]
+    return {"embed": embed, "head": head_w.detach()[ids.to(head_w.device)].float().cpu().clone()}
+
+
 def detach(backend: Backend, name: str) -> None:
     """Remove a concept; with none left, the original modules are put back unchanged."""
     name = normalize_name(name)

@@ -28,6 +28,9 @@ class ModelConfig:
     device: str = "auto"
 
 
+CONCEPT_INITS = ("base", "description")
+
+
 @dataclass
 class ConceptConfig:
     """Which concept(s) to train and their token layout.
@@ -41,6 +44,11 @@ class ConceptConfig:
         shared: one token set for both tasks (Yo'LLaVA-style and the "shared" ablation).
         extra: more concepts trained in the same run on the same frozen model, as
             ``[{name, concept_dir, data_dir}]``.
+        init: where the concept's rows start. ``"base"`` (the original method): the base model's
+            rows of the ids the concept takes. ``"description"``: the latent tokens' input rows are
+            the embeddings of the words of ``concept.yaml``'s description, in turn, so that the
+            personalized prompt ``<sks> is <g…><u…>.`` first reads like ``<sks> is a brown dog.``
+            (a textual-inversion style start; every concept of the run needs a description).
     """
 
     name: str = "sks"
@@ -50,8 +58,11 @@ class ConceptConfig:
     n_u: int = 16
     shared: bool = False
     extra: list[dict[str, str]] = field(default_factory=list)
+    init: str = "base"
 
     def __post_init__(self) -> None:
+        if self.init not in CONCEPT_INITS:
+            raise ConfigError(f"concept.init must be one of {list(CONCEPT_INITS)}, got {self.init!r}")
         if self.shared and self.n_u:
             raise ConfigError("concept.shared uses one token set of n_g tokens; set concept.n_u=0")
         for item in self.extra:

@@ -31,7 +31,16 @@ import yaml
 
 from yochameleon.backends import LoadOptions, load_backend
 from yochameleon.backends.base import Backend
-from yochameleon.concept import ConceptSpec, ConceptTokens, attach, concept_rows, get_bank, save_concept
+from yochameleon.concept import (
+    ConceptSpec,
+    ConceptTokens,
+    allocate_ids,
+    attach,
+    concept_rows,
+    description_rows,
+    get_bank,
+    save_concept,
+)
 from yochameleon.config import to_dict
 from yochameleon.errors import TrainingError
 from yochameleon.train.checkpoint import (
@@ -147,7 +156,12 @@ class Trainer:
         c = self.cfg.concept
         for entry in self.cfg.concept_entries():
             spec = ConceptSpec(entry["name"], c.n_g, c.n_u, c.shared)
-            self.concepts[spec.name] = attach(self.backend, spec)
+            if c.init == "description":
+                tokens = allocate_ids(self.backend, spec)
+                rows = description_rows(self.backend, tokens, _description(entry))
+                self.concepts[spec.name] = attach(self.backend, tokens, rows)
+            else:
+                self.concepts[spec.name] = attach(self.backend, spec)
         for entry in self.cfg.concept_entries():
             tokens = self.concepts[entry["name"]]
             if records is not None:
@@ -468,3 +482,15 @@ class Trainer:
             st, _ = save_concept(self.backend, name, out / name, training_config=to_dict(self.cfg))
             files[name] = st
         return files
+
+
+def _description(entry: dict[str, str]) -> str:
+    """The ``concept.yaml`` description of a run's concept (``concept.init=description``)."""
+    from yochameleon.data.concept_folder import CONCEPT_YAML, read_concept_yaml
+
+    if not entry["concept_dir"]:
+        raise TrainingError(
+            f"concept.init=description reads concept {entry['name']!r}'s description from its concept "
+            "folder, but the run names none (set concept.concept_dir)"
+        )
+    return str(read_concept_yaml(Path(entry["concept_dir"]) / CONCEPT_YAML).get("description", ""))
