@@ -277,6 +277,9 @@ def test_cli_parses_bench_options():
     assert config.methods == ("none", "yochameleon", "myvlm")
     assert (config.n_concepts, config.concept_seed, config.seeds, config.split) == (3, 5, 2, "dev")
     assert config.overrides == ("optim.epochs=2",) and config.artifacts == "art"
+    assert not config.diagnose
+    diagnosed = _parser().parse_args(["toyworld", "bench", "--json", "d.json", "--diagnose"])
+    assert bench_config_from_args(diagnosed).diagnose
 
 
 def test_cli_quick_and_defaults():
@@ -317,7 +320,17 @@ def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
 
     out = tmp_path / "bench" / "quick.json"
     code = main(
-        ["toyworld", "bench", "--quick", "--artifacts", str(reduced_artifacts), "--json", str(out), "--quiet"]
+        [
+            "toyworld",
+            "bench",
+            "--quick",
+            "--artifacts",
+            str(reduced_artifacts),
+            "--json",
+            str(out),
+            "--quiet",
+            "--diagnose",
+        ]
     )
     assert code == 0
     assert "| yochameleon |" in capsys.readouterr().out  # the table on stdout
@@ -354,3 +367,11 @@ def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
         side = Image.open(generated[0]).size[0] * 4
         assert sheet.size == ((n_photos + n_generated) * (side + 2) + 2, 2 * (side + 2) + 2)
     assert records[0]["embedders"]["gen_fidelity"] == "toyworld-scorer:identity"
+    # --diagnose: one row per trained method, concept and seed, with every look.
+    diagnostics = json.loads((out.parent / "diagnostics.json").read_text())
+    assert [(d["method"], d["seed"]) for d in diagnostics] == [("yochameleon", 0)] * 2
+    for row in diagnostics:
+        assert set(row["recognition"]) == {"training", "new", "twins", "random"}
+        assert set(row["token_drift"]) == {"sks", "g", "u"} and row["token_drift"]["u"]["embed"] > 0
+        assert row["loss_by_kind"]["recognition"]["last"] < row["loss_by_kind"]["recognition"]["first"]
+        assert len(row["answers"]) == 3

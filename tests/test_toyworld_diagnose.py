@@ -31,3 +31,32 @@ def test_token_drift_is_zero_for_untrained_rows_and_grows_with_the_move(tiny_dir
     assert drift["g"]["embed"] == 0.0 and drift["g"]["head"] == 0.0
     for part in ("embed", "head"):
         assert abs(drift["u"][part] - 0.5) < 1e-5
+
+
+def test_loss_by_kind_averages_each_end_and_the_table_shows_every_look(tmp_path):
+    import json
+
+    from yochameleon.eval.toyworld.diagnose import format_diagnostics, loss_by_kind
+
+    rows = [{"step": s, "loss": 1.0, "loss_recognition": 4.0 - s, "loss_text_qa": 2.0} for s in range(10)]
+    rows.insert(3, {"step": 3, "lr": 0.01})  # a row without losses is skipped
+    rows.append({"step": 10, "loss_generation_real": 6.0})  # a kind logged once
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    losses = loss_by_kind(metrics, share=0.2)
+    assert losses["recognition"] == {"first": 3.5, "last": -4.5, "steps": 10}
+    assert losses["text_qa"]["first"] == losses["text_qa"]["last"] == 2.0
+    assert losses["generation_real"] == {"first": 6.0, "last": 6.0, "steps": 1}
+    row = {
+        "method": "yochameleon",
+        "concept": "toy-1",
+        "seed": 0,
+        "recognition": {"training": 1.0, "new": 0.9, "twins": 0.4, "random": 0.0},
+        "token_drift": {"sks": {"embed": 1.0, "head": 0.1}, "g": {"embed": 2.0, "head": 0.2}},
+        "loss_by_kind": losses,
+    }
+    table = format_diagnostics([row]).splitlines()
+    assert len(table) == 3 and table[2].startswith(
+        "| yochameleon | toy-1 | 0 | 1.00 / 0.90 / 0.40 / 0.00 | 1.50 |"
+    )
+    assert "recognition 3.50 → -4.50" in table[2]

@@ -136,6 +136,10 @@ class BenchConfig:
         n_boot: bootstrap resamples of every CI.
         threads: torch CPU threads.
         quick: the run was asked for with ``--quick`` (recorded; :meth:`create` applies its sizes).
+        diagnose: after scoring each trained method, take the diagnostic looks at its concept
+            (:func:`~.diagnose.trained_diagnostics`: "yes" rates on training photos, new photos, twins
+            and random scenes; row drift; open answers; per-task training loss) and write them to
+            ``diagnostics.json`` beside the report.
 
     Raises:
         BenchError: (in ``__post_init__``) a non-positive size, an unknown split, more concepts than the
@@ -163,6 +167,7 @@ class BenchConfig:
     n_boot: int = 2000
     threads: int = 1
     quick: bool = False
+    diagnose: bool = False
 
     def __post_init__(self) -> None:
         # Lists from JSON or argparse become tuples so the frozen config stays hashable.
@@ -512,6 +517,7 @@ def run_bench(
         log(f"[pool] {state}: {config.pool_size} photos indexed ({time.perf_counter() - t0:.0f}s)")
 
         records = []
+        diagnostics: list[dict] = []
         samples: dict[str, dict[str, int]] = {}
         needs_data = any(m.startswith(_NEEDS_DATA) for m in config.methods)
         bar = tqdm(
@@ -595,6 +601,11 @@ def run_bench(
                             )
                         )
                         t2 = time.perf_counter()
+                        if config.diagnose and getattr(method, "concept_file", None) is not None:
+                            diagnostics.append(
+                                _diagnose(method, art / "base", photos, tests, run_dir / method_name)
+                                | {"method": method_name, "concept": name, "seed": seed}
+                            )
                     finally:
                         method.close()
                     per_method[method_name]["fit"] += t1 - t0
@@ -620,6 +631,11 @@ def run_bench(
     write_summary(json_out, summary)
     paths = write_report(summary, report_dir)
     sheets = write_contact_sheets(work, concepts, config.methods, config.seed_list[0], report_dir)
+    if diagnostics:
+        from .diagnose import format_diagnostics
+
+        (report_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=1) + "\n")
+        log(format_diagnostics(diagnostics))
     timer.add("summary_report", time.perf_counter() - t0)
     total = time.perf_counter() - started
     timings = {**{k: round(v, 1) for k, v in timer.seconds.items()}, "total": round(total, 1)}
@@ -632,6 +648,21 @@ def run_bench(
         + (f"; {len(sheets)} contact sheets (contact_<method>.png)" if sheets else "")
     )
     return summary
+
+
+def _diagnose(method, base_dir: Path, photos: Sequence[Path], tests, run_dir: Path) -> dict:
+    """:func:`~.diagnose.trained_diagnostics` of a fitted trained method, on its own photo groups."""
+    from yochameleon.data.photos import load_rgb
+
+    from .diagnose import trained_diagnostics
+
+    groups = {
+        "training": [load_rgb(p) for p in photos],
+        "new": tests.positives,
+        "twins": tests.hard_negatives,
+        "random": tests.easy_negatives,
+    }
+    return trained_diagnostics(method.model, base_dir, method.concept_file, groups, run_dir / "metrics.jsonl")
 
 
 def write_contact_sheets(

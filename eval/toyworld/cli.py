@@ -119,6 +119,14 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="torch CPU threads (default 1: best on a busy 2-core machine)",
     )
+    bench.add_argument(
+        "--diagnose",
+        action="store_true",
+        help=(
+            'per trained method: "yes" rates on training photos, new photos, twins and random scenes, '
+            "row drift, open answers and per-task training loss (diagnostics.json beside the report)"
+        ),
+    )
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(func=run_bench_command)
     return bench
@@ -146,6 +154,7 @@ def bench_config_from_args(args: argparse.Namespace):
         pool_size=args.pool_size,
         n_boot=args.n_boot,
         threads=args.threads,
+        diagnose=args.diagnose or None,
     )
 
 

@@ -10,6 +10,11 @@ the concept file training wrote):
   scenes. High on training photos and low on new ones is memorisation; high everywhere is a concept
   that answers "Yes" whatever it sees.
 * :func:`sample_answers`: what the open answers look like.
+* :func:`loss_by_kind`: each task's training loss at the start and at the end of the run (from the
+  run's ``metrics.jsonl``): a task whose loss never fell was never learned.
+
+``toyworld bench --diagnose`` takes all four looks at every trained method it scores
+(:func:`trained_diagnostics`) and writes them to ``diagnostics.json`` beside the report.
 
 Example:
     >>> pm = PersonalizedModel.load("eval/toyworld/artifacts/base", ["run/concept/sks"], device="cpu")
@@ -19,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,7 +32,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["concept_diagnostics", "recognition_rates", "sample_answers", "token_drift"]
+__all__ = [
+    "DIAGNOSTIC_QUESTIONS",
+    "concept_diagnostics",
+    "format_diagnostics",
+    "loss_by_kind",
+    "recognition_rates",
+    "sample_answers",
+    "token_drift",
+    "trained_diagnostics",
+]
+
+# Open questions a trained concept should answer from its rows alone (no photo).
+DIAGNOSTIC_QUESTIONS = ("What colour is <sks>?", "What shape is <sks>?", "Describe <sks>.")
 
 
 def _groups(n_g: int, n_u: int, shared: bool) -> dict[str, slice]:
@@ -114,3 +132,80 @@ def concept_diagnostics(
         if new
         else {},
     }
+
+
+def loss_by_kind(metrics: str | Path, share: float = 0.1) -> dict[str, dict[str, float]]:
+    """Each task's mean training loss over the first and the last ``share`` of the logged steps.
+
+    Args:
+        metrics: a run's ``metrics.jsonl`` (the trainer logs ``loss_<kind>`` per logged step).
+        share: the fraction of logged steps averaged at each end (at least one step).
+
+    Returns:
+        ``{kind: {"first": loss, "last": loss, "steps": n}}`` for every kind the run logged.
+    """
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    result: dict[str, dict[str, float]] = {}
+    kinds = sorted({key[5:] for row in rows for key in row if key.startswith("loss_")})
+    for kind in kinds:
+        values = [row[f"loss_{kind}"] for row in rows if f"loss_{kind}" in row]
+        k = max(1, round(share * len(values)))
+        result[kind] = {
+            "first": float(np.mean(values[:k])),
+            "last": float(np.mean(values[-k:])),
+            "steps": len(values),
+        }
+    return result
+
+
+def trained_diagnostics(
+    pm,
+    base_dir: str | Path,
+    concept_file: str | Path,
+    photos: Mapping[str, Sequence[Image.Image]],
+    metrics: str | Path | None = None,
+) -> dict:
+    """The four looks at one trained concept, with the concept already attached to ``pm``.
+
+    Args:
+        pm: a :class:`~yochameleon.infer.PersonalizedModel` with the concept loaded from its file.
+        base_dir: the base model directory (for :func:`token_drift`).
+        concept_file: the concept file training wrote.
+        photos: named photo groups (``training``, ``new``, ``twins``, ``random``).
+        metrics: the run's ``metrics.jsonl``; its per-task losses are left out when missing.
+
+    Returns:
+        ``{"recognition", "token_drift", "answers", "loss_by_kind"}``.
+    """
+    metrics_path = Path(metrics) if metrics is not None else None
+    return {
+        "recognition": recognition_rates(pm, photos),
+        "token_drift": token_drift(base_dir, concept_file),
+        "answers": sample_answers(pm, DIAGNOSTIC_QUESTIONS),
+        "loss_by_kind": loss_by_kind(metrics_path)
+        if metrics_path is not None and metrics_path.is_file()
+        else {},
+    }
+
+
+def format_diagnostics(rows: Sequence[Mapping]) -> str:
+    """A markdown table of :func:`trained_diagnostics` rows (each with ``method``, ``concept``, ``seed``).
+
+    Columns: the "yes" rate per photo group, the mean input-row drift, and each task's loss
+    first → last.
+    """
+    lines = [
+        '| method | concept | seed | "yes": training / new / twins / random | input-row drift | loss first → last |',
+        "|---|---|---:|---|---:|---|",
+    ]
+    for row in rows:
+        rates = row["recognition"]
+        yes = " / ".join(f"{rates[g]:.2f}" for g in ("training", "new", "twins", "random") if g in rates)
+        drift = np.mean([group["embed"] for group in row["token_drift"].values()])
+        losses = ", ".join(
+            f"{kind} {v['first']:.2f} → {v['last']:.2f}" for kind, v in row["loss_by_kind"].items()
+        )
+        lines.append(
+            f"| {row['method']} | {row['concept']} | {row['seed']} | {yes} | {drift:.2f} | {losses} |"
+        )
+    return "\n".join(lines)
