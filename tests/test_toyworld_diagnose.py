@@ -31,6 +31,8 @@ def test_token_drift_is_zero_for_untrained_rows_and_grows_with_the_move(tiny_dir
     assert drift["g"]["embed"] == 0.0 and drift["g"]["head"] == 0.0
     for part in ("embed", "head"):
         assert abs(drift["u"][part] - 0.5) < 1e-5
+    # The loaded model, with the concept still attached, measures from the same frozen rows.
+    assert token_drift(backend, concept_file) == drift
 
 
 def test_loss_by_kind_averages_each_end_and_the_table_shows_every_look(tmp_path):

@@ -603,7 +603,7 @@ def run_bench(
                         t2 = time.perf_counter()
                         if config.diagnose and getattr(method, "concept_file", None) is not None:
                             diagnostics.append(
-                                _diagnose(method, art / "base", photos, tests, run_dir / method_name)
+                                _diagnose(method, photos, tests, run_dir / method_name)
                                 | {"method": method_name, "concept": name, "seed": seed}
                             )
                     finally:
@@ -650,7 +650,7 @@ def run_bench(
     return summary
 
 
-def _diagnose(method, base_dir: Path, photos: Sequence[Path], tests, run_dir: Path) -> dict:
+def _diagnose(method, photos: Sequence[Path], tests, run_dir: Path) -> dict:
     """:func:`~.diagnose.trained_diagnostics` of a fitted trained method, on its own photo groups."""
     from yochameleon.data.photos import load_rgb
 
@@ -662,7 +662,7 @@ def _diagnose(method, base_dir: Path, photos: Sequence[Path], tests, run_dir: Pa
         "twins": tests.hard_negatives,
         "random": tests.easy_negatives,
     }
-    return trained_diagnostics(method.model, base_dir, method.concept_file, groups, run_dir / "metrics.jsonl")
+    return trained_diagnostics(method.model, method.concept_file, groups, run_dir / "metrics.jsonl")
 
 
 def write_contact_sheets(

@@ -56,8 +56,13 @@ def _groups(n_g: int, n_u: int, shared: bool) -> dict[str, slice]:
 
 
 @torch.no_grad()
-def token_drift(base_dir: str | Path, concept_file: str | Path) -> dict[str, dict[str, float]]:
+def token_drift(base, concept_file: str | Path) -> dict[str, dict[str, float]]:
     """Relative distance of each learned row group from the base's rows at the concept's ids.
+
+    Args:
+        base: the base model directory, or a loaded backend (its frozen base rows are read, whatever
+            concepts are attached, so the benchmark passes the model it already holds).
+        concept_file: the concept file training wrote.
 
     Returns:
         ``{group: {"embed": d, "head": d}}`` with ``d = ||learned - base|| / ||base||`` over the group
@@ -68,7 +73,7 @@ def token_drift(base_dir: str | Path, concept_file: str | Path) -> dict[str, dic
     from yochameleon.concept import read_concept_file
 
     meta, rows = read_concept_file(concept_file)
-    backend = load_backend(str(base_dir))
+    backend = load_backend(str(base)) if isinstance(base, str | Path) else base
     ids = torch.tensor(meta.token_ids, dtype=torch.long)
     base = {
         "embed": backend.base_weight("embed").detach()[ids].float(),
@@ -106,7 +111,7 @@ def concept_diagnostics(
     questions: Sequence[str] = ("What colour is <sks>?", "Describe <sks>."),
     self_prompting: bool = True,
 ) -> dict:
-    """All three looks for one trained concept, loaded the way users load it.
+    """Every look at one trained concept, loaded the way users load it.
 
     Args:
         base_dir: the base model directory.
@@ -118,16 +123,13 @@ def concept_diagnostics(
             :class:`~yochameleon.infer.PersonalizedModel`).
 
     Returns:
-        ``{"token_drift": ..., "recognition": ..., "answers": ..., "photo_answers": ...}``.
+        :func:`trained_diagnostics`' looks (without a run's losses) and ``"photo_answers"``.
     """
     from yochameleon.infer import PersonalizedModel
 
     pm = PersonalizedModel.load(str(base_dir), [concept_file], device="cpu", self_prompting=self_prompting)
     new = list(photos.get("new", ()))
-    return {
-        "token_drift": token_drift(base_dir, concept_file),
-        "recognition": recognition_rates(pm, photos),
-        "answers": sample_answers(pm, questions),
+    return trained_diagnostics(pm, concept_file, photos, questions=questions) | {
         "photo_answers": sample_answers(pm, ["Is <sks> in this photo?", "What is in this photo?"], new[0])
         if new
         else {},
@@ -160,19 +162,20 @@ def loss_by_kind(metrics: str | Path, share: float = 0.1) -> dict[str, dict[str,
 
 def trained_diagnostics(
     pm,
-    base_dir: str | Path,
     concept_file: str | Path,
     photos: Mapping[str, Sequence[Image.Image]],
     metrics: str | Path | None = None,
+    questions: Sequence[str] = DIAGNOSTIC_QUESTIONS,
 ) -> dict:
     """The four looks at one trained concept, with the concept already attached to ``pm``.
 
     Args:
-        pm: a :class:`~yochameleon.infer.PersonalizedModel` with the concept loaded from its file.
-        base_dir: the base model directory (for :func:`token_drift`).
+        pm: a :class:`~yochameleon.infer.PersonalizedModel` with the concept loaded from its file
+            (its backend's frozen rows are the start :func:`token_drift` measures from).
         concept_file: the concept file training wrote.
         photos: named photo groups (``training``, ``new``, ``twins``, ``random``).
         metrics: the run's ``metrics.jsonl``; its per-task losses are left out when missing.
+        questions: open questions, asked without a photo.
 
     Returns:
         ``{"recognition", "token_drift", "answers", "loss_by_kind"}``.
@@ -180,8 +183,8 @@ def trained_diagnostics(
     metrics_path = Path(metrics) if metrics is not None else None
     return {
         "recognition": recognition_rates(pm, photos),
-        "token_drift": token_drift(base_dir, concept_file),
-        "answers": sample_answers(pm, DIAGNOSTIC_QUESTIONS),
+        "token_drift": token_drift(pm.backend, concept_file),
+        "answers": sample_answers(pm, questions),
         "loss_by_kind": loss_by_kind(metrics_path)
         if metrics_path is not None and metrics_path.is_file()
         else {},
