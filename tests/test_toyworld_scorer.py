@@ -284,3 +284,21 @@ def test_refinement_moves_rough_boxes_towards_the_truth(reduced, world):
     with torch.no_grad():
         refined = scorer.model.refine(rough, scorer.model.classify(x, rough)["box_delta"])
     assert (refined[:, 0] - truth[:, 0]).abs().mean() < 0.6 * (rough[:, 0] - truth[:, 0]).abs().mean()
+
+
+def test_text_to_image_gate_counts_images_with_every_factor_right(monkeypatch, world):
+    """The gate asks for every requested factor in one image; the per-factor mean is reported apart."""
+    from yochameleon.eval.toyworld import gates
+
+    first, second = world.splits["heldout"][:2]
+    recoloured = Identity(
+        *second.base,
+        tuple(Mark(m.row, m.col, "cyan" if m.colour != "cyan" else "black") for m in second.marks),
+    )
+    scorer = _reading(monkeypatch, [first, recoloured])  # the second image has its marks wrong only
+    monkeypatch.setattr(gates, "generate_images", lambda backend, prompts, seed=0: [None] * len(prompts))
+    t2i, _ = gates.text_to_image_accuracy(None, scorer, [first, second], per=1)
+    assert t2i == {"all": pytest.approx(0.9), "every": 0.5}
+    values = gates.gate_values({"all": 1.0, "shape": 1.0}, {"all": 1.0, "marks": 1.0}, t2i, 1.0)
+    assert values["text_to_image"] == 0.5
+    assert not gates.make_gate("text_to_image", values["text_to_image"]).passed

@@ -44,6 +44,7 @@ from .gates import (
     check_gates,
     existence_accuracy,
     format_gates,
+    gate_values,
     make_gate,
     text_to_image_accuracy,
     twin_separation_accuracy,
@@ -442,7 +443,13 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
             stage_seconds["base_chat"] = time.perf_counter() - t0
 
         # 3b. the base model's gates: a stage of their own, so measuring differently never retrains it ----
-        base_gates_key = {"base": base_dir.name, "scorer": scorer_dir.name, "gates": asdict(config.gates)}
+        # "t2i": the text-to-image gate counts images with every factor right (older stages: the mean).
+        base_gates_key = {
+            "base": base_dir.name,
+            "scorer": scorer_dir.name,
+            "gates": asdict(config.gates),
+            "t2i": "every",
+        }
 
         def base_gates_stage(folder: Path) -> dict:
             return _base_gates_stage(config, world, scorer, base_dir / "base", folder, heldout)
@@ -621,14 +628,8 @@ def _base_gates_stage(
         "attribute_qa": qa,
         "existence": existence,
         "text_to_image": t2i,
-        "gates": {
-            "attribute_qa": qa["all"],
-            "attribute_qa_min_factor": min(v for k, v in qa.items() if k != "all"),
-            "existence": existence["all"],
-            "existence_marks": existence["marks"],
-            "text_to_image": t2i["all"],
-            "twin_separation": twins,
-        },
+        "text_to_image_factors": t2i["all"],
+        "gates": gate_values(qa, existence, t2i, twins),
     }
 
 

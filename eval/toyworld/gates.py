@@ -11,8 +11,10 @@
 * ``existence`` >= 90%: "Is <description> in this photo?" answered yes for the photo's object and no for a
   description with exactly one factor changed (balanced); ``existence_marks`` >= 85%: the "no" questions
   whose changed factor is the marks, with the "yes" questions of the same photos.
-* ``text_to_image`` >= 60%: images generated from held-out full captions show the captioned shape, colour,
-  pattern, size and mark colours (mean over the five, read by the scorer).
+* ``text_to_image`` >= 60%: images generated from held-out full captions in which the scorer finds every
+  captioned factor: shape, colour, pattern, size and the set of mark colours, all five right in one image.
+  (Builds before 2026-12-07 gated the mean over the five factors, which is reported beside it as
+  ``text_to_image_factors`` and gates nothing.)
 * ``twin_separation`` >= 85%: asked with the identity's full (oracle) description, yes on new photos of
   the identity and no on photos of its twins (balanced).
 """
@@ -46,6 +48,7 @@ __all__ = [
     "check_gates",
     "existence_accuracy",
     "format_gates",
+    "gate_values",
     "make_gate",
     "text_to_image_accuracy",
     "twin_separation_accuracy",
@@ -101,6 +104,29 @@ def make_gate(name: str, value: float) -> GateResult:
         raise GateError(f"gate {name} value must be a rate in [0, 1], got {value!r}")
     threshold, higher = THRESHOLDS[name]
     return GateResult(name, float(value), threshold, higher)
+
+
+def gate_values(qa: dict, existence: dict, t2i: dict, twins: float) -> dict[str, float]:
+    """The base model's gate values from its measurements.
+
+    Args:
+        qa: :func:`attribute_qa_accuracy`'s ``{"all": ..., factor: ...}``.
+        existence: :func:`existence_accuracy`'s ``{"all": ..., factor: ...}``.
+        t2i: :func:`text_to_image_accuracy`'s ``{"all": ..., "every": ...}``.
+        twins: :func:`twin_separation_accuracy`.
+
+    Returns:
+        ``{gate name: value}``; ``text_to_image`` is the share of images with *every* requested factor
+        right, as the gate asks (the per-factor mean is an easier number: 0.73 where every-factor is 0.17).
+    """
+    return {
+        "attribute_qa": qa["all"],
+        "attribute_qa_min_factor": min(v for k, v in qa.items() if k != "all"),
+        "existence": existence["all"],
+        "existence_marks": existence["marks"],
+        "text_to_image": t2i["every"],
+        "twin_separation": twins,
+    }
 
 
 def format_gates(results: Sequence[GateResult]) -> str:
@@ -355,5 +381,8 @@ def text_to_image_accuracy(
     prompts = [generation_prompt(full_caption(identity)) for identity in targets]
     images = generate_images(backend, prompts, seed=seed)
     wanted = [{**t.attributes, "marks": t.mark_colours} for t in targets]
-    every = [scorer.attribute_accuracy([image], w) == 1.0 for image, w in zip(images, wanted)]
-    return {"all": scorer.attribute_accuracy(images, wanted), "every": float(np.mean(every))}, images
+    hits = scorer.attribute_hits(images, wanted)  # one scorer pass
+    return {
+        "all": float(np.mean([h for row in hits for h in row])),
+        "every": float(np.mean([all(row) for row in hits])),
+    }, images

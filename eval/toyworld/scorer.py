@@ -418,29 +418,46 @@ class Scorer:
             ScorerError: on an unknown factor or value, an empty dict, no images, or a per-image list of
                 another length.
         """
+        hits = self.attribute_hits(images, attributes)
+        return sum(map(sum, hits)) / sum(map(len, hits))
+
+    def attribute_hits(
+        self,
+        images: Sequence[Image.Image] | np.ndarray,
+        attributes: Mapping[str, str] | Sequence[Mapping[str, str]],
+    ) -> list[list[bool]]:
+        """Per image, whether each named factor is read as asked (arguments as :meth:`attribute_accuracy`).
+
+        Returns:
+            One list per image, one entry per factor of its dict, in the dict's order.
+
+        Raises:
+            ScorerError: as :meth:`attribute_accuracy`.
+        """
         preds = self.predict(images)
         if not preds:
             raise ScorerError("attribute_accuracy needs at least one image")
         per_image = [attributes] * len(preds) if isinstance(attributes, Mapping) else list(attributes)
         if len(per_image) != len(preds):
             raise ScorerError(f"got {len(per_image)} attribute dicts for {len(preds)} images")
-        hits, total = 0, 0
+        hits: list[list[bool]] = []
         for pred, wanted in zip(preds, per_image):
             if not wanted:
                 raise ScorerError("attribute dicts must name at least one factor")
+            row: list[bool] = []
             for factor, value in wanted.items():
                 if factor == "marks":
-                    hits += int(pred["mark_colours"] == _colour_set(value))
+                    row.append(pred["mark_colours"] == _colour_set(value))
                 elif factor in FACTOR_VALUES:
                     if value not in FACTOR_VALUES[factor]:
                         raise ScorerError(
                             f"unknown {factor} {value!r}; choose from {list(FACTOR_VALUES[factor])}"
                         )
-                    hits += int(pred[factor] == value)
+                    row.append(pred[factor] == value)
                 else:
                     raise ScorerError(f"unknown factor {factor!r}; choose from {[*FACTORS, 'marks']}")
-                total += 1
-        return hits / total
+            hits.append(row)
+        return hits
 
     # ---- files ------------------------------------------------------------------------------------------
     @staticmethod
