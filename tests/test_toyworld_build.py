@@ -577,6 +577,79 @@ def test_compiled_pretraining_matches_eager_and_leaves_an_eager_model(tiny_dir):
         torch.testing.assert_close(finals[1][1][name], value, atol=1e-3, rtol=1e-3)
 
 
+def _two_identity_bank(backend):
+    from yochameleon.eval.toyworld.pretrain import ImageBank, PairScene
+
+    world = ToyWorld(0)
+    base = world.splits["pretrain"][:2]
+    twins = [world.twin(i, np.random.default_rng(0)) for i in base]
+    other = next(i for i in world.splits["pretrain"] if i.shape != base[1].shape)
+    codes = sorted(backend.model.model.vocabulary_mapping.bpe2img)
+    photo = torch.tensor(codes[: backend.image_seq_len]).repeat(6, 1)
+    photo[1::2, ::3] = codes[-1]  # two kinds of photo, so the rows differ
+    return ImageBank(
+        base + twins, photo, np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool), photo[:2].clone(),
+        [PairScene(0, twins[0], True, "left", "right"), PairScene(1, other, False, "top", "bottom")],
+    )  # fmt: skip
+
+
+def _pretrain_tiny(tiny_dir, config, resume, monkeypatch=None, die_in_step=None):
+    """A fresh process's pretraining: new weights, the same bank; optionally killed inside a step."""
+    from yochameleon.backends import load_backend
+    from yochameleon.eval.toyworld import pretrain
+
+    torch.manual_seed(0)
+    backend = load_backend(tiny_dir)
+    if die_in_step is not None:
+        real, calls = pretrain._pretrain_backward, []
+
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == die_in_step:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pretrain, "_pretrain_backward", dying)
+    try:
+        stats = pretrain.pretrain_lm(
+            backend,
+            _two_identity_bank(backend),
+            config,
+            progress=False,
+            resume_dir=resume,
+            checkpoint_every=2,
+        )
+    finally:
+        if die_in_step is not None:
+            monkeypatch.setattr(pretrain, "_pretrain_backward", real)
+    return stats, {k: v.clone() for k, v in backend.model.state_dict().items()}
+
+
+def test_interrupted_pretraining_resumes_to_the_uninterrupted_weights(tiny_dir, tmp_path, monkeypatch):
+    """A kill after a checkpoint loses nothing: the resumed run ends bit-identical to one that never stopped."""
+    from yochameleon.eval.toyworld.pretrain import PretrainError
+
+    config = LMTrainConfig(
+        steps=6, batch_size=3, n_identities=2, mix=(0.2, 0.2, 0.2, 0.2, 0.1, 0.0, 0.1), bf16=False
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the reduction order, hence the bits, are fixed
+    try:
+        straight, weights = _pretrain_tiny(tiny_dir, config, tmp_path / "straight")
+        with pytest.raises(KeyboardInterrupt):  # killed inside step 5, after the step-4 checkpoint
+            _pretrain_tiny(tiny_dir, config, tmp_path / "resumed", monkeypatch, die_in_step=5)
+        resumed, resumed_weights = _pretrain_tiny(tiny_dir, config, tmp_path / "resumed")
+        # A checkpoint of other settings is refused, not silently continued.
+        with pytest.raises(PretrainError, match="other settings"):
+            _pretrain_tiny(tiny_dir, replace(config, lr=1e-4), tmp_path / "resumed")
+    finally:
+        torch.set_num_threads(threads)
+    assert straight["resumed_at"] == 0 and resumed["resumed_at"] == 4
+    assert resumed["final_loss"] == straight["final_loss"]
+    for name, value in weights.items():
+        assert torch.equal(resumed_weights[name], value), name
+
+
 def test_codebook_init_gives_look_alike_codes_close_rows(backend):
     from yochameleon.eval.toyworld.pretrain import init_image_rows_from_codebook
 

@@ -128,6 +128,8 @@ class BuildConfig:
             then fail (so a base that misses its gates can still be inspected and benchmarked, never
             silently accepted). Not part of any stage's cache key.
         threads: torch CPU threads for training.
+        checkpoint_every: pretraining steps between in-stage checkpoints of the base stages (a killed
+            build continues inside the stage, not from its start). Not part of any stage's cache key.
         scorer_steps, pool_size: scorer training steps and retrieval pool size.
         vq, vq_refine, lm, base_refine, base_chat, embedder, gates: each stage's settings
             (``base_chat`` is a second refinement round in the framework's conversation format).
@@ -141,6 +143,7 @@ class BuildConfig:
     reduced: bool = False
     keep_going: bool = False
     threads: int = 1
+    checkpoint_every: int = 250
     scorer_steps: int = 800
     pool_size: int = 10_000
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)
@@ -158,6 +161,8 @@ class BuildConfig:
             raise BuildError(
                 f"threads and scorer_steps must be positive: {self.threads}, {self.scorer_steps}"
             )
+        if self.checkpoint_every < 1:
+            raise BuildError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
         if self.pool_size < 1:
             raise BuildError(f"pool_size must be positive, got {self.pool_size}")
         from yochameleon.backends.tiny import minimum_vocab_size
@@ -235,6 +240,11 @@ class StageCache:
     def done(self, name: str, key: dict) -> bool:
         return (self.path(name, key) / self.MARKER).is_file()
 
+    def resume_dir(self, name: str, key: dict) -> Path:
+        """Where a long stage keeps its in-stage checkpoints; kept across kills, removed once it is done."""
+        final = self.path(name, key)
+        return final.with_name(final.name + ".resume")
+
     def run(self, name: str, key: dict, fn: Callable[[Path], dict]) -> tuple[Path, dict]:
         """Return ``(folder, result)`` of the stage, running ``fn(partial_folder) -> result`` if needed.
 
@@ -267,6 +277,7 @@ class StageCache:
             raise BuildError(f"stage {name} returned a result that is not JSON-able: {err}") from err
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        shutil.rmtree(self.resume_dir(name, key), ignore_errors=True)
         self.log(f"[{name}] done in {record['seconds']:.0f}s")
         return final, result
 
@@ -406,7 +417,8 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
         base_key = {"world": world_key, "lm": asdict(config.lm), "vq": vq_dir.name}
 
         def base_stage(folder: Path) -> dict:
-            return _base_stage(config, world, vq_dir, folder / "base", progress)
+            resume = cache.resume_dir("base", base_key)
+            return _base_stage(config, world, vq_dir, folder / "base", progress, resume)
 
         t0 = time.perf_counter()
         base_dir, results["base"] = cache.run("base", base_key, base_stage)
@@ -418,7 +430,10 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
             source = base_dir / "base"
 
             def base_refine_stage(folder: Path) -> dict:
-                return _base_refine_stage(config, world, vq_dir, source, folder / "base", progress)
+                resume = cache.resume_dir("base_refine", base_refine_key)
+                return _base_refine_stage(
+                    config, world, vq_dir, source, folder / "base", progress, resume=resume
+                )
 
             t0 = time.perf_counter()
             base_dir, results["base_refine"] = cache.run("base_refine", base_refine_key, base_refine_stage)
@@ -434,8 +449,9 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
             chat_source = base_dir / "base"
 
             def base_chat_stage(folder: Path) -> dict:
+                resume = cache.resume_dir("base_chat", base_chat_key)
                 return _base_refine_stage(
-                    config, world, vq_dir, chat_source, folder / "base", progress, chat=config.base_chat
+                    config, world, vq_dir, chat_source, folder / "base", progress, config.base_chat, resume
                 )
 
             t0 = time.perf_counter()
@@ -540,7 +556,14 @@ def _load_vq(config: BuildConfig, vq_dir: Path):
     return vqmodel.eval(), decoder.eval()
 
 
-def _base_stage(config: BuildConfig, world: ToyWorld, vq_dir: Path, base_dir: Path, progress: bool) -> dict:
+def _base_stage(
+    config: BuildConfig,
+    world: ToyWorld,
+    vq_dir: Path,
+    base_dir: Path,
+    progress: bool,
+    resume: Path | None = None,
+) -> dict:
     from safetensors.torch import load_file
     from transformers import ChameleonVQVAEConfig
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
@@ -557,7 +580,9 @@ def _base_stage(config: BuildConfig, world: ToyWorld, vq_dir: Path, base_dir: Pa
     write_base_dir(base_dir, spec, vq_state, decoder, seed=config.seed)
     backend = load_backend(base_dir)
     bank = build_image_bank(backend, world, config.lm, progress)
-    stats = pretrain_lm(backend, bank, config.lm, progress)
+    stats = pretrain_lm(
+        backend, bank, config.lm, progress, resume_dir=resume, checkpoint_every=config.checkpoint_every
+    )
     write_base_dir(base_dir, spec, vq_state, decoder, seed=config.seed, model=backend.model)
     return {"stats": stats}
 
@@ -570,11 +595,12 @@ def _base_refine_stage(
     base_dir: Path,
     progress: bool,
     chat: ChatRefineConfig | None = None,
+    resume: Path | None = None,
 ) -> dict:
     """Continue pretraining the base in ``source`` with :class:`BaseRefineConfig` into ``base_dir``.
 
     With ``chat`` it is the chat round instead: its steps and rate, and its share of rows in the
-    framework's conversation format (:class:`ChatRefineConfig`).
+    framework's conversation format (:class:`ChatRefineConfig`). ``resume`` holds in-stage checkpoints.
     """
     from safetensors.torch import load_file
     from transformers import ChameleonVQVAEConfig
@@ -598,6 +624,8 @@ def _base_refine_stage(
         marks_share=refine.marks_share,
         independent_turns=refine.independent_turns,
         chat=chat,
+        resume_dir=resume,
+        checkpoint_every=config.checkpoint_every,
     )
     spec = base_spec(config.lm, config.vq, config.image_size)
     vq_state = load_file(str(vq_dir / "vq.safetensors"))

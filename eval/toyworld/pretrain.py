@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -1380,6 +1381,8 @@ def pretrain_lm(
     marks_share: float = MARKS_CHANGED_SHARE,
     independent_turns: bool = False,
     chat: ChatRefineConfig | None = None,
+    resume_dir: str | Path | None = None,
+    checkpoint_every: int = 500,
 ) -> dict:
     """Pretrain the backend's transformer in place (the VQ stays frozen).
 
@@ -1388,8 +1391,18 @@ def pretrain_lm(
     see each other's answers (:func:`_multi_turn`); with ``chat``, ``chat.chat_share`` of the rows
     are in the framework's conversation format (:func:`chat_sample`).
 
+    With ``resume_dir``, every ``checkpoint_every`` steps the weights, AdamW moments, schedule, loss
+    window and both random generators are written there atomically
+    (:func:`yochameleon.train.checkpoint.save_checkpoint`), and a later call with the same settings
+    and the same bank continues from the last one, to the same weights an uninterrupted run reaches
+    (with one thread). Why: a base stage is hours on a CPU and a session can end inside it.
+
     Returns:
-        Training facts: final loss (mean of the last 50 steps), steps and seconds.
+        Training facts: final loss (mean of the last 50 steps), steps and seconds (over every session).
+
+    Raises:
+        PretrainError: the bank lacks a task's data, or ``resume_dir`` holds a checkpoint of other
+            settings.
     """
     # Checked first, so that a bank without a task's data fails before any weight changes.
     if config.mix[_PAIR_SCENE] > 0 and not bank.pairs:
@@ -1413,6 +1426,15 @@ def pretrain_lm(
     )
     warmup = max(1, min(150, config.steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
+    named = {name: p for name, p in model.named_parameters() if ".vqmodel." not in f".{name}"}
+    fingerprint = _pretrain_fingerprint(config, marks_share, independent_turns, chat, len(bank.image_ids))
+    first_step, recent, seconds_before = 0, [], 0.0
+    if resume_dir is not None:
+        if checkpoint_every < 1:
+            raise PretrainError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        resumed = _load_pretrain_state(resume_dir, fingerprint, named, optimizer, scheduler, rng)
+        if resumed is not None:
+            first_step, recent, seconds_before = resumed
     model.train()
     attention = model.config._attn_implementation
     if config.bf16:
@@ -1421,9 +1443,14 @@ def pretrain_lm(
     if config.compile:
         # In place, so parameter names (and the saved checkpoint) stay those of the eager module.
         model.model.compile(dynamic=True)
-    recent: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
+    bar = tqdm(
+        range(first_step, config.steps),
+        desc="pretrain",
+        disable=not progress,
+        initial=first_step,
+        total=config.steps,
+    )
     for step in bar:
         rows = [
             chat_sample(backend, bank, rng, chat, marks_share)
@@ -1450,6 +1477,12 @@ def pretrain_lm(
         recent = (recent + [loss])[-50:]
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(recent):.3f}")
+        done = step + 1
+        if resume_dir is not None and done < config.steps and done % checkpoint_every == 0:
+            seconds = seconds_before + time.perf_counter() - start
+            _save_pretrain_state(
+                resume_dir, done, fingerprint, named, optimizer, scheduler, rng, recent, seconds
+            )
     if config.compile:
         model.model._compiled_call_impl = None  # back to eager for evaluation and saving
     model.set_attn_implementation(attention)
@@ -1459,8 +1492,84 @@ def pretrain_lm(
     return {
         "final_loss": round(float(np.mean(recent)), 4),
         "steps": config.steps,
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(seconds_before + time.perf_counter() - start, 1),
+        "resumed_at": first_step,
     }
+
+
+def _pretrain_fingerprint(config, marks_share, independent_turns, chat, n_photos: int) -> str:
+    """What a pretraining checkpoint must match to be continued (``compile`` changes no result)."""
+
+    settings = {
+        "lm": {k: v for k, v in asdict(config).items() if k != "compile"},
+        "marks_share": marks_share,
+        "independent_turns": independent_turns,
+        "chat": None if chat is None else asdict(chat),
+        "photos": n_photos,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _save_pretrain_state(
+    folder, step, fingerprint, named, optimizer, scheduler, rng, recent, seconds
+) -> None:
+    from yochameleon.train.checkpoint import save_checkpoint
+
+    index = {id(p): name for name, p in named.items()}
+    order = [index[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    tensors = {f"param/{name}": p.detach() for name, p in named.items()}
+    optim = optimizer.state_dict()
+    for i, state in optim["state"].items():
+        for key, value in state.items():
+            tensors[f"adam/{order[i]}/{key}"] = value.reshape(-1) if value.dim() == 0 else value
+    tensors["torch_rng"] = torch.get_rng_state()
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optim["param_groups"]]
+    state = {
+        "fingerprint": fingerprint,
+        "param_groups": groups,
+        "scheduler": scheduler.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "recent": recent,
+        "seconds": seconds,
+    }
+    save_checkpoint(folder, step, tensors, state, keep=1)
+
+
+def _load_pretrain_state(folder, fingerprint, named, optimizer, scheduler, rng):
+    """Restore the last checkpoint in ``folder``; ``None`` when there is none."""
+    from yochameleon.train.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(folder)
+    if loaded is None:
+        return None
+    tensors, state = loaded
+    if state.get("fingerprint") != fingerprint:
+        raise PretrainError(
+            f"{folder} holds a pretraining checkpoint of other settings; delete it to start over"
+        )
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(tensors[f"param/{name}"])
+    index = {id(p): name for name, p in named.items()}
+    optim_state = {}
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(flat):
+        name = index[id(p)]
+        keys = [k.rsplit("/", 1)[1] for k in tensors if k.startswith(f"adam/{name}/")]
+        if keys:
+            optim_state[i] = {
+                k: tensors[f"adam/{name}/{k}"].reshape(()) if k == "step" else tensors[f"adam/{name}/{k}"]
+                for k in keys
+            }
+    groups, start = [], 0
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        groups.append({**saved, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["torch_rng"])
+    rng.bit_generator.state = state["numpy_rng"]
+    return int(state["step"]), list(state["recent"]), float(state["seconds"])
 
 
 def _pretrain_backward(backend, rows: list[tuple[list[int], list[int]]], per_sequence: bool) -> float:
