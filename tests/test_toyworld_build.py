@@ -34,6 +34,7 @@ from yochameleon.eval.toyworld.gates import (
 from yochameleon.eval.toyworld.pretrain import (
     READER_FACTORS,
     AttributeReader,
+    BaseRefineConfig,
     EmbedderTrainConfig,
     LMTrainConfig,
     MarkCellReader,
@@ -405,6 +406,40 @@ def test_image_bank_holds_one_canonical_view_per_pretraining_identity():
     assert build_image_bank(backend, world, no_redraw, progress=False).canonical_ids is None
 
 
+def test_drawing_round_asks_for_drawings_and_keeps_the_other_tasks_in_proportion():
+    from yochameleon.eval.toyworld.pretrain import DrawRefineConfig, ImageBank, _sample_sequence
+
+    refine_mix = BaseRefineConfig().mix
+    mix = DrawRefineConfig(text_to_image_share=0.55).mix(refine_mix)
+    assert sum(mix) == pytest.approx(1.0) and mix[2] == 0.55
+    others = [(a, b) for task, (a, b) in enumerate(zip(mix, refine_mix)) if task != 2 and b > 0]
+    assert len({round(a / b, 9) for a, b in others}) == 1  # every other task scaled alike
+    with pytest.raises(PretrainError, match="text_to_image_share"):
+        DrawRefineConfig(text_to_image_share=1.5)
+    with pytest.raises(PretrainError, match="besides text-to-image"):
+        DrawRefineConfig().mix((0, 0, 1.0, 0, 0, 0, 0))
+
+    backend = _word_backend()
+    base = ToyWorld(0).splits["pretrain"][:2]
+    photos = torch.tensor([[5] * 4, [5] * 4, [6] * 4, [6] * 4, [0] * 4, [0] * 4])
+    bank = ImageBank(base + base, photos, np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
+    drawn = replace(bank, drawing_ids=torch.tensor([[7] * 4, [8] * 4]))
+    for seed in range(10):
+        # The same draw of identity and prompt; the target is the drawing (ids 7/8 -> 9/10), not a photo.
+        with_photo = _sample_sequence(backend, bank, np.random.default_rng(seed), (0, 0, 1, 0, 0, 0, 0))
+        with_drawing = _sample_sequence(backend, drawn, np.random.default_rng(seed), (0, 0, 1, 0, 0, 0, 0))
+        drawing_target = [t for t in with_drawing[1] if t != -100][:6]
+        photo_target = [t for t in with_photo[1] if t != -100][:6]
+        assert drawing_target in (backend.image_span([7] * 4), backend.image_span([8] * 4))
+        assert photo_target in (backend.image_span([5] * 4), backend.image_span([6] * 4))
+        # The drawing of the identity the photo row would have shown (identity 0: photo 5, drawing 7).
+        assert (photo_target == backend.image_span([5] * 4)) == (
+            drawing_target == backend.image_span([7] * 4)
+        )
+        prompt = [t for t, lab in zip(with_drawing[0], with_drawing[1]) if lab == -100]
+        assert prompt == [t for t, lab in zip(with_photo[0], with_photo[1]) if lab == -100]
+
+
 def test_redraw_sample_asks_for_the_canonical_view_of_the_photo_s_object():
     from yochameleon.eval.toyworld.pretrain import REDRAW_REQUEST, ImageBank, _sample_sequence, pretrain_lm
 
@@ -523,7 +558,7 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
     again = build(config, progress=False, log=lines.append)  # every stage cached: only copying is left
     assert not any("building" in line for line in lines)
     # scorer, vq, vq_refine, base, base_refine, base_chat, base_gates, embedder + pool index
-    assert sum("cached" in line for line in lines) == 9
+    assert sum("cached" in line for line in lines) == 10
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
     # Measuring the gates differently re-measures them and retrains nothing.
     lines.clear()

@@ -580,3 +580,26 @@ def test_canonical_view_is_one_fixed_centred_drawing_per_identity(world, concept
     assert np.array_equal(view, placed)
     twin = world.twin(concept, np.random.default_rng(0))
     assert not np.array_equal(view, np.asarray(world.canonical_view(twin)))
+
+
+def test_a_drawing_keeps_the_identity_and_drops_where_its_marks_sit(world):
+    from yochameleon.eval.toyworld.world import DRAWING_MARK_CELLS
+
+    rng = np.random.default_rng(0)
+    for shape in SHAPES:  # the fixed cells are on every shape
+        assert set(DRAWING_MARK_CELLS) <= set(world.valid_cells(shape))
+    concept = next(i for i in world.splits["heldout"] if len(i.marks) == 2)
+    cells = [c for c in world.valid_cells(concept.shape) if c not in concept.mark_map]
+    moved = Identity(*concept.base, tuple(Mark(*c, m.colour) for c, m in zip(cells, concept.marks)))
+    drawing = np.asarray(world.drawing(concept))
+    # The same identity with its marks elsewhere is drawn the same: positions are no part of it...
+    assert np.array_equal(drawing, np.asarray(world.drawing(moved)))
+    # ...and the drawing is its canonical view with the palette's first colour at the first cell.
+    first, second = concept.mark_colours
+    fixed = Identity(
+        *concept.base, (Mark(*DRAWING_MARK_CELLS[0], first), Mark(*DRAWING_MARK_CELLS[1], second))
+    )
+    assert np.array_equal(drawing, np.asarray(world.canonical_view(fixed)))
+    # A twin (other mark colours) is drawn differently.
+    twin = world.twin(concept, rng)
+    assert not np.array_equal(drawing, np.asarray(world.drawing(twin)))

@@ -54,6 +54,7 @@ from .pretrain import (
     EMBEDDER_NAME,
     BaseRefineConfig,
     ChatRefineConfig,
+    DrawRefineConfig,
     EmbedderTrainConfig,
     LMTrainConfig,
     VQRefineConfig,
@@ -131,8 +132,9 @@ class BuildConfig:
         checkpoint_every: pretraining steps between in-stage checkpoints of the base stages (a killed
             build continues inside the stage, not from its start). Not part of any stage's cache key.
         scorer_steps, pool_size: scorer training steps and retrieval pool size.
-        vq, vq_refine, lm, base_refine, base_chat, embedder, gates: each stage's settings
-            (``base_chat`` is a second refinement round in the framework's conversation format).
+        vq, vq_refine, lm, base_refine, base_chat, base_draw, embedder, gates: each stage's settings
+            (``base_chat`` is a second refinement round in the framework's conversation format,
+            ``base_draw`` a third that teaches drawing).
     """
 
     out: str = str(default_out_dir())
@@ -151,6 +153,7 @@ class BuildConfig:
     lm: LMTrainConfig = field(default_factory=LMTrainConfig)
     base_refine: BaseRefineConfig = field(default_factory=BaseRefineConfig)
     base_chat: ChatRefineConfig = field(default_factory=ChatRefineConfig)
+    base_draw: DrawRefineConfig = field(default_factory=DrawRefineConfig)
     embedder: EmbedderTrainConfig = field(default_factory=EmbedderTrainConfig)
     gates: GateSizes = field(default_factory=GateSizes)
 
@@ -191,6 +194,7 @@ class BuildConfig:
                 "vq_refine": replace(seeded["vq_refine"], steps=30),
                 "base_refine": BaseRefineConfig(steps=20),
                 "base_chat": ChatRefineConfig(steps=10),
+                "base_draw": DrawRefineConfig(steps=10),
                 "lm": replace(seeded["lm"], steps=120, batch_size=16, n_identities=256, compile=False),
                 "embedder": replace(seeded["embedder"], steps=40, batch_size=32),
                 "gates": GateSizes(
@@ -458,6 +462,34 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
             base_dir, results["base_chat"] = cache.run("base_chat", base_chat_key, base_chat_stage)
             stage_seconds["base_chat"] = time.perf_counter() - t0
 
+        # 3a''. a drawing round: text-to-image asks for the identity's drawing ------------------------------
+        if config.base_draw.steps:
+            base_draw_key = {
+                "base": base_dir.name,
+                "draw": asdict(config.base_draw),
+                "refine": asdict(config.base_refine),  # the rows outside text-to-image and chat
+                "chat": asdict(config.base_chat),
+            }
+            draw_source = base_dir / "base"
+
+            def base_draw_stage(folder: Path) -> dict:
+                resume = cache.resume_dir("base_draw", base_draw_key)
+                return _base_refine_stage(
+                    config,
+                    world,
+                    vq_dir,
+                    draw_source,
+                    folder / "base",
+                    progress,
+                    None,
+                    resume,
+                    config.base_draw,
+                )
+
+            t0 = time.perf_counter()
+            base_dir, results["base_draw"] = cache.run("base_draw", base_draw_key, base_draw_stage)
+            stage_seconds["base_draw"] = time.perf_counter() - t0
+
         # 3b. the base model's gates: a stage of their own, so measuring differently never retrains it ----
         # "t2i": the text-to-image gate counts images with every factor right (older stages: the mean).
         base_gates_key = {
@@ -596,11 +628,14 @@ def _base_refine_stage(
     progress: bool,
     chat: ChatRefineConfig | None = None,
     resume: Path | None = None,
+    draw: DrawRefineConfig | None = None,
 ) -> dict:
     """Continue pretraining the base in ``source`` with :class:`BaseRefineConfig` into ``base_dir``.
 
     With ``chat`` it is the chat round instead: its steps and rate, and its share of rows in the
-    framework's conversation format (:class:`ChatRefineConfig`). ``resume`` holds in-stage checkpoints.
+    framework's conversation format (:class:`ChatRefineConfig`). With ``draw`` it is the drawing round
+    (:class:`DrawRefineConfig`): text-to-image targets are drawings, and ``chat`` rows keep their share.
+    ``resume`` holds in-stage checkpoints.
     """
     from safetensors.torch import load_file
     from transformers import ChameleonVQVAEConfig
@@ -613,9 +648,15 @@ def _base_refine_stage(
 
     refine = config.base_refine
     backend = load_backend(source)
-    bank = build_image_bank(backend, world, config.lm, progress)  # the photos the base was trained on
-    steps, lr = (refine.steps, refine.lr) if chat is None else (chat.steps, chat.lr)
-    lm = replace(config.lm, steps=steps, lr=lr, mix=refine.mix, codebook_init=False)
+    # The photos the base was trained on (and, for the drawing round, each identity's drawing).
+    bank = build_image_bank(backend, world, config.lm, progress, drawings=draw is not None)
+    steps, lr, mix = refine.steps, refine.lr, refine.mix
+    if draw is not None:
+        steps, lr, mix = draw.steps, draw.lr, draw.mix(refine.mix)
+        chat = replace(chat or config.base_chat, chat_share=draw.chat_share)
+    elif chat is not None:
+        steps, lr = chat.steps, chat.lr
+    lm = replace(config.lm, steps=steps, lr=lr, mix=mix, codebook_init=False)
     stats = pretrain_lm(
         backend,
         bank,

@@ -50,6 +50,7 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "ConceptTestSet",
+    "DRAWING_MARK_CELLS",
     "Identity",
     "Mark",
     "PoolItem",
@@ -117,6 +118,9 @@ MARK_COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (0, 235, 235),
     "magenta": (235, 0, 235),
 }
+# Where a drawing (ToyWorld.drawing) puts the first and second mark colour: on the object for every
+# shape of the 4x4 mark grid, and diagonal, so two marks never share an edge.
+DRAWING_MARK_CELLS: tuple[tuple[int, int], ...] = ((1, 1), (2, 2))
 BACKGROUND_KINDS: tuple[str, ...] = ("plain", "gradient", "noise", "grid", "bands")
 _BACKGROUND_COLOURS: tuple[tuple[int, int, int], ...] = (
     (196, 190, 176),  # sand
@@ -1026,6 +1030,22 @@ class ToyWorld:
         array = self._compose(placements, rng, None, int(rng.integers(0, 2)), False)
         where = (slots[swap % 2], slots[(1 + swap) % 2])
         return Image.fromarray(array, mode="RGB"), where
+
+    def drawing(self, identity: Identity) -> Image.Image:
+        """How the base draws ``identity`` from its caption: its canonical view with the marks moved
+        to :data:`DRAWING_MARK_CELLS`, in the palette's order.
+
+        Why: a caption names the mark colours, never where the marks sit, and an identity's own cells
+        differ from its look-alikes'. Asked to draw "a … with a cyan mark" the 256-wide base spread
+        its guesses over every cell and drew extra or wrong marks (text→image marks 0.36-0.48).
+        Where marks sit is no part of an identity (the scorer's identity is the four factors and the
+        set of mark colours), so a drawing puts them where every shape has room: a pose, like
+        drawing the object in the middle.
+        """
+        marks = tuple(
+            Mark(row, col, colour) for (row, col), colour in zip(DRAWING_MARK_CELLS, identity.mark_colours)
+        )
+        return self.canonical_view(Identity(*identity.base, marks))
 
     def canonical_view(self, identity: Identity) -> Image.Image:
         """``identity`` alone in the middle at its nominal size, on the first background colour.
