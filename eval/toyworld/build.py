@@ -455,7 +455,14 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
             def base_chat_stage(folder: Path) -> dict:
                 resume = cache.resume_dir("base_chat", base_chat_key)
                 return _base_refine_stage(
-                    config, world, vq_dir, chat_source, folder / "base", progress, config.base_chat, resume
+                    config,
+                    world,
+                    vq_dir,
+                    chat_source,
+                    folder / "base",
+                    progress,
+                    chat=config.base_chat,
+                    resume=resume,
                 )
 
             t0 = time.perf_counter()
@@ -481,9 +488,8 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
                     draw_source,
                     folder / "base",
                     progress,
-                    None,
-                    resume,
-                    config.base_draw,
+                    resume=resume,
+                    draw=config.base_draw,
                 )
 
             t0 = time.perf_counter()

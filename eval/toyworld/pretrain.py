@@ -1565,7 +1565,6 @@ def pretrain_lm(
 
 def _pretrain_fingerprint(config, marks_share, independent_turns, chat, n_photos: int) -> str:
     """What a pretraining checkpoint must match to be continued (``compile`` changes no result)."""
-
     settings = {
         "lm": {k: v for k, v in asdict(config).items() if k != "compile"},
         "marks_share": marks_share,
