@@ -428,73 +428,34 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
         base_dir, results["base"] = cache.run("base", base_key, base_stage)
         stage_seconds["base"] = time.perf_counter() - t0
 
-        # 3a. continued pretraining with grounded yes/no weighted up (a stage of its own: cached apart) -----
-        if config.base_refine.steps:
-            base_refine_key = {"base": base_dir.name, "refine": asdict(config.base_refine)}
-            source = base_dir / "base"
-
-            def base_refine_stage(folder: Path) -> dict:
-                resume = cache.resume_dir("base_refine", base_refine_key)
-                return _base_refine_stage(
-                    config, world, vq_dir, source, folder / "base", progress, resume=resume
-                )
-
-            t0 = time.perf_counter()
-            base_dir, results["base_refine"] = cache.run("base_refine", base_refine_key, base_refine_stage)
-            stage_seconds["base_refine"] = time.perf_counter() - t0
-
-        # 3a'. a round in the framework's own conversation format, names defined in a preamble --------
-        if config.base_chat.steps:
-            base_chat_key = {
-                "base": base_dir.name,
-                "chat": asdict(config.base_chat),
-                "refine": asdict(config.base_refine),  # the rows outside the chat share
-            }
-            chat_source = base_dir / "base"
-
-            def base_chat_stage(folder: Path) -> dict:
-                resume = cache.resume_dir("base_chat", base_chat_key)
-                return _base_refine_stage(
-                    config,
-                    world,
-                    vq_dir,
-                    chat_source,
-                    folder / "base",
-                    progress,
-                    chat=config.base_chat,
-                    resume=resume,
-                )
-
-            t0 = time.perf_counter()
-            base_dir, results["base_chat"] = cache.run("base_chat", base_chat_key, base_chat_stage)
-            stage_seconds["base_chat"] = time.perf_counter() - t0
-
-        # 3a''. a drawing round: text-to-image asks for the identity's drawing ------------------------------
-        if config.base_draw.steps:
-            base_draw_key = {
-                "base": base_dir.name,
-                "draw": asdict(config.base_draw),
-                "refine": asdict(config.base_refine),  # the rows outside text-to-image and chat
-                "chat": asdict(config.base_chat),
-            }
-            draw_source = base_dir / "base"
-
-            def base_draw_stage(folder: Path) -> dict:
-                resume = cache.resume_dir("base_draw", base_draw_key)
-                return _base_refine_stage(
-                    config,
-                    world,
-                    vq_dir,
-                    draw_source,
-                    folder / "base",
-                    progress,
-                    resume=resume,
-                    draw=config.base_draw,
-                )
-
-            t0 = time.perf_counter()
-            base_dir, results["base_draw"] = cache.run("base_draw", base_draw_key, base_draw_stage)
-            stage_seconds["base_draw"] = time.perf_counter() - t0
+        # 3a. refinement rounds, each a stage of its own (cached apart) continuing the last base:
+        #   base_refine: grounded yes/no weighted up, every question an independent turn;
+        #   base_chat: the framework's own conversation format, names defined in a preamble;
+        #   base_draw: text-to-image asks for the identity's drawing.
+        # Each key names the settings of every row the round trains on.
+        refine, chat, draw = asdict(config.base_refine), asdict(config.base_chat), asdict(config.base_draw)
+        rounds = (
+            ("base_refine", config.base_refine.steps, {"refine": refine}, {}),
+            (
+                "base_chat",
+                config.base_chat.steps,
+                {"chat": chat, "refine": refine},
+                {"chat": config.base_chat},
+            ),
+            (
+                "base_draw",
+                config.base_draw.steps,
+                {"draw": draw, "refine": refine, "chat": chat},
+                {"draw": config.base_draw},
+            ),
+        )
+        for name, steps, settings, round_kwargs in rounds:
+            if steps:
+                key = {"base": base_dir.name, **settings}
+                base_dir = _run_refinement(
+                    cache, name, key, config, world, vq_dir, base_dir / "base", progress, round_kwargs,
+                    results, stage_seconds,
+                )  # fmt: skip
 
         # 3b. the base model's gates: a stage of their own, so measuring differently never retrains it ----
         # "t2i": the text-to-image gate counts images with every factor right (older stages: the mean).
@@ -623,6 +584,23 @@ def _base_stage(
     )
     write_base_dir(base_dir, spec, vq_state, decoder, seed=config.seed, model=backend.model)
     return {"stats": stats}
+
+
+def _run_refinement(
+    cache: StageCache, name, key, config, world, vq_dir, source, progress, round_kwargs, results, seconds
+) -> Path:
+    """Run (or reuse) one refinement round from the base in ``source``; returns its stage folder."""
+
+    def stage(folder: Path) -> dict:
+        resume = cache.resume_dir(name, key)
+        return _base_refine_stage(
+            config, world, vq_dir, source, folder / "base", progress, resume=resume, **round_kwargs
+        )
+
+    t0 = time.perf_counter()
+    folder, results[name] = cache.run(name, key, stage)
+    seconds[name] = time.perf_counter() - t0
+    return folder
 
 
 def _base_refine_stage(
