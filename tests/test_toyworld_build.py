@@ -39,6 +39,7 @@ from yochameleon.eval.toyworld.pretrain import (
     LMTrainConfig,
     MarkCellReader,
     PretrainError,
+    VQDecoderConfig,
     VQRefineConfig,
     VQTrainConfig,
     build_image_bank,
@@ -48,6 +49,7 @@ from yochameleon.eval.toyworld.pretrain import (
     mark_weights,
     pad_batch,
     refine_vq,
+    refine_vq_decoder,
     train_vq,
     vq_config,
 )
@@ -235,6 +237,38 @@ def test_refine_vq_trains_on_object_weighted_photos():
     assert np.isfinite(stats["final_recon_loss"]) and not vqmodel.training
     changed = [k for k, v in vqmodel.state_dict().items() if not torch.equal(v, before[k])]
     assert any("encoder" in k for k in changed)
+
+
+def test_decoder_refinement_keeps_every_code_and_learns_to_decode_drawings():
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    from yochameleon.backends.chameleon_vq import ChameleonVQDecoder, reconstruct
+
+    with pytest.raises(PretrainError, match="drawing_share"):
+        VQDecoderConfig(drawing_share=1.5)
+    cfg = _small_vq_config()
+    torch.manual_seed(0)
+    vqmodel, decoder = ChameleonVQVAE(cfg), ChameleonVQDecoder(cfg)
+    world = ToyWorld(0)
+    drawings = np.stack([np.asarray(world.drawing(i), dtype=np.uint8) for i in world.splits["heldout"][:16]])
+    pixels = torch.from_numpy(drawings).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def drawing_error() -> float:
+        with torch.no_grad():
+            return float(((reconstruct(vqmodel, decoder, pixels).pixels - pixels) ** 2).mean())
+
+    vq_before = {k: v.clone() for k, v in vqmodel.state_dict().items()}
+    codes_before = reconstruct(vqmodel, decoder, pixels).codes
+    error_before = drawing_error()
+    stats = refine_vq_decoder(
+        vqmodel, decoder, world, VQDecoderConfig(steps=60, batch_size=8, lr=2e-3), progress=False
+    )
+    assert np.isfinite(stats["final_recon_loss"]) and not decoder.training
+    # The tokenizer's side is bit-identical, so every base trained on its codes stays valid.
+    assert all(torch.equal(v, vq_before[k]) for k, v in vqmodel.state_dict().items())
+    assert torch.equal(reconstruct(vqmodel, decoder, pixels).codes, codes_before)
+    # Held-out identities' drawings decode better than before.
+    assert drawing_error() < 0.7 * error_before
 
 
 def test_weighted_dead_code_restarts_land_on_the_weighted_cells():
@@ -557,8 +591,9 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
     lines: list[str] = []
     again = build(config, progress=False, log=lines.append)  # every stage cached: only copying is left
     assert not any("building" in line for line in lines)
-    # scorer, vq, vq_refine, base, base_refine, base_chat, base_gates, embedder + pool index
-    assert sum("cached" in line for line in lines) == 10
+    # scorer, vq, vq_refine, vq_decoder, base, base_refine, base_chat, base_draw, base_decoder,
+    # base_gates, embedder + pool index
+    assert sum("cached" in line for line in lines) == 12
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
     # Measuring the gates differently re-measures them and retrains nothing.
     lines.clear()

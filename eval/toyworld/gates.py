@@ -46,6 +46,7 @@ __all__ = [
     "THRESHOLDS",
     "attribute_qa_accuracy",
     "check_gates",
+    "drawing_retention",
     "existence_accuracy",
     "format_gates",
     "gate_values",
@@ -173,8 +174,6 @@ def vq_retention(
         object located in the reconstruction itself) and ``original`` (the scorer's mark-colour accuracy
         on the originals).
     """
-    from yochameleon.backends.chameleon_vq import reconstruct
-
     from .scorer import FACTORS
 
     if not identities or per < 1:
@@ -182,12 +181,7 @@ def vq_retention(
     rng = np.random.default_rng([seed, 0x7A11])
     images, owners = _photos(world, identities, per, rng)
     arrays = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
-    recon = []
-    for start in range(0, len(arrays), 256):
-        pixels = torch.from_numpy(arrays[start : start + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        out = reconstruct(vqmodel, decoder, pixels).pixels.clamp(-1, 1)
-        recon.append(((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-    recon_arr = np.concatenate(recon)
+    recon_arr = _reconstructions(vqmodel, decoder, arrays)
     original = scorer.predict(arrays)
     located = scorer.predict(recon_arr, boxes_from=arrays)
     own = scorer.predict(recon_arr)
@@ -204,6 +198,37 @@ def vq_retention(
         "retained": kept("mark_colours", colours, own),
         "original": float(np.mean([p["mark_colours"] == t for p, t in zip(original, colours)])),
     }
+
+
+@torch.no_grad()
+def _reconstructions(vqmodel, decoder, arrays: np.ndarray) -> np.ndarray:
+    """VQ reconstructions (encode, quantize, decode) of ``uint8`` images ``[N, H, W, 3]``."""
+    from yochameleon.backends.chameleon_vq import reconstruct
+
+    recon = []
+    for start in range(0, len(arrays), 256):
+        pixels = torch.from_numpy(arrays[start : start + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        out = reconstruct(vqmodel, decoder, pixels).pixels.clamp(-1, 1)
+        recon.append(((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(recon)
+
+
+def drawing_retention(vqmodel, decoder, scorer, world: ToyWorld, identities: Sequence[Identity]) -> dict:
+    """How often the scorer reads every factor right in the VQ reconstruction of an identity's drawing.
+
+    A base that predicts a drawing's codes exactly draws what this reconstruction shows, so ``every``
+    is the ceiling of the text-to-image gate for this tokenizer (informational, gates nothing).
+
+    Returns:
+        ``{"every": share with all five right, factor: share right, ...}`` over shape, colour,
+        pattern, size and ``marks``.
+    """
+    if not identities:
+        raise GateError("drawing_retention needs identities")
+    arrays = np.stack([np.asarray(world.drawing(identity), dtype=np.uint8) for identity in identities])
+    wanted = [{**t.attributes, "marks": t.mark_colours} for t in identities]
+    hits = np.asarray(scorer.attribute_hits(_reconstructions(vqmodel, decoder, arrays), wanted))
+    return {"every": float(hits.all(1).mean()), **{n: float(h) for n, h in zip(wanted[0], hits.mean(0))}}
 
 
 def _answer_logprob(backend, rows: list[tuple[list[int], int]]) -> np.ndarray:
