@@ -474,6 +474,55 @@ def test_drawing_round_asks_for_drawings_and_keeps_the_other_tasks_in_proportion
         assert prompt == [t for t, lab in zip(with_photo[0], with_photo[1]) if lab == -100]
 
 
+def test_named_drawing_row_defines_a_name_and_asks_for_that_identity_s_drawing():
+    from yochameleon.conversation import turn_ids
+    from yochameleon.eval.toyworld.pretrain import (
+        DrawRefineConfig,
+        ImageBank,
+        LMTrainConfig,
+        NamedDrawConfig,
+        made_up_name,
+        named_drawing_sample,
+        pretrain_lm,
+    )
+    from yochameleon.eval.toyworld.world import full_caption
+
+    with pytest.raises(PretrainError, match="named_share"):
+        NamedDrawConfig(named_share=1.2)
+    round_ = NamedDrawConfig(steps=7, lr=1e-4, chat_share=0.4).draw_round(
+        DrawRefineConfig(text_to_image_share=0.5)
+    )
+    assert (round_.steps, round_.lr, round_.chat_share, round_.text_to_image_share) == (7, 1e-4, 0.4, 0.5)
+
+    backend = _word_backend()
+    base = ToyWorld(0).splits["pretrain"][:2]
+    photos = torch.tensor([[5] * 4, [5] * 4, [6] * 4, [6] * 4, [0] * 4, [0] * 4])
+    bank = ImageBank(base + base, photos, np.array([0, 0, 1, 1, 2, 3]), 2, np.ones(6, bool))
+    drawn = replace(bank, drawing_ids=torch.tensor([[7] * 4, [8] * 4]))
+    seen = set()
+    for seed in range(12):
+        ids, labels = named_drawing_sample(backend, drawn, np.random.default_rng(seed))
+        target = [t for t in labels if t != -100]
+        prompt = ids[: len(ids) - len(target)]
+        assert target[-1] == backend.special.eot and all(t == -100 for t in labels[: len(prompt)])
+        index = 0 if target[:-1] == backend.image_span([7] * 4) else 1
+        assert target[:-1] == backend.image_span([7 + index] * 4)
+        seen.add(index)
+        # The framework's own turn: "<name> is <full caption>. A photo of <name>.", with the name the
+        # row drew after the identity.
+        replay = np.random.default_rng(seed)
+        assert int(replay.integers(2)) == index
+        name = made_up_name(replay)
+        expected = turn_ids(
+            backend, f"A photo of {name}.", preamble=f"{name} is {full_caption(base[index])}."
+        )
+        assert prompt == expected
+    assert seen == {0, 1}
+    with pytest.raises(PretrainError, match="drawings"):
+        no_pairs = LMTrainConfig(steps=1, mix=(0.5, 0.5, 0, 0, 0, 0, 0))
+        pretrain_lm(backend, bank, no_pairs, progress=False, named_drawing_share=0.5)
+
+
 def test_redraw_sample_asks_for_the_canonical_view_of_the_photo_s_object():
     from yochameleon.eval.toyworld.pretrain import REDRAW_REQUEST, ImageBank, _sample_sequence, pretrain_lm
 
@@ -591,9 +640,9 @@ def test_reduced_build_writes_loadable_artifacts_and_resumes(reduced_toyworld):
     lines: list[str] = []
     again = build(config, progress=False, log=lines.append)  # every stage cached: only copying is left
     assert not any("building" in line for line in lines)
-    # scorer, vq, vq_refine, vq_decoder, base, base_refine, base_chat, base_draw, base_decoder,
-    # base_gates, embedder + pool index
-    assert sum("cached" in line for line in lines) == 12
+    # scorer, vq, vq_refine, vq_decoder, base, base_refine, base_chat, base_draw, base_name,
+    # base_decoder, base_gates, embedder + pool index
+    assert sum("cached" in line for line in lines) == 13
     assert json.loads((out / "build_report.json").read_text())["gates"] == again["gates"]
     # Measuring the gates differently re-measures them and retrains nothing.
     lines.clear()

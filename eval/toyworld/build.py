@@ -9,7 +9,7 @@ first unfinished stage and a changed setting rebuilds only what depends on it:
    object-weighted refinement; then ``vq_decoder``: its decoder alone refined on photos and drawings
    (the codes unchanged), and the VQ gates.
 3. ``base``: the base model directory (``make_tiny`` layout) pretrained on pretraining identities; then
-   its refinement rounds (``base_refine``, ``base_chat``, ``base_draw``); then ``base_decoder``: the
+   its refinement rounds (``base_refine``, ``base_chat``, ``base_draw``, ``base_name``); then ``base_decoder``: the
    last round's model with the refined decoder; then ``base_gates``: its attribute-QA, existence,
    text-to-image and twin-separation gates, cached apart so that a change in how they are measured
    never retrains the base.
@@ -61,6 +61,7 @@ from .pretrain import (
     DrawRefineConfig,
     EmbedderTrainConfig,
     LMTrainConfig,
+    NamedDrawConfig,
     VQDecoderConfig,
     VQRefineConfig,
     VQTrainConfig,
@@ -145,7 +146,9 @@ class BuildConfig:
         checkpoint_every: pretraining steps between in-stage checkpoints of the base stages (a killed
             build continues inside the stage, not from its start). Not part of any stage's cache key.
         scorer_steps, pool_size: scorer training steps and retrieval pool size.
-        vq, vq_refine, vq_decoder, lm, base_refine, base_chat, base_draw, embedder, gates: each stage's settings
+        vq, vq_refine, vq_decoder, lm, base_refine, base_chat, base_draw, base_name, embedder, gates: each
+            stage's settings (``base_name``, off by default, a fourth round: drawing an object a
+            preamble names)
             (``base_chat`` is a second refinement round in the framework's conversation format,
             ``base_draw`` a third that teaches drawing).
     """
@@ -168,6 +171,7 @@ class BuildConfig:
     base_refine: BaseRefineConfig = field(default_factory=BaseRefineConfig)
     base_chat: ChatRefineConfig = field(default_factory=ChatRefineConfig)
     base_draw: DrawRefineConfig = field(default_factory=DrawRefineConfig)
+    base_name: NamedDrawConfig = field(default_factory=NamedDrawConfig)
     embedder: EmbedderTrainConfig = field(default_factory=EmbedderTrainConfig)
     gates: GateSizes = field(default_factory=GateSizes)
 
@@ -211,6 +215,7 @@ class BuildConfig:
                 "base_refine": BaseRefineConfig(steps=20),
                 "base_chat": ChatRefineConfig(steps=10),
                 "base_draw": DrawRefineConfig(steps=10),
+                "base_name": NamedDrawConfig(steps=10),
                 "lm": replace(seeded["lm"], steps=120, batch_size=16, n_identities=256, compile=False),
                 "embedder": replace(seeded["embedder"], steps=40, batch_size=32),
                 "gates": GateSizes(
@@ -473,7 +478,8 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
         # 3a. refinement rounds, each a stage of its own (cached apart) continuing the last base:
         #   base_refine: grounded yes/no weighted up, every question an independent turn;
         #   base_chat: the framework's own conversation format, names defined in a preamble;
-        #   base_draw: text-to-image asks for the identity's drawing.
+        #   base_draw: text-to-image asks for the identity's drawing;
+        #   base_name: the drawing of an object a preamble names, in the framework's format.
         # Each key names the settings of every row the round trains on.
         refine, chat, draw = asdict(config.base_refine), asdict(config.base_chat), asdict(config.base_draw)
         rounds = (
@@ -489,6 +495,15 @@ def build(config: BuildConfig, progress: bool = True, log: Callable[[str], None]
                 config.base_draw.steps,
                 {"draw": draw, "refine": refine, "chat": chat},
                 {"draw": config.base_draw},
+            ),
+            (
+                "base_name",
+                config.base_name.steps,
+                {"name": asdict(config.base_name), "draw": draw, "refine": refine, "chat": chat},
+                {
+                    "draw": config.base_name.draw_round(config.base_draw),
+                    "named_drawing_share": config.base_name.named_share,
+                },
             ),
         )
         for name, steps, settings, round_kwargs in rounds:
@@ -660,6 +675,7 @@ def _base_refine_stage(
     chat: ChatRefineConfig | None = None,
     resume: Path | None = None,
     draw: DrawRefineConfig | None = None,
+    named_drawing_share: float = 0.0,
 ) -> dict:
     """Continue pretraining the base in ``source`` with :class:`BaseRefineConfig` into ``base_dir``.
 
@@ -691,6 +707,7 @@ def _base_refine_stage(
         chat=chat,
         resume_dir=resume,
         checkpoint_every=config.checkpoint_every,
+        named_drawing_share=named_drawing_share,
     )
     _write_base(config, vq_dir, vq_dir / "vq_decoder.safetensors", backend.model, base_dir)
     return {"stats": stats}

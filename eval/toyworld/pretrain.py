@@ -62,6 +62,7 @@ __all__ = [
     "ImageBank",
     "PairScene",
     "LMTrainConfig",
+    "NamedDrawConfig",
     "PretrainError",
     "VQDecoderConfig",
     "VQRefineConfig",
@@ -76,6 +77,7 @@ __all__ = [
     "yes_no_turns",
     "generation_prompt",
     "init_image_rows_from_codebook",
+    "named_drawing_sample",
     "pretrain_lm",
     "refine_vq",
     "refine_vq_decoder",
@@ -877,6 +879,53 @@ class DrawRefineConfig:
         )
 
 
+@dataclass(frozen=True)
+class NamedDrawConfig:
+    """A round that teaches the base to draw an object named in a preamble, in the framework's format.
+
+    Why: the drawing round taught drawing from a caption in the request only; asked through the
+    framework (``"qvo is <caption>. A photo of qvo."``, the shape of the personalized generation
+    prompt ``"<sks> is <g-tokens>. A photo of <sks>."``), the base drew every factor right in 0.11 of
+    its images on development identities. Measured there after 1,200 steps from the drawing round:
+    0.84 through a defined name, 0.94 from a caption, every other gate kept.
+
+    Off by default (``steps=0``): on held-out identities the same 1,200 steps lift text-to-image to
+    0.777 but cost the worst attribute-QA factor (shape 0.863 -> 0.844, gate 0.85), so the committed
+    base is the drawing round's. ``base_name.steps=1200`` reproduces the measured round
+    (``.cache/base_name-7c1d82bee24a0aae``).
+
+    Attributes:
+        steps, lr: AdamW steps (0 skips the stage) and peak learning rate.
+        chat_share: share of rows in the framework's format (the drawing round: 0.3).
+        named_share: share of those that ask for a named object's drawing
+            (:func:`named_drawing_sample`); the rest are the chat round's rows. The other rows are the
+            drawing round's.
+    """
+
+    steps: int = 0
+    lr: float = 3e-4
+    chat_share: float = 0.4
+    named_share: float = 0.35
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0:
+            raise PretrainError(
+                f"the named-drawing round needs steps >= 0 and lr > 0, got {self.steps}, {self.lr}"
+            )
+        for name in ("chat_share", "named_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PretrainError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def draw_round(self, draw: DrawRefineConfig) -> DrawRefineConfig:
+        """The drawing round's rows with this round's steps, rate and chat share."""
+        return DrawRefineConfig(
+            steps=self.steps,
+            lr=self.lr,
+            text_to_image_share=draw.text_to_image_share,
+            chat_share=self.chat_share,
+        )
+
+
 def base_spec(lm: LMTrainConfig, vq: VQTrainConfig, image_size: int):
     """The :class:`~yochameleon.backends.tiny.TinySize` describing the toy base model."""
     from yochameleon.backends.tiny import TinySize
@@ -1338,6 +1387,27 @@ def chat_sample(
     return human + bot, [-100] * len(human) + bot
 
 
+def named_drawing_sample(backend, bank: ImageBank, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """A request in the framework's format for the drawing of an object a preamble names.
+
+    ``"qvo is a large red striped circle with a cyan mark. A photo of qvo."`` -> the identity's
+    drawing. Why: this is the personalized generation prompt's shape (``"<sks> is <g-tokens>. A photo
+    of <sks>."``), and a base taught to draw only from a caption in the request drew every factor of
+    a defined name right in 0.11 of its images (development identities; 0.84 from the caption).
+
+    Returns:
+        ``(ids, labels)`` with the loss on the image span and its closing ``<eot>``.
+    """
+    from yochameleon.conversation import turn_ids
+
+    index = int(rng.integers(bank.n_base))
+    name = made_up_name(rng)
+    preamble = f"{name} is {full_caption(bank.identities[index])}."
+    human = turn_ids(backend, generation_prompt(name), [], [], preamble=preamble)
+    bot = [*backend.image_span(bank.drawing_ids[index].tolist()), backend.special.eot]
+    return human + bot, [-100] * len(human) + bot
+
+
 def _pair_sample(backend, bank: ImageBank, rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """A two-object scene and one question about it (the benchmark's visual-question kinds)."""
     row = int(rng.integers(len(bank.pairs)))
@@ -1557,13 +1627,15 @@ def pretrain_lm(
     chat: ChatRefineConfig | None = None,
     resume_dir: str | Path | None = None,
     checkpoint_every: int = 500,
+    named_drawing_share: float = 0.0,
 ) -> dict:
     """Pretrain the backend's transformer in place (the VQ stays frozen).
 
     ``marks_share`` is the share of existence "no" descriptions that change the marks
     (:func:`existence_description`); with ``independent_turns`` the questions about one photo do not
     see each other's answers (:func:`_multi_turn`); with ``chat``, ``chat.chat_share`` of the rows
-    are in the framework's conversation format (:func:`chat_sample`).
+    are in the framework's conversation format (:func:`chat_sample`), and ``named_drawing_share`` of
+    those ask for the drawing of an object named in a preamble (:func:`named_drawing_sample`).
 
     With ``resume_dir``, every ``checkpoint_every`` steps the weights, AdamW moments, schedule, loss
     window and both random generators are written there atomically
@@ -1583,6 +1655,10 @@ def pretrain_lm(
         raise PretrainError("the mix asks for pair scenes but the image bank has none")
     if config.mix[_REDRAW] > 0 and (bank.canonical_ids is None or len(bank.canonical_ids) < bank.n_base):
         raise PretrainError("the mix asks for redraws but the image bank has no canonical views")
+    if named_drawing_share > 0 and bank.drawing_ids is None:
+        raise PretrainError(
+            "named drawings need an image bank with drawings (build_image_bank(drawings=True))"
+        )
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 0x1A1A])
     model = backend.model
@@ -1601,7 +1677,9 @@ def pretrain_lm(
     warmup = max(1, min(150, config.steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
     named = {name: p for name, p in model.named_parameters() if ".vqmodel." not in f".{name}"}
-    fingerprint = _pretrain_fingerprint(config, marks_share, independent_turns, chat, len(bank.image_ids))
+    fingerprint = _pretrain_fingerprint(
+        config, marks_share, independent_turns, chat, len(bank.image_ids), named_drawing_share
+    )
     first_step, recent, seconds_before = 0, [], 0.0
     if resume_dir is not None:
         if checkpoint_every < 1:
@@ -1627,7 +1705,11 @@ def pretrain_lm(
     )
     for step in bar:
         rows = [
-            chat_sample(backend, bank, rng, chat, marks_share)
+            (
+                named_drawing_sample(backend, bank, rng)
+                if named_drawing_share > 0 and rng.random() < named_drawing_share
+                else chat_sample(backend, bank, rng, chat, marks_share)
+            )
             if chat is not None and rng.random() < chat.chat_share
             else _sample_sequence(
                 backend,
@@ -1671,7 +1753,9 @@ def pretrain_lm(
     }
 
 
-def _pretrain_fingerprint(config, marks_share, independent_turns, chat, n_photos: int) -> str:
+def _pretrain_fingerprint(
+    config, marks_share, independent_turns, chat, n_photos: int, named_drawing_share: float = 0.0
+) -> str:
     """What a pretraining checkpoint must match to be continued (``compile`` changes no result)."""
     settings = {
         "lm": {k: v for k, v in asdict(config).items() if k != "compile"},
@@ -1680,6 +1764,8 @@ def _pretrain_fingerprint(config, marks_share, independent_turns, chat, n_photos
         "chat": None if chat is None else asdict(chat),
         "photos": n_photos,
     }
+    if named_drawing_share:  # absent when off, so older checkpoints keep their fingerprint
+        settings["named_drawing_share"] = named_drawing_share
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
