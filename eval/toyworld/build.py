@@ -147,10 +147,9 @@ class BuildConfig:
             build continues inside the stage, not from its start). Not part of any stage's cache key.
         scorer_steps, pool_size: scorer training steps and retrieval pool size.
         vq, vq_refine, vq_decoder, lm, base_refine, base_chat, base_draw, base_name, embedder, gates: each
-            stage's settings (``base_name``, off by default, a fourth round: drawing an object a
-            preamble names)
-            (``base_chat`` is a second refinement round in the framework's conversation format,
-            ``base_draw`` a third that teaches drawing).
+            stage's settings (``base_chat`` is a second refinement round in the framework's
+            conversation format, ``base_draw`` a third that teaches drawing, ``base_name`` a fourth,
+            off by default, that teaches drawing an object a preamble names).
     """
 
     out: str = str(default_out_dir())
