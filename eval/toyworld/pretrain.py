@@ -762,6 +762,15 @@ class LMTrainConfig:
             raise PretrainError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
 
 
+def _check_round(config, what: str, shares: tuple[str, ...]) -> None:
+    """A refinement round's ``steps >= 0``, ``lr > 0`` and each of ``shares`` in ``[0, 1]``."""
+    if config.steps < 0 or config.lr <= 0:
+        raise PretrainError(f"{what} needs steps >= 0 and lr > 0, got {config.steps}, {config.lr}")
+    for name in shares:
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise PretrainError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+
+
 @dataclass(frozen=True)
 class BaseRefineConfig:
     """Continued pretraining of the base with more grounded yes/no and fewer mark-changed negatives.
@@ -791,10 +800,7 @@ class BaseRefineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix", tuple(float(x) for x in self.mix))
-        if self.steps < 0 or self.lr <= 0:
-            raise PretrainError(f"base refinement needs steps >= 0 and lr > 0, got {self.steps}, {self.lr}")
-        if not 0.0 <= self.marks_share <= 1.0:
-            raise PretrainError(f"marks_share must be in [0, 1], got {self.marks_share}")
+        _check_round(self, "base refinement", ("marks_share",))
         LMTrainConfig(mix=self.mix)  # the same mix rules
 
 
@@ -829,11 +835,7 @@ class ChatRefineConfig:
     text_share: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0:
-            raise PretrainError(f"the chat round needs steps >= 0 and lr > 0, got {self.steps}, {self.lr}")
-        for name in ("chat_share", "named_share", "text_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise PretrainError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _check_round(self, "the chat round", ("chat_share", "named_share", "text_share"))
 
 
 @dataclass(frozen=True)
@@ -861,11 +863,7 @@ class DrawRefineConfig:
     chat_share: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0:
-            raise PretrainError(f"the drawing round needs steps >= 0 and lr > 0, got {self.steps}, {self.lr}")
-        for name in ("text_to_image_share", "chat_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise PretrainError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _check_round(self, "the drawing round", ("text_to_image_share", "chat_share"))
 
     def mix(self, refine_mix: tuple[float, ...]) -> tuple[float, ...]:
         """``refine_mix`` with text-to-image at :attr:`text_to_image_share` and the rest scaled to fill."""
@@ -908,13 +906,7 @@ class NamedDrawConfig:
     named_share: float = 0.35
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0:
-            raise PretrainError(
-                f"the named-drawing round needs steps >= 0 and lr > 0, got {self.steps}, {self.lr}"
-            )
-        for name in ("chat_share", "named_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise PretrainError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _check_round(self, "the named-drawing round", ("chat_share", "named_share"))
 
     def draw_round(self, draw: DrawRefineConfig) -> DrawRefineConfig:
         """The drawing round's rows with this round's steps, rate and chat share."""
