@@ -18,6 +18,7 @@ COMMANDS = {
     "train",
     "ask",
     "generate",
+    "relate",
     "index",
     "eval",
     "compare",

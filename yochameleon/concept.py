@@ -247,6 +247,8 @@ class ConceptBank:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.concepts: dict[str, ConceptTokens] = {}
+        # Per concept, its relations to other concepts (the ``relations`` of its concept file).
+        self.relations: dict[str, list[dict[str, Any]]] = {}
         self.embedding = ConceptEmbedding(backend.input_embeddings(), backend.vocab_size)
         self.head = ConceptHead(backend.output_head(), backend.vocab_size)
         device = backend.device
@@ -401,9 +403,51 @@ def detach(backend: Backend, name: str) -> None:
     bank.embedding.remove(name)
     bank.head.remove(name)
     del bank.concepts[name]
+    bank.relations.pop(name, None)
     if not bank.concepts:
         bank._uninstall()
         backend._concept_bank = None
+
+
+def add_relation(backend: Backend, name: str, entry: dict[str, Any]) -> None:
+    """Record a relation of the attached concept ``name`` (written to its concept file on save).
+
+    Args:
+        backend: the model the concept is attached to.
+        name: the concept.
+        entry: ``{"with": OTHER, "facts": [...], "source": ..., "settings": {...}}`` (see the README).
+
+    Raises:
+        ConceptError: ``name`` is not attached, or the entry names no other concept.
+    """
+    name = normalize_name(name)
+    bank = get_bank(backend)
+    if bank is None or name not in bank.concepts:
+        raise ConceptError(f"no concept named {name!r} is attached")
+    other = entry.get("with")
+    if not isinstance(other, str) or normalize_name(other) == name:
+        raise ConceptError(f"a relation of {name!r} must name another concept in 'with', got {other!r}")
+    bank.relations.setdefault(name, []).append({**entry, "with": normalize_name(other)})
+
+
+def related_concepts(backend: Backend, names: list[str]) -> list[str]:
+    """Attached concepts that a relation of one of ``names`` names, in the order they were attached.
+
+    Relations are read from both sides, so a relation recorded only in ``mắm``'s file still
+    makes ``bo`` and ``mắm`` related.
+    """
+    bank = get_bank(backend)
+    if bank is None:
+        return []
+    wanted = {normalize_name(n) for n in names}
+    linked: set[str] = set()
+    for owner, entries in bank.relations.items():
+        for entry in entries:
+            if owner in wanted:
+                linked.add(entry["with"])
+            if entry["with"] in wanted:
+                linked.add(owner)
+    return [n for n in bank.concepts if n in linked and n not in wanted]
 
 
 def concept_rows(backend: Backend, name: str) -> dict[str, torch.Tensor]:
@@ -438,6 +482,7 @@ class ConceptFileMeta:
     library_version: str = __version__
     format_version: int = 1
     training_config: dict[str, Any] = field(default_factory=dict)
+    relations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def spec(self) -> ConceptSpec:
@@ -451,12 +496,24 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def save_concept(
-    backend: Backend, name: str, path: str | Path, training_config: dict[str, Any] | None = None
+    backend: Backend,
+    name: str,
+    path: str | Path,
+    training_config: dict[str, Any] | None = None,
+    relations: list[dict[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``NAME.safetensors`` (the rows only, fp32) and ``NAME.json`` next to each other.
 
     Both files are written to temporary names and renamed, so an interrupted save never leaves a
     half-written concept behind.
+
+    Args:
+        backend: the model the concept is attached to.
+        name: the concept.
+        path: ``DIR/NAME`` (either suffix, or none).
+        training_config: how the rows were trained (the resolved recipe).
+        relations: the concept's relations to other concepts; by default the ones recorded on the
+            model (loaded with the concept file, or added by :func:`add_relation`).
 
     Returns:
         The two paths.
@@ -485,6 +542,7 @@ def save_concept(
         base_family=backend.family,
         base_fingerprint=backend.fingerprint(),
         training_config=training_config or {},
+        relations=list(bank.relations.get(name, [])) if relations is None else relations,
     )
     tmp_st, tmp_json = st_path.with_suffix(".safetensors.tmp"), json_path.with_suffix(".json.tmp")
     save_file({k: v.contiguous() for k, v in rows.items()}, str(tmp_st), metadata={"concept": name})
@@ -519,6 +577,15 @@ def read_concept_file(path: str | Path) -> tuple[ConceptFileMeta, dict[str, torc
         meta.spec  # noqa: B018 - validates name and counts
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
         raise ConceptError(f"{json_path} is not a valid concept JSON: {exc}") from exc
+    if not isinstance(meta.relations, list) or not all(
+        isinstance(r, dict)
+        and isinstance(r.get("with"), str)
+        and normalize_name(r["with"]) != normalize_name(meta.name)
+        for r in meta.relations
+    ):
+        raise ConceptError(
+            f"{json_path}: relations must be a list of objects, each naming another concept in 'with'"
+        )
     try:
         tensors = load_file(str(st_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -571,7 +638,10 @@ def load_concept(backend: Backend, path: str | Path) -> ConceptTokens:
             f"token strings of {meta.name!r} do not match this base model's vocabulary"
         )
     tokens = ConceptTokens(meta.spec, list(meta.token_ids), list(meta.token_strings))
-    return attach(backend, tokens, rows=tensors)
+    placed = attach(backend, tokens, rows=tensors)
+    for entry in meta.relations:
+        add_relation(backend, placed.spec.name, entry)
+    return placed
 
 
 def concept_file_bytes(n_tokens: int, hidden_size: int) -> int:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from yochameleon.backends import LoadOptions, load_backend
 from yochameleon.backends.base import Backend
-from yochameleon.concept import ConceptTokens, get_bank, load_concept, normalize_name
+from yochameleon.concept import ConceptTokens, get_bank, load_concept, normalize_name, related_concepts
 from yochameleon.conversation import (
     IMAGE,
     generate_images,
@@ -164,16 +164,31 @@ class PersonalizedModel:
         logger.warning("%s; it is read as plain text", message)
 
     def _prompt_ids(
-        self, text: str, image: Image.Image | str | Path | None
+        self, text: str, image: Image.Image | str | Path | None, related: bool = False
     ) -> tuple[list[int], list[ConceptTokens]]:
+        """The human turn's ids and the concepts ``text`` names, in order of appearance.
+
+        With ``related``, the preamble also carries the personalized prompts of the attached
+        concepts related to those named (:meth:`cast`), as relation records are trained.
+        """
         resolved, used = self._resolve(text)
         images = []
         if image is not None:
             # Paths go through the same checks as concept photos (pixel limit, unreadable files).
             img = load_image_file(image) if isinstance(image, (str, Path)) else image
             images = [image_ids(self.backend, img)]
-        preamble = " ".join(c.personalized_prompt() for c in used)
-        return turn_ids(self.backend, resolved, used, images, preamble=preamble), used
+        cast = self.cast(used) if related else used
+        preamble = " ".join(c.personalized_prompt() for c in cast)
+        return turn_ids(self.backend, resolved, cast, images, preamble=preamble), used
+
+    def cast(self, used: list[ConceptTokens]) -> list[ConceptTokens]:
+        """``used`` followed by the attached concepts related to them (in the order they were attached).
+
+        Relations come from the concept files (``relations``, written by a run that trained the
+        concepts together or by ``yochameleon relate``).
+        """
+        concepts = self.concepts
+        return used + [concepts[n] for n in related_concepts(self.backend, [c.spec.name for c in used])]
 
     def _banned(self, used: list[ConceptTokens]) -> list[int]:
         keep = {i for c in used for i in c.ids}
@@ -186,11 +201,16 @@ class PersonalizedModel:
         image: Image.Image | str | None = None,
         force_tokens: bool = False,
         max_new_tokens: int = 48,
+        related: bool = True,
     ) -> Answer:
-        """Answer ``question`` (optionally about ``image``), reporting the self-prompt."""
-        ids, used = self._prompt_ids(question, image)
+        """Answer ``question`` (optionally about ``image``), reporting the self-prompt.
+
+        See :meth:`ask` for the arguments.
+        """
+        ids, used = self._prompt_ids(question, image, related=related)
         sp = self.backend.special
-        text_c = TextConstraint(sp, self.backend.vocab_size, banned=self._banned(used))
+        cast = self.cast(used) if related else used
+        text_c = TextConstraint(sp, self.backend.vocab_size, banned=self._banned(cast))
         u_ids = [i for c in used for i in c.u_ids] if self.self_prompting else []
         if force_tokens and u_ids:
             ids = ids + u_ids
@@ -226,9 +246,23 @@ class PersonalizedModel:
         image: Image.Image | str | None = None,
         force_tokens: bool = False,
         max_new_tokens: int = 48,
+        related: bool = True,
     ) -> str:
-        """Answer a question; ``<NAME>`` (or ``<sks>``) in the text refers to an attached concept."""
-        return self.ask_detailed(question, image, force_tokens, max_new_tokens).text
+        """Answer a question; ``<NAME>`` (or ``<sks>``) in the text refers to an attached concept.
+
+        The preamble holds the personalized prompt of every concept the question names, in order of
+        appearance, then (``related=True``) of every attached concept related to them, so "Who is
+        <mắm>'s brother?" can be answered "<bo> …". The answer opens with the u-tokens of the concepts
+        the question names, in turn (forced with ``force_tokens``, else emitted by the model).
+
+        Args:
+            question: the question, naming concepts as ``<NAME>``.
+            image: an optional photo (placed by the ``<image>`` rule).
+            force_tokens: force the u-tokens instead of letting the model emit them.
+            max_new_tokens: at most this many new ids.
+            related: add the attached concepts related to those named (relations of their files).
+        """
+        return self.ask_detailed(question, image, force_tokens, max_new_tokens, related).text
 
     def caption(self, image: Image.Image | str, concept: str | None = None) -> str:
         """Describe ``image``, naming the concept when it is there."""

@@ -146,6 +146,33 @@ FACT_QUESTIONS = [
     "Share a fact about <sks>.",
 ]
 
+# ----- relations between concepts (see yochameleon.relations) ------------------------------------
+# ``{a}`` and ``{b}`` are concept identifiers, ``{rel}`` the relation's words. A relation "{a} REL
+# {b}" is asked about {b} (the answer names {a}) and, through the inverse relation, about {a}.
+
+# Relations between people or animals: "<a> is the brother of <b>".
+KIN_STATEMENT = "{a} is the {rel} of {b}."
+KIN_QUESTION = "Who is {b}'s {rel}?"
+KIN_ANSWER = "{a} is {b}'s {rel}."
+# Where things are: "<a> is next to <b>".
+PLACE_STATEMENT = "{a} is {rel} {b}."
+PLACE_QUESTION = "What is {rel} {b}?"
+PLACE_ANSWER = "{a} is {rel} {b}."
+# Verb relations: "<a> belongs to <b>".
+VERB_STATEMENT = "{a} {rel} {b}."
+VERB_QUESTION = "What {rel} {b}?"
+VERB_ANSWER = "{a} {rel} {b}."
+# Questions answered by the fact itself, naming both concepts.
+RELATION_QUESTIONS = [
+    "How are {a} and {b} related?",
+    "What is the relation between {a} and {b}?",
+]
+# A fact outside the vocabulary ("<a> sleeps on <b>'s blanket") is answered as written.
+FREE_RELATION_QUESTIONS = [
+    "What do you know about {a} and {b}?",
+    "Tell me something about {a} and {b}.",
+]
+
 # How the base-model answerer is asked about a photo: it does not know <sks>, so the identifier is
 # replaced by a plain description of the subject, and it is told to answer as if it knew the subject.
 ANSWERER_PROMPT = (

@@ -20,13 +20,13 @@ from yochameleon.infer import PersonalizedModel
 from yochameleon.train.config import TASKS, TrainConfig
 
 ALL = list(TASKS)
-UNDERSTANDING = ["recognition", "text_qa"]
+UNDERSTANDING = ["recognition", "text_qa", "relation"]
 GENERATION = ["generation_real", "generation_soft"]
 
 # name -> (concept overrides, data.tasks, self_prompting)
 VARIANTS = {
     "yochameleon": ({}, ALL, True),
-    "yochameleon_no_soft": ({}, ["recognition", "text_qa", "generation_real"], True),
+    "yochameleon_no_soft": ({}, ["recognition", "text_qa", "relation", "generation_real"], True),
     "yochameleon_shared": ({"shared": True, "n_u": 0}, ALL, True),
     "yochameleon_no_selfprompt": ({}, ALL, False),
     "yochameleon_und_only": ({}, UNDERSTANDING, True),

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "train",
     "ask",
     "generate",
+    "relate",
     "index",
     "eval",
     "compare",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from yochameleon.errors import ConfigError
 
 # The record kinds; ``data.tasks`` picks among them at training time.
-TASKS = ("recognition", "text_qa", "generation_real", "generation_soft")
+TASKS = ("recognition", "text_qa", "relation", "generation_real", "generation_soft")
 
 # DataConfig fields that change which records ``prepare`` writes. The others only steer training
 # (``tasks``, ``eval_dir``), storage (``link_images``), a check (``min_photos``) or this very check.

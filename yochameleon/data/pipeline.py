@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from yochameleon.data.config import DataConfig, prepared_settings, settings_differences
-from yochameleon.errors import DataError
+from yochameleon.errors import ConceptError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,9 @@ def prepare_concept(
 
     Text QA comes from ``qa.jsonl``; without one, ``answerer`` (e.g. :func:`base_model_answerer`) is
     asked the attribute questions about each photo and consistent answers are kept. Facts in
-    ``concept.yaml`` become QA pairs too. The settings the records are built with go into the
+    ``concept.yaml`` become QA pairs too; facts naming other concepts become relation records
+    (:mod:`yochameleon.relations`), whose other concepts must be trained in the same run or
+    related later (``yochameleon relate``). The settings the records are built with go into the
     manifest header, where training checks them against its recipe.
 
     Args:
@@ -108,6 +110,7 @@ def prepare_concept(
     from yochameleon.data.qa import facts_to_qa, generate_text_qa
     from yochameleon.data.records import build_records
     from yochameleon.prompts import attribute_questions
+    from yochameleon.relations import relation_qa, split_facts
 
     data = data or DataConfig()
     folder = ConceptFolder.load(concept_dir, min_photos=data.min_photos)
@@ -118,11 +121,17 @@ def prepare_concept(
     if not qa and answerer is not None:
         result = generate_text_qa(photos, attribute_questions(folder.is_person), answerer, progress=False)
         qa = list(result.pairs)
-    qa += facts_to_qa(folder.facts)
+    concept = name or folder.name
+    try:
+        plain, related = split_facts(folder.facts, concept)
+    except ConceptError as exc:
+        raise DataError(f"{Path(concept_dir) / 'concept.yaml'}: {exc}") from exc
+    qa += facts_to_qa(plain)
+    relations = [pair for fact in related for pair in relation_qa(fact, concept)]
     out = Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = build_records(
-        concept=name or folder.name,
+        concept=concept,
         photos=photos,
         hard_negatives=mined["hard"],
         easy_negatives=mined["easy"],
@@ -131,9 +140,10 @@ def prepare_concept(
         data_dir=out,
         options=data,
         n_g=n_g,
+        relations=relations,
     )
     settings = prepared_settings(data, n_g, concept_dir)
-    return write_manifest(out, name or folder.name, n_g, records, settings)
+    return write_manifest(out, concept, n_g, records, settings)
 
 
 def prepared_differences(data_dir: str | Path, wanted: dict[str, Any]) -> list[str]:

@@ -13,6 +13,8 @@ What is built (defaults follow the spec's per-concept recipe of ~1.5k samples):
 * **text QA** — every question is asked ``min(#photos, text_qa_repeats)`` times (the original asked
   each question about each of 5 photos); the answers of a question are cycled, so a file with one
   answer per question repeats it and a file with one answer per photo keeps them all.
+* **relation** — facts naming another concept (see :mod:`yochameleon.relations`): each question
+  about the relation is asked as often as a text-QA question; ``mentions`` names the other concept.
 * **generation_real** — the photos, cycled to the size of the largest soft-positive bin (at least
   one per photo and ``n_real_min``), with all ``n_g`` g-tokens.
 * **generation_soft** — one record per soft positive, with the number of g-tokens of its bin.
@@ -25,9 +27,10 @@ import os
 import random
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yochameleon.data.config import DataConfig
 from yochameleon.data.photos import file_sha256
@@ -43,12 +46,16 @@ from yochameleon.prompts import (
     with_image,
 )
 
+if TYPE_CHECKING:
+    from yochameleon.relations import RelationQA
+
 logger = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 TASK_OF_KIND = {
     "recognition": "understanding",
     "text_qa": "understanding",
+    "relation": "understanding",
     "generation_real": "generation",
     "generation_soft": "generation",
 }
@@ -77,6 +84,8 @@ class Record:
     n_g: int | None = None
     prompt_form: str | None = None
     score: float | None = None
+    mentions: list[str] | None = None
+    fact: str | None = None
 
     def __post_init__(self) -> None:
         where = f"record {self.id!r}"
@@ -132,6 +141,30 @@ class Record:
             self.score = float(self.score)
         elif self.prompt_form is not None or self.score is not None:
             raise DataError(f"{where}: prompt_form and score are only for soft positives")
+        if self.kind == "relation":
+            self._check_relation(where)
+        elif self.mentions is not None or self.fact is not None:
+            raise DataError(f"{where}: mentions and fact are only for relation records")
+
+    def _check_relation(self, where: str) -> None:
+        from yochameleon.relations import mentioned_names
+
+        if (
+            not isinstance(self.mentions, list)
+            or not self.mentions
+            or not all(isinstance(m, str) and m for m in self.mentions)
+        ):
+            raise DataError(f"{where}: a relation record needs mentions, the other concepts it names")
+        if not isinstance(self.fact, str) or not self.fact:
+            raise DataError(f"{where}: a relation record needs the fact it comes from")
+        text = f"{self.question} {self.answer}"
+        if SKS not in text:
+            raise DataError(f"{where}: a relation record must name its own concept as {SKS}")
+        named = mentioned_names(text)
+        if sorted(named) != sorted(self.mentions):
+            raise DataError(
+                f"{where}: mentions {self.mentions} do not match the concepts the text names {named}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-serialisable dict (every field present)."""
@@ -253,6 +286,7 @@ def make_records(
     data_dir: str | Path,
     options: DataConfig | None = None,
     n_g: int = 16,
+    relations: Sequence[RelationQA] = (),
 ) -> list[Record]:
     """All training records of one concept (see the module docstring), with images staged.
 
@@ -267,6 +301,7 @@ def make_records(
         data_dir: the data directory; images are staged into ``data_dir/images``.
         options: sizes and switches (a recipe's ``data`` section).
         n_g: generation tokens of the concept; real photos use all of them.
+        relations: QA pairs from facts naming other concepts (:func:`yochameleon.relations.relation_qa`).
 
     Raises:
         DataError: no photos, a missing image, ``n_g < 1``, a soft positive with an impossible token
@@ -337,6 +372,17 @@ def make_records(
     for q, answers in answers_of.items():
         for i in range(max(repeats, len(answers))):
             add(task="understanding", kind="text_qa", question=q, answer=answers[i % len(answers)])
+    # Relations: as often as a text-QA question.
+    for pair in relations:
+        for _ in range(repeats):
+            add(
+                task="understanding",
+                kind="relation",
+                question=pair.question,
+                answer=pair.answer,
+                mentions=list(pair.mentions),
+                fact=pair.fact,
+            )
 
     # Generation: real photos replicated to the largest soft-positive bin.
     largest_bin = max(Counter(s.n_tokens for s in soft).values(), default=0)
@@ -374,12 +420,22 @@ def build_records(
     data_dir: str | Path,
     options: DataConfig | None = None,
     n_g: int = 16,
+    relations: Sequence[RelationQA] = (),
 ) -> list[dict]:
     """:func:`make_records` as plain dicts (the manifest's line format)."""
     return [
         r.to_dict()
         for r in make_records(
-            concept, photos, hard_negatives, easy_negatives, soft_positives, qa_pairs, data_dir, options, n_g
+            concept,
+            photos,
+            hard_negatives,
+            easy_negatives,
+            soft_positives,
+            qa_pairs,
+            data_dir,
+            options,
+            n_g,
+            relations,
         )
     ]
 

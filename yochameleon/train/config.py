@@ -49,6 +49,10 @@ class ConceptConfig:
             the embeddings of the words of ``concept.yaml``'s description, in turn, so that the
             personalized prompt ``<sks> is <g…><u…>.`` first reads like ``<sks> is a brown dog.``
             (a textual-inversion style start; every concept of the run needs a description).
+        relations: what to do with a fact naming a concept that is not trained in this run
+            (``concept.yaml`` ``facts: ["<bo> is the brother of <mắm>"]`` with no ``mắm`` here):
+            ``strict`` refuses the run, naming it; ``later`` leaves its records out, for a joint
+            step on the two concept files afterwards (``yochameleon relate``).
     """
 
     name: str = "sks"
@@ -59,6 +63,7 @@ class ConceptConfig:
     shared: bool = False
     extra: list[dict[str, str]] = field(default_factory=list)
     init: str = "base"
+    relations: Literal["strict", "later"] = "strict"
 
     def __post_init__(self) -> None:
         if self.init not in CONCEPT_INITS:

@@ -14,21 +14,25 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from yochameleon.backends.base import Backend
-from yochameleon.concept import ConceptTokens
+from yochameleon.concept import ConceptTokens, normalize_name
 from yochameleon.conversation import encode_text, turn_ids
 from yochameleon.errors import DataError
 from yochameleon.prompts import (
+    SKS,
     real_generation_request,
     soft_positive_prompt,
     substitute_identifier,
 )
 
 IGNORE = -100
+_NAME = re.compile(r"<([^<>\s/\\]+)>")
 
 
 @dataclass
@@ -50,8 +54,15 @@ def build_sequence(
     concept: ConceptTokens,
     image_ids: list[int] | None,
     self_prompting: bool = True,
+    others: Mapping[str, ConceptTokens] | None = None,
 ) -> Sequence:
     """Render one manifest record for ``concept`` into ids and labels.
+
+    A record that names other concepts (a relation, ``record["mentions"]``) is laid out as
+    :meth:`~yochameleon.infer.PersonalizedModel.ask` lays out a question about related concepts:
+    the personalized prompts of the concepts the question names (in order of appearance, ``<sks>``
+    being ``concept``), then of those only the answer names; the answer opens with the u-tokens of
+    the concepts the question names, in turn, and names the others by their identifiers.
 
     Args:
         backend: the base model (tokenizer, special ids, image spans).
@@ -59,11 +70,19 @@ def build_sequence(
         concept: the placed concept tokens.
         image_ids: the record's cached VQ ids, or ``None`` for text-only records.
         self_prompting: prefix targets with the task's token set.
+        others: the other concepts a record may name, by name (the run's other concepts, or the
+            attached ones).
+
+    Raises:
+        DataError: a generation record without an image or with too many g-tokens, or a record
+            naming a concept that is not in ``others``.
     """
     sp = backend.special
     sks = concept.sks
     pp = concept.personalized_prompt()
     kind = record["kind"]
+    if record.get("mentions"):
+        return _relation_sequence(backend, record, concept, image_ids, self_prompting, others or {})
     if record["task"] == "understanding":
         human = substitute_identifier(record["question"], sks)
         preamble = pp
@@ -92,6 +111,51 @@ def build_sequence(
     human_ids = turn_ids(backend, human, [concept], images, preamble=preamble)
     bot = bot + [sp.eot]
     return Sequence(human_ids + bot, [IGNORE] * len(human_ids) + bot, kind, concept.spec.name)
+
+
+def _relation_sequence(
+    backend: Backend,
+    record: dict,
+    concept: ConceptTokens,
+    image_ids: list[int] | None,
+    self_prompting: bool,
+    others: Mapping[str, ConceptTokens],
+) -> Sequence:
+    by_name = {normalize_name(n): c for n, c in others.items()}
+    missing = [n for n in record["mentions"] if normalize_name(n) not in by_name]
+    if missing:
+        names = ", ".join(f"<{n}>" for n in missing)
+        listed = ", ".join(f"<{n}>" for n in by_name if n != concept.spec.name) or "none"
+        raise DataError(
+            f"record {record.get('id')} of concept {concept.spec.name!r} names {names}, which is not "
+            f"trained in this run or attached (other concepts: {listed}); train them together "
+            f"(concept.extra) or relate them afterwards (yochameleon relate)"
+        )
+    by_name[SKS[1:-1]] = concept
+
+    def named(text: str) -> list[ConceptTokens]:
+        found: list[ConceptTokens] = []
+        for m in _NAME.finditer(text):
+            c = by_name.get(normalize_name(m.group(1)))
+            if c is not None and c not in found:
+                found.append(c)
+        return found
+
+    def write(text: str) -> str:
+        def sub(m: re.Match) -> str:
+            c = by_name.get(normalize_name(m.group(1)))
+            return c.sks if c is not None else m.group(0)
+
+        return _NAME.sub(sub, text)
+
+    asked = named(record["question"])
+    cast = asked + [c for c in named(record["answer"]) if c not in asked]
+    preamble = " ".join(c.personalized_prompt() for c in cast)
+    images = [image_ids] if image_ids is not None else []
+    human_ids = turn_ids(backend, write(record["question"]), cast, images, preamble=preamble)
+    prefix = [i for c in asked for i in c.u_ids] if self_prompting else []
+    bot = prefix + encode_text(backend, write(record["answer"]), cast) + [backend.special.eot]
+    return Sequence(human_ids + bot, [IGNORE] * len(human_ids) + bot, record["kind"], concept.spec.name)
 
 
 @dataclass

@@ -8,6 +8,8 @@ Features and the recipe keys that control them:
 * AdamW over the concept rows only (``optim.*``), constant or cosine schedule, gradient
   accumulation, clipping before the step, bf16/fp16 autocast through accelerate (``mixed_precision``);
 * several concepts in one run on one frozen model (``concept.extra``), batches mix concepts;
+  facts naming another concept of the run train as relation records, with both concepts'
+  personalized prompts, and the concept files record the relation (``concept.relations``);
 * checkpoint selection every ``eval_every`` steps by weighted recognition + image-token accuracy;
 * atomic checkpoints every ``save_every`` steps, a run lock, ``resume=True`` continues after a kill
   and gives the same rows as an uninterrupted run (on a CPU with the run's thread count, recorded in
@@ -137,6 +139,8 @@ class Trainer:
             )
         self.backend = backend
         self.concepts: dict[str, ConceptTokens] = {}
+        # concept -> other concept -> facts trained as relation records in this run
+        self._relations: dict[str, dict[str, list[str]]] = {}
         self.sequences: list[Sequence] = []
         self.eval_sets: dict[str, Any] = {}
         self.step = 0
@@ -176,11 +180,13 @@ class Trainer:
                 self.eval_sets[entry["name"]] = self._eval_set(recs, lookup)
             kinds = set(self.cfg.data.tasks)
             for rec in recs:
-                if rec["kind"] not in kinds:
+                if rec["kind"] not in kinds or not self._relation_trains(entry["name"], rec):
                     continue
                 ids = lookup(rec) if rec.get("image") else None
                 self.sequences.append(
-                    build_sequence(self.backend, rec, tokens, ids, self.cfg.method.self_prompting)
+                    build_sequence(
+                        self.backend, rec, tokens, ids, self.cfg.method.self_prompting, others=self.concepts
+                    )
                 )
         if not self.sequences:
             raise TrainingError("no training sequences: check data.tasks and the concept data")
@@ -189,6 +195,29 @@ class Trainer:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             self.backend.model.train()  # HF only checkpoints in train mode; the model has no dropout
+
+    def _relation_trains(self, name: str, record: dict) -> bool:
+        """Whether a record trains here; a relation's other concept must be in the run (``concept.relations``)."""
+        mentions = record.get("mentions") or []
+        missing = [m for m in mentions if m not in self.concepts]
+        if missing:
+            if self.cfg.concept.relations == "later":
+                logger.info("concept %s: %r left for `yochameleon relate`", name, record.get("fact"))
+                return False
+            names = ", ".join(f"<{m}>" for m in missing)
+            raise TrainingError(
+                f"concept {name!r} has the fact {record.get('fact')!r}, which names {names}: not trained in "
+                f"this run (concepts: {', '.join(f'<{n}>' for n in self.concepts)}). Train them together "
+                "(concept.extra), or set concept.relations=later and relate the concept files afterwards "
+                "(yochameleon relate)"
+            )
+        for other in mentions:
+            # Both concepts' files record the relation, whichever folder stated it.
+            for a, b in ((name, other), (other, name)):
+                facts = self._relations.setdefault(a, {}).setdefault(b, [])
+                if record["fact"] not in facts:
+                    facts.append(record["fact"])
+        return True
 
     def _eval_set(self, records: list[dict], lookup):
         from yochameleon.train.selection import EvalSet, eval_set_from_records
@@ -479,9 +508,29 @@ class Trainer:
                     bank.embedding.rows[name].copy_(tensors[f"{name}/embed"])
                     bank.head.rows[name].copy_(tensors[f"{name}/head"])
         for name in self.concepts:
-            st, _ = save_concept(self.backend, name, out / name, training_config=to_dict(self.cfg))
+            st, _ = save_concept(
+                self.backend,
+                name,
+                out / name,
+                training_config=to_dict(self.cfg),
+                relations=self._relation_entries(name),
+            )
             files[name] = st
         return files
+
+    def _relation_entries(self, name: str) -> list[dict[str, Any]]:
+        """What ``name``'s concept file records about the relations this run trained."""
+        from yochameleon.relations import parse_fact
+
+        return [
+            {
+                "with": other,
+                "facts": [parse_fact(f).to_dict() for f in facts],
+                "source": "trained_together",
+                "settings": {"run": str(self.run_dir), "steps": self.step},
+            }
+            for other, facts in self._relations.get(name, {}).items()
+        ]
 
 
 def _description(entry: dict[str, str]) -> str:
