@@ -194,7 +194,7 @@ def train_relations(
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -225,10 +225,11 @@ def facts_from_folders(files: Sequence[str | Path]) -> list[str]:
     """The facts relating the concepts of ``files``, read from the concept folders they were trained from.
 
     Each concept file records its run's recipe; the ``concept.yaml`` of the concept's folder there
-    is read, and its facts naming another of the concepts are kept.
+    is read (a file recording none, or a folder that is gone, is skipped), and its facts naming
+    another of the concepts are kept.
 
     Raises:
-        ConceptError: a concept file records no concept folder, or the folder is gone.
+        ConceptError: a malformed fact in a folder (see :func:`yochameleon.relations.split_facts`).
     """
     from yochameleon.concept import read_concept_file
     from yochameleon.data.concept_folder import CONCEPT_YAML, read_concept_yaml
@@ -243,11 +244,9 @@ def facts_from_folders(files: Sequence[str | Path]) -> list[str]:
             (e.get("concept_dir") for e in entries if normalize_name(str(e.get("name"))) == meta.name), None
         )
         if not folder or not Path(folder).is_dir():
-            raise ConceptError(
-                f"{path} records no concept folder to read facts from"
-                + (f" ({folder} is not a folder)" if folder else "")
-                + "; give the facts (--facts)"
-            )
+            # The other concept's folder may state the fact; none stating any is refused by the caller.
+            logger.info("%s records no concept folder to read facts from", path)
+            continue
         _, related = split_facts(read_concept_yaml(Path(folder) / CONCEPT_YAML).get("facts", []), meta.name)
         for fact in related:
             if set(fact.concepts) <= names and fact.text not in facts:
@@ -291,7 +290,8 @@ def relate_concepts(
         facts = facts_from_folders(files)
         if not facts:
             raise ConceptError(
-                "the concept folders state no facts relating these concepts; give them (--facts)"
+                "the concept folders these files were trained from state no facts relating "
+                f"{', '.join(map(str, files))}; give them (--facts)"
             )
     loaded = []
     try:

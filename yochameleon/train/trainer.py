@@ -507,14 +507,11 @@ class Trainer:
                 for name in self.concepts:
                     bank.embedding.rows[name].copy_(tensors[f"{name}/embed"])
                     bank.head.rows[name].copy_(tensors[f"{name}/head"])
+        bank = get_bank(self.backend)
         for name in self.concepts:
-            st, _ = save_concept(
-                self.backend,
-                name,
-                out / name,
-                training_config=to_dict(self.cfg),
-                relations=self._relation_entries(name),
-            )
+            # On the model too, so inference in this process sees the relations the files record.
+            bank.relations[name] = self._relation_entries(name)
+            st, _ = save_concept(self.backend, name, out / name, training_config=to_dict(self.cfg))
             files[name] = st
         return files
 
