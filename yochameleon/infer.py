@@ -2,13 +2,17 @@
 
 Prompts name concepts as ``<NAME>`` (``"Is <bo> next to <mắm>?"``, matched in NFC form, so a
 decomposed spelling finds the concept too); with a single concept attached, ``<sks>`` also refers to
-it. Each named concept's personalized prompt is prepended. The ids of attached concepts that a prompt
-does not mention are masked out of the logits, so a prompt without any concept behaves exactly like
+it. Each named concept's personalized prompt is prepended, in order of appearance; a question also
+carries the prompts of attached concepts related to those it names (the ``relations`` of their concept
+files, see :mod:`yochameleon.relations`), so "Who is <mắm>'s brother?" can be answered "<bo> …". The
+ids of attached concepts that a prompt neither mentions nor relates are masked out of the logits, so a prompt without any concept behaves exactly like
 the base model. A ``<NAME>`` that is not attached is read as plain text with a warning, or refused
 with ``strict=True``.
 
 Self-prompted token sets are either forced (appended to the prompt) or emitted by the model, which
-is then restricted to the concept's token set for at most that many steps. Concepts trained without
+is then restricted to the concept's token set for at most that many steps. A prompt naming several
+concepts opens its answer with each named concept's u-tokens in turn, and its image with each one's
+g-tokens in turn (order of appearance). Concepts trained without
 self-prompting (``self_prompting=False``) get no token set before the answer or the image.
 
 Prompts become ids, and ids become scores, answers and images, through
@@ -304,6 +308,9 @@ class PersonalizedModel:
     ) -> list[Image.Image]:
         """Generate ``n`` images for ``prompt`` (e.g. ``"A photo of <sks>."``).
 
+        A prompt naming several concepts (``"A photo of <bo> next to <mắm>."``) carries each one's
+        personalized prompt, and the image opens with each one's g-tokens in turn, in order of
+        appearance (forced; with ``force_tokens=False`` the model may emit up to that many of them).
         Sampling is seeded (deterministic for a seed); ``temperature=0`` is greedy.
         """
         ids, used = self._prompt_ids(prompt, None)

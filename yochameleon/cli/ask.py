@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> None:
     # Read the photo before loading the model: a bad path fails at once.
     image = load_image_file(args.image) if args.image is not None else None
     pm = PersonalizedModel.load(args.model, args.concept, device=args.device, strict=args.strict)
-    print(pm.ask(args.question, image=image, force_tokens=args.force_tokens))
+    print(pm.ask(args.question, image=image, force_tokens=args.force_tokens, related=not args.no_related))
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,6 +30,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--force-tokens",
         action="store_true",
         help="force the u-tokens instead of letting the model emit them",
+    )
+    p.add_argument(
+        "--no-related",
+        action="store_true",
+        help="leave out the concepts related to those the question names (their concept files' relations)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--strict", action="store_true", help=STRICT_HELP)

@@ -9,7 +9,9 @@ my-dog/
 
 ``concept.yaml`` fields: ``name`` (str, default: the folder name; letters, digits, ``-_.``),
 ``category`` (str, e.g. ``dog``; default ``object``), ``is_person`` (bool), ``description`` (str) and
-``facts`` (list of str). Every question in ``qa.jsonl`` must mention the concept as ``<sks>``.
+``facts`` (list of str; a fact may name the concept as ``<sks>`` or ``<NAME>`` and other concepts as
+``<NAME>``: ``"<bo> is the brother of <mắm>"``, see :mod:`yochameleon.relations`). Every question in
+``qa.jsonl`` must mention the concept as ``<sks>``.
 The Yo'LLaVA and Yo'Chameleon dataset layouts import into this layout (see ``data.importers``).
 """
 

@@ -22,7 +22,7 @@ Record (every field present; ``null`` where it does not apply)::
     {"id": "bo-00042",                                  # unique within the manifest
      "concept": "bo",                                   # equals the header's concept
      "task": "understanding" | "generation",
-     "kind": "recognition" | "text_qa" | "generation_real" | "generation_soft",
+     "kind": "recognition" | "text_qa" | "relation" | "generation_real" | "generation_soft",
      "question": "<image>Is <sks> in this photo?",      # <sks>, <image> are placeholders
      "answer": "Yes, <sks> is in this photo." | null,   # null exactly for generation
      "image": "images/3fa2….png" | null,                # relative to DATA_DIR, must stay inside it
@@ -30,7 +30,13 @@ Record (every field present; ``null`` where it does not apply)::
      "label": "pos" | "neg_hard" | "neg_easy" | null,   # recognition only
      "n_g": 16 | null,                                   # g-tokens of a generation prompt/target
      "prompt_form": "paper" | "code" | null,             # soft positives only
-     "score": 0.83 | null}                               # soft positives: retrieval similarity
+     "score": 0.83 | null,                               # soft positives: retrieval similarity
+     "mentions": ["mắm"] | null,                         # relation only: the other concepts named
+     "fact": "<bo> is the brother of <mắm>" | null}      # relation only: the fact it comes from
+
+A relation record names its own concept ``<sks>`` and the others ``<NAME>`` (see
+:mod:`yochameleon.relations`). Records written before relations existed lack the last two fields;
+they read as ``null``.
 
 Recognition answers start with "Yes," (``pos``) or "No," (negatives). Real photos use the full
 ``n_g``; a soft positive uses ``1 <= n_g < header n_g``.
