@@ -356,3 +356,29 @@ def test_relation_record_naming_an_absent_concept_is_refused(backend):
     }
     with pytest.raises(DataError, match=f"names <{MAM}>, which is not trained in this run or attached"):
         build_sequence(backend, rec, bo, None, others={"bo": bo})
+
+
+def test_relation_records_and_concept_files_are_validated(backend, tmp_path):
+    from yochameleon.data.records import Record
+
+    rec = {
+        "id": "r0",
+        "concept": "bo",
+        "task": "understanding",
+        "kind": "relation",
+        "question": "Who is <sks>'s sibling?",
+        "answer": f"<{MAM}> is <sks>'s sibling.",
+        "mentions": [MAM],
+        "fact": BROTHER,
+    }
+    assert Record.from_dict(rec).mentions == [MAM]
+    with pytest.raises(DataError, match="do not match the concepts the text names"):
+        Record.from_dict({**rec, "mentions": ["tí"]})
+    with pytest.raises(DataError, match="needs mentions"):
+        Record.from_dict({**rec, "mentions": None})
+    with pytest.raises(DataError, match="only for relation records"):
+        Record.from_dict({**rec, "kind": "text_qa", "question": "What is <sks>?"})
+    attach(backend, ConceptSpec("bo", n_g=2, n_u=2))
+    st, _ = save_concept(backend, "bo", tmp_path / "bo", relations=[{"with": "bo"}])
+    with pytest.raises(ConceptError, match="each naming another concept"):
+        load_concept(load_backend(backend.name_or_path), st)
