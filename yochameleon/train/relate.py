@@ -116,24 +116,24 @@ def parse_relation_facts(facts: Sequence[str], names: Sequence[str]) -> list[Fac
 
 
 def relation_records(facts: Sequence[Fact]) -> list[dict]:
-    """The relation records of ``facts``, each written for the first concept its fact names."""
+    """The relation records of ``facts`` (manifest records), each written for the first concept its fact names."""
+    from yochameleon.data.records import Record
+
     records = []
     for fact in facts:
         own = fact.concepts[0]
         for pair in relation_qa(fact, own):
-            records.append(
-                {
-                    "id": f"relation-{len(records):05d}",
-                    "concept": own,
-                    "task": "understanding",
-                    "kind": "relation",
-                    "question": pair.question,
-                    "answer": pair.answer,
-                    "image": None,
-                    "mentions": list(pair.mentions),
-                    "fact": pair.fact,
-                }
+            record = Record(
+                id=f"relation-{len(records):05d}",
+                concept=own,
+                task="understanding",
+                kind="relation",
+                question=pair.question,
+                answer=pair.answer,
+                mentions=list(pair.mentions),
+                fact=pair.fact,
             )
+            records.append(record.to_dict())
     return records
 
 

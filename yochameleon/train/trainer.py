@@ -141,6 +141,7 @@ class Trainer:
         self.concepts: dict[str, ConceptTokens] = {}
         # concept -> other concept -> facts trained as relation records in this run
         self._relations: dict[str, dict[str, list[str]]] = {}
+        self._left_for_later: set[str] = set()
         self.sequences: list[Sequence] = []
         self.eval_sets: dict[str, Any] = {}
         self.step = 0
@@ -202,7 +203,9 @@ class Trainer:
         missing = [m for m in mentions if m not in self.concepts]
         if missing:
             if self.cfg.concept.relations == "later":
-                logger.info("concept %s: %r left for `yochameleon relate`", name, record.get("fact"))
+                if record.get("fact") not in self._left_for_later:
+                    self._left_for_later.add(record.get("fact"))
+                    logger.info("concept %s: %r left for `yochameleon relate`", name, record.get("fact"))
                 return False
             names = ", ".join(f"<{m}>" for m in missing)
             raise TrainingError(
