@@ -3,17 +3,17 @@
 Prompts name concepts as ``<NAME>`` (``"Is <bo> next to <mắm>?"``, matched in NFC form, so a
 decomposed spelling finds the concept too); with a single concept attached, ``<sks>`` also refers to
 it. Each named concept's personalized prompt is prepended, in order of appearance; a question also
-carries the prompts of attached concepts related to those it names (the ``relations`` of their concept
-files, see :mod:`yochameleon.relations`), so "Who is <mắm>'s brother?" can be answered "<bo> …". The
-ids of attached concepts that a prompt neither mentions nor relates are masked out of the logits, so a prompt without any concept behaves exactly like
-the base model. A ``<NAME>`` that is not attached is read as plain text with a warning, or refused
+carries the prompts of attached concepts related to those it names (the ``relations`` of their
+concept files, see :mod:`yochameleon.relations`), so "Who is <mắm>'s brother?" can be answered
+"<bo> …". The ids of attached concepts that a prompt neither names nor relates are masked out of the
+logits, so a prompt without any concept behaves exactly like the base model. A ``<NAME>`` that is not attached is read as plain text with a warning, or refused
 with ``strict=True``.
 
 Self-prompted token sets are either forced (appended to the prompt) or emitted by the model, which
 is then restricted to the concept's token set for at most that many steps. A prompt naming several
 concepts opens its answer with each named concept's u-tokens in turn, and its image with each one's
-g-tokens in turn (order of appearance). Concepts trained without
-self-prompting (``self_prompting=False``) get no token set before the answer or the image.
+g-tokens in turn (order of appearance). Concepts trained without self-prompting
+(``self_prompting=False``) get no token set before the answer or the image.
 
 Prompts become ids, and ids become scores, answers and images, through
 :mod:`yochameleon.conversation`: the code training, checkpoint selection and evaluation use too.
@@ -280,7 +280,8 @@ class PersonalizedModel:
         name = concept or self._single()
         question = recognition_question(0).replace("<sks>", f"<{name}>")
         if mode == "generate":
-            answer = self.ask(question, image=image, force_tokens=True).lower()
+            # As recognition trains: the concept's own prompt only.
+            answer = self.ask(question, image=image, force_tokens=True, related=False).lower()
             return answer.startswith("yes")
         yes, no = self.yes_no_logprobs(question, image)
         return yes > no
