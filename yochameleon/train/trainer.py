@@ -18,7 +18,6 @@ Features and the recipe keys that control them:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from yochameleon.backends import LoadOptions, load_backend
 from yochameleon.backends.base import Backend
@@ -38,6 +36,7 @@ from yochameleon.concept import (
     attach,
     concept_rows,
     description_rows,
+    file_rows,
     get_bank,
     save_concept,
 )
@@ -46,10 +45,11 @@ from yochameleon.errors import TrainingError
 from yochameleon.train.checkpoint import (
     RunLock,
     check_run_dir,
-    config_hash,
     load_checkpoint,
     remove_stale_tmp,
+    run_threads,
     save_checkpoint,
+    write_run_meta,
 )
 from yochameleon.train.config import TrainConfig
 from yochameleon.train.loggers import build_logger
@@ -160,6 +160,11 @@ class Trainer:
                 tokens = allocate_ids(self.backend, spec)
                 rows = description_rows(self.backend, tokens, _description(entry))
                 self.concepts[spec.name] = attach(self.backend, tokens, rows)
+            elif c.init == "file":
+                # A warm start (an encoded concept) or any compatible concept file: its rows, on
+                # whatever free ids this run gives the concept.
+                rows = file_rows(self.backend, entry["init_from"], spec)
+                self.concepts[spec.name] = attach(self.backend, spec, rows)
             else:
                 self.concepts[spec.name] = attach(self.backend, spec)
         for entry in self.cfg.concept_entries():
@@ -257,36 +262,6 @@ class Trainer:
                     "exp_avg_sq": tensors[f"optim/{i}/exp_avg_sq"].to(p.device).clone(),
                 }
 
-    def _write_run_meta(self, resolved: dict[str, Any], threads: int) -> None:
-        # Written whole and renamed: other ranks read run.json while rank 0 rewrites it.
-        meta = {"config_hash": config_hash(resolved), "config": resolved, "threads": threads}
-        for name, text in (
-            ("config.yaml", yaml.safe_dump(resolved, sort_keys=False)),
-            ("run.json", json.dumps(meta, indent=2)),
-        ):
-            tmp = self.run_dir / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.run_dir / name)
-
-    def _run_threads(self, old: dict[str, Any] | None) -> int:
-        """The intra-op thread count of this run: the recorded one on resume (CPU), else the current.
-
-        On a CPU, matrix products split their sums by thread count, so rows computed with 1 and with
-        2 threads differ in the last bits; resuming with the run's own count keeps the rows
-        bit-identical to an uninterrupted run.
-        """
-        threads = torch.get_num_threads()
-        recorded = (old or {}).get("threads")
-        if recorded and recorded != threads and self.backend.device.type == "cpu":
-            logger.info(
-                "resuming with the run's %d CPU threads (this process had %d), so the rows match an "
-                "uninterrupted run",
-                recorded,
-                threads,
-            )
-            return int(recorded)
-        return threads
-
     # ----- the loop ---------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
         """Run (or resume) training and write the concept files to ``RUN/concepts/``."""
@@ -300,11 +275,11 @@ class Trainer:
         lock = RunLock(self.run_dir).acquire() if self.is_main else None
         threads_before = torch.get_num_threads()
         try:
-            threads = self._run_threads(old_meta)
+            threads = run_threads(old_meta, self.backend.device)
             torch.set_num_threads(threads)
             if self.is_main:
                 remove_stale_tmp(self.run_dir)
-                self._write_run_meta(resolved, threads)
+                write_run_meta(self.run_dir, resolved, threads)
             ckpt = load_checkpoint(self.run_dir) if resume else None
             params = self._params()
             optimizer = torch.optim.AdamW(
