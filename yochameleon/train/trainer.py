@@ -51,7 +51,7 @@ from yochameleon.train.checkpoint import (
     save_checkpoint,
     write_run_meta,
 )
-from yochameleon.train.config import TrainConfig
+from yochameleon.train.config import OptimConfig, TrainConfig
 from yochameleon.train.loggers import build_logger
 from yochameleon.train.loss import label_only_loss
 from yochameleon.train.sequences import IGNORE, Sequence, build_sequence, collate, length_grouped_batches
@@ -98,6 +98,19 @@ def rank_batches(batches: list[list[int]], world: int, rank: int) -> list[list[i
         padded = [batch[i % len(batch)] for i in range(math.ceil(len(batch) / world) * world)]
         shares.append(padded[rank::world])
     return shares
+
+
+def lr_lambda(o: OptimConfig, total: int):
+    """The learning-rate factor of step ``step`` (``LambdaLR``): warm-up, then constant or cosine."""
+
+    def fn(step: int) -> float:
+        warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+        if o.schedule == "cosine":
+            progress = min(1.0, step / max(1, total))
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm
+
+    return fn
 
 
 def labelled_weight(sequence: Sequence, task_weights: dict[str, float]) -> float:
@@ -221,16 +234,7 @@ class Trainer:
         return get_bank(self.backend).parameters()
 
     def _lr_lambda(self, total: int):
-        o = self.cfg.optim
-
-        def fn(step: int) -> float:
-            warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
-            if o.schedule == "cosine":
-                progress = min(1.0, step / max(1, total))
-                return warm * 0.5 * (1 + math.cos(math.pi * progress))
-            return warm
-
-        return fn
+        return lr_lambda(self.cfg.optim, total)
 
     # ----- state ------------------------------------------------------------------------------
     def _state_tensors(self, optimizer) -> dict[str, torch.Tensor]:
