@@ -364,7 +364,8 @@ def choose_photos(n: int, limit: int) -> list[int]:
     """Indices of at most ``limit`` of ``n`` photos, evenly spread (all of them when ``n <= limit``)."""
     if n <= limit:
         return list(range(n))
-    return [round(i * (n - 1) / (limit - 1)) for i in range(limit)] if limit > 1 else [0]
+    # Half up, not Python's round-half-even, so the choice is symmetric: 7 photos -> 1, 3, 4, 6, 7.
+    return [int(i * (n - 1) / (limit - 1) + 0.5) for i in range(limit)] if limit > 1 else [0]
 
 
 def encode_rows(
