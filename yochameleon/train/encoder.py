@@ -122,7 +122,7 @@ class EncoderTrainConfig:
     identities_file: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, grad_accum=4, epochs=5))
+    optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     save_every: int = 50

@@ -8,6 +8,8 @@ Features and the recipe keys that control them:
 * AdamW over the concept rows only (``optim.*``), constant or cosine schedule, gradient
   accumulation, clipping before the step, bf16/fp16 autocast through accelerate (``mixed_precision``);
 * several concepts in one run on one frozen model (``concept.extra``), batches mix concepts;
+* rows start from the base model's rows, a description's words or a concept file
+  (``concept.init`` / ``concept.init_from``: a warm start from ``yochameleon encode``);
 * checkpoint selection every ``eval_every`` steps by weighted recognition + image-token accuracy;
 * atomic checkpoints every ``save_every`` steps, a run lock, ``resume=True`` continues after a kill
   and gives the same rows as an uninterrupted run (on a CPU with the run's thread count, recorded in
