@@ -16,6 +16,8 @@ COMMANDS = {
     "make-tiny",
     "prepare",
     "train",
+    "encoder",
+    "encode",
     "ask",
     "generate",
     "relate",

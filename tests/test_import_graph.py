@@ -139,6 +139,12 @@ def test_infer_imports_no_training_code():
     assert not training, _paths_to("yochameleon.infer", training)
 
 
+def test_encoding_a_concept_imports_no_training_code():
+    # ``encode`` (and a benchmark's zero-shot method) runs where inference runs.
+    training = {m for m in reachable("yochameleon.encoder") if _under(m, "yochameleon.train")}
+    assert not training, _paths_to("yochameleon.encoder", training)
+
+
 def test_the_library_imports_nothing_from_eval_but_the_demos_toy_world():
     # The demo loads the committed toy world (importing it also runs its parent packages).
     toy_world = ("yochameleon.eval", "yochameleon.eval.toyworld", "yochameleon.eval.toyworld.demo")

@@ -394,6 +394,39 @@ def description_rows(backend: Backend, tokens: ConceptTokens, description: str) 
     return {"embed": embed, "head": head_w.detach()[ids.to(head_w.device)].float().cpu().clone()}
 
 
+def file_rows(backend: Backend, path: str | Path, spec: ConceptSpec) -> dict[str, torch.Tensor]:
+    """Initial rows copied from a concept file (a trained or an encoded concept) for ``spec``.
+
+    Rows do not depend on which reserved ids hold them, so the file's rows start a concept of any
+    name on whatever ids it is given; the token layout and the base model must match.
+
+    Raises:
+        ConceptError: see :func:`read_concept_file`; the file's layout differs from ``spec``'s.
+        IncompatibleBaseModelError: the file was made on another base model.
+    """
+    meta, tensors = read_concept_file(path)
+    if (meta.n_g, meta.n_u, meta.shared) != (spec.n_g, spec.n_u, spec.shared):
+        raise ConceptError(
+            f"concept file {path} has n_g={meta.n_g}, n_u={meta.n_u}, shared={meta.shared}; concept "
+            f"{spec.name!r} has n_g={spec.n_g}, n_u={spec.n_u}, shared={spec.shared}"
+        )
+    check_base(meta, backend, f"concept file {path} ({meta.name!r})")
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def check_base(meta: ConceptFileMeta, backend: Backend, what: str | None = None) -> None:
+    """Refuse a concept file made on another base model than ``backend`` (fingerprint, hidden size).
+
+    Raises:
+        IncompatibleBaseModelError: naming both models and fingerprints.
+    """
+    if meta.base_fingerprint != backend.fingerprint() or meta.hidden_size != backend.hidden_size:
+        raise IncompatibleBaseModelError(
+            f"{what or f'concept {meta.name!r}'} was trained on {meta.base_model!r} (fingerprint {meta.base_fingerprint}), "
+            f"not on {backend.name_or_path!r} (fingerprint {backend.fingerprint()}); retrain it on this base model"
+        )
+
+
 def detach(backend: Backend, name: str) -> None:
     """Remove a concept; with none left, the original modules are put back unchanged."""
     name = normalize_name(name)
@@ -627,11 +660,7 @@ def load_concept(backend: Backend, path: str | Path) -> ConceptTokens:
         TokenBudgetError: too few free reserved ids are left (the message says how many).
     """
     meta, tensors = read_concept_file(path)
-    if meta.base_fingerprint != backend.fingerprint() or meta.hidden_size != backend.hidden_size:
-        raise IncompatibleBaseModelError(
-            f"concept {meta.name!r} was trained on {meta.base_model!r} (fingerprint {meta.base_fingerprint}), "
-            f"not on {backend.name_or_path!r} (fingerprint {backend.fingerprint()}); retrain it on this base model"
-        )
+    check_base(meta, backend)
     strings = [backend.id_to_token(i) if 0 <= i < backend.vocab_size else None for i in meta.token_ids]
     if strings != meta.token_strings:
         raise IncompatibleBaseModelError(

@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "make_tiny",
     "prepare",
     "train",
+    "encoder",
+    "encode",
     "ask",
     "generate",
     "relate",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from yochameleon.errors import TrainingError
 
@@ -75,6 +76,7 @@ PATH_KEYS = (
     "model.name_or_path",
     "concept.concept_dir",
     "concept.data_dir",
+    "concept.init_from",
     "data.index_dir",
     "data.eval_dir",
 )
@@ -95,7 +97,7 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(holder, dict) and leaf in holder:
             holder[leaf] = _normalize_path(holder[leaf])
     for item in (out.get("concept") or {}).get("extra") or []:
-        for leaf in ("concept_dir", "data_dir"):
+        for leaf in ("concept_dir", "data_dir", "init_from"):
             if isinstance(item, dict) and leaf in item:
                 item[leaf] = _normalize_path(item[leaf])
     return out
@@ -162,6 +164,46 @@ def check_run_dir(run_dir: str | Path, resolved: dict[str, Any], resume: bool) -
             f"{run_dir} already holds a run; pass --resume to continue it or choose another output_dir"
         )
     return None
+
+
+def write_run_meta(run_dir: str | Path, resolved: dict[str, Any], threads: int) -> None:
+    """Write ``config.yaml`` and ``run.json`` (config hash, resolved config, CPU threads) of a run.
+
+    Each is written whole and renamed: other ranks read ``run.json`` while rank 0 rewrites it.
+    """
+    run_dir = Path(run_dir)
+    meta = {"config_hash": config_hash(resolved), "config": resolved, "threads": threads}
+    for name, text in (
+        ("config.yaml", yaml.safe_dump(resolved, sort_keys=False)),
+        ("run.json", json.dumps(meta, indent=2)),
+    ):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(run_dir / name)
+
+
+def run_threads(old: dict[str, Any] | None, device: torch.device) -> int:
+    """The intra-op thread count of a run: the recorded one on resume (CPU), else the current.
+
+    On a CPU, matrix products split their sums by thread count, so rows computed with 1 and with
+    2 threads differ in the last bits; resuming with the run's own count keeps the rows
+    bit-identical to an uninterrupted run.
+
+    Args:
+        old: the run's recorded ``run.json`` when resuming, else ``None``.
+        device: the device the run computes on.
+    """
+    threads = torch.get_num_threads()
+    recorded = (old or {}).get("threads")
+    if recorded and recorded != threads and device.type == "cpu":
+        logger.info(
+            "resuming with the run's %d CPU threads (this process had %d), so the rows match an "
+            "uninterrupted run",
+            recorded,
+            threads,
+        )
+        return int(recorded)
+    return threads
 
 
 def remove_stale_tmp(run_dir: str | Path) -> list[Path]:

@@ -28,7 +28,7 @@ class ModelConfig:
     device: str = "auto"
 
 
-CONCEPT_INITS = ("base", "description")
+CONCEPT_INITS = ("base", "description", "file")
 
 
 @dataclass
@@ -49,10 +49,16 @@ class ConceptConfig:
             the embeddings of the words of ``concept.yaml``'s description, in turn, so that the
             personalized prompt ``<sks> is <g…><u…>.`` first reads like ``<sks> is a brown dog.``
             (a textual-inversion style start; every concept of the run needs a description).
+            ``"file"``: the rows of a concept file (``init_from``), e.g. one ``yochameleon encode``
+            wrote (a warm start) or a trained one.
         relations: what to do with a fact naming a concept that is not trained in this run
             (``concept.yaml`` ``facts: ["<bo> is the brother of <mắm>"]`` with no ``mắm`` here):
             ``strict`` refuses the run, naming it; ``later`` leaves its records out, for a joint
             step on the two concept files afterwards (``yochameleon relate``).
+        init_from: the concept file (``NAME.safetensors``) the rows start from; setting it alone
+            selects ``init="file"``. Its token layout must be this recipe's (checked here) and its
+            base model the run's (checked when the model is loaded). Each ``extra`` concept then names
+            its own file as ``init_from``.
     """
 
     name: str = "sks"
@@ -64,6 +70,7 @@ class ConceptConfig:
     extra: list[dict[str, str]] = field(default_factory=list)
     init: str = "base"
     relations: Literal["strict", "later"] = "strict"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.init not in CONCEPT_INITS:
@@ -71,15 +78,47 @@ class ConceptConfig:
         if self.shared and self.n_u:
             raise ConfigError("concept.shared uses one token set of n_g tokens; set concept.n_u=0")
         for item in self.extra:
-            unknown = set(item) - {"name", "concept_dir", "data_dir"}
+            unknown = set(item) - {"name", "concept_dir", "data_dir", "init_from"}
             if unknown or "name" not in item:
-                raise ConfigError(f"concept.extra items need name (and concept_dir/data_dir); got {item}")
+                raise ConfigError(
+                    f"concept.extra items need name (and concept_dir/data_dir/init_from); got {item}"
+                )
+        if self.init_from and self.init == "base":
+            self.init = "file"  # ``concept.init_from=FILE`` alone is the warm start
+        if self.init == "file":
+            self._check_init_files()
+        elif self.init_from or any(item.get("init_from") for item in self.extra):
+            raise ConfigError(
+                f"concept.init_from starts the rows from a file; it cannot go with init={self.init!r}"
+            )
         # Names are compared and written to file names in NFC form (see concept.normalize_name).
         self.name = normalize_name(self.name) if isinstance(self.name, str) else self.name
         self.extra = [
             {**item, "name": normalize_name(item["name"])} if isinstance(item["name"], str) else item
             for item in self.extra
         ]
+
+    def _check_init_files(self) -> None:
+        """Every concept names a readable concept file with this recipe's token layout."""
+        from yochameleon.concept import read_concept_file
+        from yochameleon.errors import ConceptError
+
+        files = [("concept.init_from", self.init_from)] + [
+            (f"concept.extra[{item['name']}].init_from", item.get("init_from")) for item in self.extra
+        ]
+        for key, path in files:
+            if not path:
+                raise ConfigError(f"concept.init=file needs {key}=CONCEPT_FILE (a .safetensors concept file)")
+            try:
+                meta, _ = read_concept_file(path)
+            except ConceptError as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
+            if (meta.n_g, meta.n_u, meta.shared) != (self.n_g, self.n_u, self.shared):
+                raise ConfigError(
+                    f"{key}: {path} has n_g={meta.n_g}, n_u={meta.n_u}, shared={meta.shared}, but this "
+                    f"recipe's concepts have n_g={self.n_g}, n_u={self.n_u}, shared={self.shared}; set "
+                    "concept.n_g / concept.n_u to the file's, or encode/train the file with this recipe's"
+                )
 
 
 @dataclass
@@ -178,17 +217,21 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def concept_entries(self) -> list[dict[str, str]]:
-        """Every concept of the run as ``{name, concept_dir, data_dir}``, ``concept.extra`` included.
+        """Every concept of the run as ``{name, concept_dir, data_dir, init_from}``, ``concept.extra`` included.
 
         ``data_dir`` defaults to ``OUTPUT_DIR/data/NAME``, where ``prepare`` writes and training reads.
         """
         c = self.concept
-        entries = [{"name": c.name, "concept_dir": c.concept_dir, "data_dir": c.data_dir}, *c.extra]
+        entries = [
+            {"name": c.name, "concept_dir": c.concept_dir, "data_dir": c.data_dir, "init_from": c.init_from},
+            *c.extra,
+        ]
         return [
             {
                 "name": e["name"],
                 "concept_dir": e.get("concept_dir") or "",
                 "data_dir": e.get("data_dir") or str(Path(self.output_dir) / "data" / e["name"]),
+                "init_from": e.get("init_from") or "",
             }
             for e in entries
         ]

@@ -10,6 +10,8 @@ Features and the recipe keys that control them:
 * several concepts in one run on one frozen model (``concept.extra``), batches mix concepts;
   facts naming another concept of the run train as relation records, with both concepts'
   personalized prompts, and the concept files record the relation (``concept.relations``);
+* rows start from the base model's rows, a description's words or a concept file
+  (``concept.init`` / ``concept.init_from``: a warm start from ``yochameleon encode``);
 * checkpoint selection every ``eval_every`` steps by weighted recognition + image-token accuracy;
 * atomic checkpoints every ``save_every`` steps, a run lock, ``resume=True`` continues after a kill
   and gives the same rows as an uninterrupted run (on a CPU with the run's thread count, recorded in
@@ -20,7 +22,6 @@ Features and the recipe keys that control them:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from yochameleon.backends import LoadOptions, load_backend
 from yochameleon.backends.base import Backend
@@ -40,6 +40,7 @@ from yochameleon.concept import (
     attach,
     concept_rows,
     description_rows,
+    file_rows,
     get_bank,
     save_concept,
 )
@@ -48,12 +49,13 @@ from yochameleon.errors import TrainingError
 from yochameleon.train.checkpoint import (
     RunLock,
     check_run_dir,
-    config_hash,
     load_checkpoint,
     remove_stale_tmp,
+    run_threads,
     save_checkpoint,
+    write_run_meta,
 )
-from yochameleon.train.config import TrainConfig
+from yochameleon.train.config import OptimConfig, TrainConfig
 from yochameleon.train.loggers import build_logger
 from yochameleon.train.loss import label_only_loss
 from yochameleon.train.sequences import IGNORE, Sequence, build_sequence, collate, length_grouped_batches
@@ -100,6 +102,19 @@ def rank_batches(batches: list[list[int]], world: int, rank: int) -> list[list[i
         padded = [batch[i % len(batch)] for i in range(math.ceil(len(batch) / world) * world)]
         shares.append(padded[rank::world])
     return shares
+
+
+def lr_lambda(o: OptimConfig, total: int):
+    """The learning-rate factor of step ``step`` (``LambdaLR``): warm-up, then constant or cosine."""
+
+    def fn(step: int) -> float:
+        warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+        if o.schedule == "cosine":
+            progress = min(1.0, step / max(1, total))
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm
+
+    return fn
 
 
 def labelled_weight(sequence: Sequence, task_weights: dict[str, float]) -> float:
@@ -165,6 +180,11 @@ class Trainer:
                 tokens = allocate_ids(self.backend, spec)
                 rows = description_rows(self.backend, tokens, _description(entry))
                 self.concepts[spec.name] = attach(self.backend, tokens, rows)
+            elif c.init == "file":
+                # A warm start (an encoded concept) or any compatible concept file: its rows, on
+                # whatever free ids this run gives the concept.
+                rows = file_rows(self.backend, entry["init_from"], spec)
+                self.concepts[spec.name] = attach(self.backend, spec, rows)
             else:
                 self.concepts[spec.name] = attach(self.backend, spec)
         for entry in self.cfg.concept_entries():
@@ -248,16 +268,7 @@ class Trainer:
         return get_bank(self.backend).parameters()
 
     def _lr_lambda(self, total: int):
-        o = self.cfg.optim
-
-        def fn(step: int) -> float:
-            warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
-            if o.schedule == "cosine":
-                progress = min(1.0, step / max(1, total))
-                return warm * 0.5 * (1 + math.cos(math.pi * progress))
-            return warm
-
-        return fn
+        return lr_lambda(self.cfg.optim, total)
 
     # ----- state ------------------------------------------------------------------------------
     def _state_tensors(self, optimizer) -> dict[str, torch.Tensor]:
@@ -289,36 +300,6 @@ class Trainer:
                     "exp_avg_sq": tensors[f"optim/{i}/exp_avg_sq"].to(p.device).clone(),
                 }
 
-    def _write_run_meta(self, resolved: dict[str, Any], threads: int) -> None:
-        # Written whole and renamed: other ranks read run.json while rank 0 rewrites it.
-        meta = {"config_hash": config_hash(resolved), "config": resolved, "threads": threads}
-        for name, text in (
-            ("config.yaml", yaml.safe_dump(resolved, sort_keys=False)),
-            ("run.json", json.dumps(meta, indent=2)),
-        ):
-            tmp = self.run_dir / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.run_dir / name)
-
-    def _run_threads(self, old: dict[str, Any] | None) -> int:
-        """The intra-op thread count of this run: the recorded one on resume (CPU), else the current.
-
-        On a CPU, matrix products split their sums by thread count, so rows computed with 1 and with
-        2 threads differ in the last bits; resuming with the run's own count keeps the rows
-        bit-identical to an uninterrupted run.
-        """
-        threads = torch.get_num_threads()
-        recorded = (old or {}).get("threads")
-        if recorded and recorded != threads and self.backend.device.type == "cpu":
-            logger.info(
-                "resuming with the run's %d CPU threads (this process had %d), so the rows match an "
-                "uninterrupted run",
-                recorded,
-                threads,
-            )
-            return int(recorded)
-        return threads
-
     # ----- the loop ---------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
         """Run (or resume) training and write the concept files to ``RUN/concepts/``."""
@@ -332,11 +313,11 @@ class Trainer:
         lock = RunLock(self.run_dir).acquire() if self.is_main else None
         threads_before = torch.get_num_threads()
         try:
-            threads = self._run_threads(old_meta)
+            threads = run_threads(old_meta, self.backend.device)
             torch.set_num_threads(threads)
             if self.is_main:
                 remove_stale_tmp(self.run_dir)
-                self._write_run_meta(resolved, threads)
+                write_run_meta(self.run_dir, resolved, threads)
             ckpt = load_checkpoint(self.run_dir) if resume else None
             params = self._params()
             optimizer = torch.optim.AdamW(
