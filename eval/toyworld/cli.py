@@ -111,7 +111,7 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="recipe override, repeatable (choose hyper-parameters with --split dev only)",
     )
-    bench.add_argument("--pool-size", type=int, default=None, help="retrieval pool photos (default 1000)")
+    bench.add_argument("--pool-size", type=int, default=None, help="retrieval pool photos (default 10000; 1000 with --quick)")
     bench.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per CI (default 2000)")
     bench.add_argument(
         "--threads",

@@ -52,7 +52,7 @@ def run_demo(
     artifacts: str | Path | None = None,
     recipe: str | Path = DEMO_RECIPE,
     concept_index: int = 0,
-    pool_size: int = 1000,
+    pool_size: int = 10000,
     n_generated: int = 8,
     n_per_group: int = 3,
     overrides: list[str] | None = None,
