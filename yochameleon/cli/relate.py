@@ -13,10 +13,9 @@ def run(args: argparse.Namespace) -> None:
     from yochameleon.backends import LoadOptions, load_backend
     from yochameleon.train.relate import RelateConfig, relate_concepts
 
-    # The settings are checked before the model loads.
-    config = RelateConfig(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet
-    )
+    # The settings are checked before the model loads; unset flags keep RelateConfig's defaults.
+    given = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed}
+    config = RelateConfig(**{k: v for k, v in given.items() if v is not None}, progress=not args.quiet)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     backend = load_backend(args.model, LoadOptions(device=device))
     for path in relate_concepts(backend, args.concepts, args.facts or None, args.out, config):
@@ -30,7 +29,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="teach concepts trained apart the facts that relate them (a short joint step on their rows)",
     )
     p.add_argument("concepts", nargs="+", help="concept files (two or more)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the base model the concept files were trained on")
     p.add_argument(
         "--facts",
         action="append",
@@ -39,11 +38,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "default: the facts of the concept folders the files were trained from",
     )
     p.add_argument("--out", required=True, help="folder for the updated concept files")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: RelateConfig's, 300)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, help="relation records per step (default 4)")
+    p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
