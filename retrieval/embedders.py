@@ -14,8 +14,10 @@ Two implementations ship:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import pickle
 import re
 from collections.abc import Sequence
@@ -28,6 +30,25 @@ from tqdm.auto import tqdm
 
 from yochameleon.data.photos import PhotoError, open_image
 from yochameleon.errors import ConfigError, DataError
+
+
+class _DropRandomInitWarning(contextlib.AbstractContextManager, logging.Filter):
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" for the duration of a block.
+
+    open_clip logs it through the root logger whenever it is told not to load weights, also when our own
+    checkpoint is loaded right after, where it is a false alarm.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeFilter(self)
+
 
 ImageLike = Image.Image | str | Path
 
@@ -278,7 +299,8 @@ class OpenClipEmbedder:
         self._config_info = config_info
 
         # Random init is seeded (without disturbing the caller's RNG) so the same identity means the same model.
-        with torch.random.fork_rng(devices=[]):
+        quiet = _DropRandomInitWarning() if weights_path is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), quiet:
             torch.manual_seed(self.seed)
             try:
                 net, _, preprocess = open_clip.create_model_and_transforms(

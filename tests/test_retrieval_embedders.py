@@ -230,3 +230,21 @@ def test_factory_and_identity_dispatch(tiny_config: Path):
         build_embedder("test", colour=True)
     with pytest.raises(ConfigError, match="unknown embedder kind"):
         embedder_from_identity({"kind": "mystery"})
+
+
+def test_open_clip_warns_of_random_weights_only_when_they_are_random(
+    tiny_clip, tiny_config, tmp_path, caplog
+):
+    import logging
+
+    import torch
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(tiny_clip._net.state_dict(), weights)
+    warning = "No pretrained weights loaded"
+    with caplog.at_level(logging.WARNING):
+        OpenClipEmbedder(model_config=tiny_config, weights=weights)
+    assert warning not in caplog.text  # a checkpoint was loaded: open_clip's warning was a false alarm
+    with caplog.at_level(logging.WARNING):
+        OpenClipEmbedder(model_config=tiny_config, random_weights=True)
+    assert warning in caplog.text  # really random: the warning stays
