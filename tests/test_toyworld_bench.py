@@ -51,9 +51,12 @@ def test_default_config_is_the_issue_s_benchmark():
     assert (config.n_concepts, config.seeds, config.split, config.n_photos) == (8, 2, "heldout", 4)
     assert config.methods == bench_methods()
     train = config.train_config(0)
-    # The recipe chosen on the development split: ~300 samples per concept for 3 epochs.
-    assert train.optim.epochs == 3 and train.data.n_recognition == 80
-    assert train.data.n_soft_positives == 52 and train.logging.sample_images == 0
+    # The recipe chosen on the development split: ~250 samples per concept, 4 epochs at lr 1e-3, and
+    # 4 understanding tokens; the pool is the build's 10,000 photos (1,000 with --quick).
+    assert (train.optim.epochs, train.optim.lr, train.concept.n_u) == (4, 1e-3, 4)
+    assert train.data.n_recognition == 80 and train.data.n_soft_positives == 52
+    assert train.logging.sample_images == 0
+    assert config.pool_size == 10_000 and BenchConfig.create(quick=True).pool_size == 1000
 
 
 def test_quick_sizes_and_explicit_settings_win():
