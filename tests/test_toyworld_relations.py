@@ -166,7 +166,9 @@ def test_the_related_layout_is_what_ask_lays_out(backend, photos, tmp_path):
     attach(backend, ConceptSpec("bo", n_g=2, n_u=2))
     attach(backend, ConceptSpec("mam", n_g=2, n_u=2))
     files = [save_concept(backend, n, tmp_path / "plain" / n)[0] for n in ("bo", "mam")]
-    add_relation(backend, "bo", {"with": "mam", "facts": [parse_fact("<bo> is the brother of <mam>").to_dict()]})
+    add_relation(
+        backend, "bo", {"with": "mam", "facts": [parse_fact("<bo> is the brother of <mam>").to_dict()]}
+    )
     related = [save_concept(backend, n, tmp_path / "related" / n)[0] for n in ("bo", "mam")]
     for name in ("bo", "mam"):
         from yochameleon.concept import detach
@@ -180,6 +182,102 @@ def test_the_related_layout_is_what_ask_lays_out(backend, photos, tmp_path):
         want = yes_no_logprobs(backend, ids + used[0].u_ids)
         assert t.yes_no_related(question, image, "bo") == want != t.yes_no(question, image)
     assert get_bank(backend) is None or not get_bank(backend).concepts  # detached after the block
+
+
+class _FakeAsker:
+    """Answers by rule and logs what was attached: A is recognised only alone, every answer names A."""
+
+    names = None
+
+    def __init__(self, attached, log):
+        self.attached = list(attached)
+        log.append(self.attached)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def yes_no(self, question, image):
+        return (1.0, 0.0) if image == "pos" and len(self.attached) == 1 else (0.0, 1.0)
+
+    def yes_no_related(self, question, image, name):
+        return (1.0, 0.0)  # always "yes": positives right, negatives wrong
+
+    def answer(self, question):
+        return f"<{self.attached[0]}> belongs to the blue team."
+
+    def generate_images(self, prompt, n, seed):
+        assert prompt.startswith("A photo of <") and " next to <" in prompt
+        return ["a", "b", "x"][:n]
+
+
+def test_measure_unit_attaches_alone_both_then_three_and_scores_each_metric(units):
+    from types import SimpleNamespace
+
+    from yochameleon.eval.toyworld.relations import measure_unit
+
+    pair = units[0]
+    a, b, c = pair.names
+    tests = {
+        n: SimpleNamespace(positives=["pos"] * 2, hard_negatives=["twin"] * 2, easy_negatives=["x"] * 2)
+        for n in (a, b)
+    }
+    log = []
+    # The scorer reads image "a" as A and "b" as B (one object per image).
+    scorer = SimpleNamespace(
+        identity_correct=lambda images, ident: [im == {pair.a: "a", pair.b: "b"}[ident] for im in images]
+    )
+    m = measure_unit(lambda names: _FakeAsker(names, log), pair, tests, scorer, n_generated=3)
+    assert log == [[a], [b], [a, b], [a, b, c]]
+    assert m["recognition_alone"] == 1.0 and m["recognition_both"] == 0.5 and m["recognition_drop"] == 0.5
+    assert m["recognition_related"] == 0.5 and m["recognition_drop_related"] == 0.5
+    # Every answer names A first: the relation questions whose answer is A are right, those about B not.
+    assert m["relation_mc"] == 0.5 and m["relation_open"] == 0.5
+    assert m["team_fact"] == ([t == "blue" for t in pair.teams[:2]].count(True)) / 2
+    assert (m["gen_a"], m["gen_b"], m["gen_either"]) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
+    assert len(m["answers"]) == 6 and m["generation_prompt"] == f"A photo of <{a}> next to <{b}>."
+
+
+def test_train_runs_concepts_together_or_alone_and_detaches_them(backend, tmp_path):
+    from data_helpers import make_concept
+
+    from yochameleon.concept import get_bank
+    from yochameleon.config import from_dict
+    from yochameleon.eval.toyworld.relations import _train
+    from yochameleon.train.config import TrainConfig
+
+    fact = "<bo> is the brother of <mam>."
+    for name, facts, seed0 in (("bo", [fact], 0), ("mam", [], 10)):
+        yaml_text = f"name: {name}\nfacts:\n" + "".join(f'  - "{f}"\n' for f in facts)
+        make_concept(
+            tmp_path / name,
+            yaml_text=yaml_text,
+            qa_lines=[{"question": "What is <sks>?", "answer": "a pet"}],
+            seed0=seed0,
+        )
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {"name_or_path": "unused", "dtype": "float32", "device": "cpu"},
+            "concept": {"n_g": 2, "n_u": 2},
+            "data": {"n_recognition": 2, "n_soft_positives": 1, "text_qa_repeats": 1, "flip": False},
+            "optim": {"lr": 1e-2, "batch_size": 4, "epochs": 1, "max_steps": 2},
+            "logging": {"loggers": [], "sample_images": 0},
+        },
+    )
+    entries = {
+        n: {"name": n, "concept_dir": str(tmp_path / n), "data_dir": str(tmp_path / "data" / n)}
+        for n in ("bo", "mam")
+    }
+    joint = _train(backend, cfg, [entries["bo"], entries["mam"]], tmp_path / "joint", "strict", False)
+    assert set(joint) == {"bo", "mam"} and not (get_bank(backend) and get_bank(backend).concepts)
+    meta = json.loads(joint["mam"].with_suffix(".json").read_text())
+    assert meta["relations"][0]["with"] == "bo" and meta["relations"][0]["source"] == "trained_together"
+    alone = _train(backend, cfg, [entries["bo"]], tmp_path / "alone", "later", False)
+    assert json.loads(alone["bo"].with_suffix(".json").read_text())["relations"] == []
+    assert not (get_bank(backend) and get_bank(backend).concepts)
 
 
 # ---- summary, table, config, CLI ---------------------------------------------------------------------
