@@ -98,9 +98,10 @@ def test_relation_questions_have_the_right_concept_and_the_attached_distractor(u
         a, b, c = (f"<{n}>" for n in pair.names)
         qs = pair_questions(pair)
         mc = [q for q in qs if q.kind == "relation_mc"]
-        assert [q.correct for q in mc] == [a, b]  # B's <relation> is A; A's <inverse> is B
+        assert [q.correct for q in mc] == [a, a, b, b]  # B's <relation> is A; A's <inverse> is B
         assert mc[0].text.startswith(f"Who is {b}'s {pair.relation}?")
-        assert mc[1].text.startswith(f"Who is {a}'s {RELATIONS[pair.relation].inverse}?")
+        assert mc[2].text.startswith(f"Who is {a}'s {RELATIONS[pair.relation].inverse}?")
+        assert len(mc) == 4 and [q.options for q in mc[:2]] == [(a, c), (c, a)]  # both orders
         for q in mc:
             assert set(q.options) == {q.correct, c}  # the wrong option is the distractor
             assert q.text.endswith(f"{q.options[0]} or {q.options[1]}?")
@@ -112,10 +113,24 @@ def test_relation_questions_have_the_right_concept_and_the_attached_distractor(u
         assert all(set(q.options) == set(TEAMS) and q.text.startswith("Which team does <") for q in teams)
 
 
-def test_option_order_is_seeded_and_both_orders_occur(world):
+def test_team_recall_asks_the_question_the_fact_was_trained_with(world, units, tmp_path):
+    from yochameleon.data.qa import facts_to_qa
+
+    pair = units[0]
+    folders = write_pair_folders(world, pair, tmp_path, n_photos=3)
+    recall = [q for q in pair_questions(pair) if q.kind == "team_recall"]
+    for k, q in enumerate(recall):
+        name = pair.names[k]
+        plain, _ = split_facts(yaml.safe_load((folders[name] / "concept.yaml").read_text())["facts"], name)
+        trained = dict((answer, question) for question, answer in facts_to_qa(plain))
+        assert q.text == trained[f"<sks> belongs to the {pair.teams[k]} team."].replace("<sks>", f"<{name}>")
+        assert q.correct == pair.teams[k] and set(q.options) == set(TEAMS)
+
+
+def test_team_option_order_is_seeded(world):
     units = draw_pairs(10, 0, [0, 1], "heldout", world)
-    first = {pair_questions(u)[0].options[0] == pair_questions(u)[0].correct for u in units}
-    assert first == {True, False}  # the right concept is not always listed first
+    team = [next(q for q in pair_questions(u) if q.kind == "team_fact") for u in units]
+    assert len({q.options.index(q.correct) for q in team}) > 1  # the right team is not always first
     assert pair_questions(units[0]) == pair_questions(units[0])
 
 
@@ -235,9 +250,10 @@ def test_measure_unit_attaches_alone_both_then_three_and_scores_each_metric(unit
     assert m["recognition_related"] == 0.5 and m["recognition_drop_related"] == 0.5
     # Every answer names A first: the relation questions whose answer is A are right, those about B not.
     assert m["relation_mc"] == 0.5 and m["relation_open"] == 0.5
-    assert m["team_fact"] == ([t == "blue" for t in pair.teams[:2]].count(True)) / 2
+    blue = [t == "blue" for t in pair.teams[:2]].count(True) / 2
+    assert m["team_fact"] == m["team_recall"] == blue
     assert (m["gen_a"], m["gen_b"], m["gen_either"]) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
-    assert len(m["answers"]) == 6 and m["generation_prompt"] == f"A photo of <{a}> next to <{b}>."
+    assert len(m["answers"]) == 10 and m["generation_prompt"] == f"A photo of <{a}> next to <{b}>."
 
 
 def test_train_runs_concepts_together_or_alone_and_detaches_them(backend, tmp_path):
@@ -360,7 +376,7 @@ def test_quick_relations_end_to_end(tmp_path, capsys):
             assert stats["recognition_drop"] == 0.0
     assert summary["cases"]["apart"]["recognition_before_relate"] is not None
     units = summary["per_unit"]
-    assert len(units) == 3 and all(len(u["answers"]) == 6 for u in units)
+    assert len(units) == 3 and all(len(u["answers"]) == 10 for u in units)
     assert all(u["answers"][0]["question"].startswith("Who is ") for u in units)
     assert out.with_suffix(".md").read_text().startswith("Relations in the toy world (heldout split")
     sheet = Image.open(out.with_name("quick_contact.png"))

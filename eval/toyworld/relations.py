@@ -26,19 +26,21 @@ tuning), each with a third identity ``C`` from the same split, the *distractor*.
 * **Metrics**, one value per pair and seed (the unit the 95% bootstrap CIs resample):
 
   - ``relation_mc``: with A, B and C attached, "Who is <B>'s brother? <A> or <C>?" and the inverse
-    "Who is <A>'s sibling? <B> or <C>?" (options in a seeded order,
-    :func:`~yochameleon.eval.metrics.shuffle_options`). Correct when the answer names exactly one of the
-    two options and it is the right one (:func:`~yochameleon.eval.metrics.score_choice`; concepts are
-    named ``<NAME>`` in trained answers and by their plain name in the text baseline's).
-  - ``relation_open``: the same two questions without options, as relation records train them ("Who is
+    "Who is <A>'s sibling? <B> or <C>?", each with the options in both orders (four questions). Correct
+    when the answer names exactly one of the two options and it is the right one
+    (:func:`~yochameleon.eval.metrics.score_choice`; concepts are named ``<NAME>`` in trained answers and
+    by their plain name in the text baseline's).
+  - ``relation_open``: the two questions without options, as relation records train them ("Who is
     <B>'s brother?" → "<A> is <B>'s brother."). Correct when the *first* of A, B and C that the answer
     names is the right one (an answer naming none is wrong). For trained concepts C cannot be named here:
     a prompt masks attached concepts it neither names nor relates, so this is A against B; the text
     baseline can name any of the three.
   - ``team_fact``: with A, B and C attached, "Which team does <A> belong to? blue, red, green or yellow?"
-    and the same for B, scored by option text (:func:`~yochameleon.eval.metrics.score_choice`). Training
-    only saw "What do you know about <sks>?" → "<sks> belongs to the blue team.", so this is also a
-    rephrasing test.
+    (options in a seeded order) and the same for B, scored by option text
+    (:func:`~yochameleon.eval.metrics.score_choice`). Training asked the fact only as
+    :func:`~yochameleon.data.qa.facts_to_qa` does ("Share a fact about <sks>." → "<sks> belongs to the
+    blue team."), so this is also a rephrasing test; ``team_recall`` asks that trained question
+    (:func:`trained_fact_question`) and is right when the answer names exactly one team, the right one.
   - recognition (weighted, as the benchmark scores it: Yes-vs-No likelihood on the concept's
     :meth:`~.world.ToyWorld.test_set` positives, twins and random scenes), the mean of A's and B's:
     ``recognition_alone`` (only that concept attached), ``recognition_both`` (A and B attached; trained
@@ -86,7 +88,7 @@ from yochameleon.baselines.prompting import PLAIN_NAME, definition
 
 from .bench import BENCH_RECIPE, BenchError, _positive_int, check_artifacts, draw_concepts
 from .build import default_out_dir
-from .world import Identity, ToyWorld, WorldConfig, caption
+from .world import Identity, ToyWorld, WorldConfig, caption, concept_facts
 
 __all__ = [
     "CASES",
@@ -121,6 +123,7 @@ METRICS: tuple[str, ...] = (
     "relation_mc",
     "relation_open",
     "team_fact",
+    "team_recall",
     "recognition_alone",
     "recognition_both",
     "recognition_related",
@@ -405,7 +408,7 @@ class Question:
     """One question of a unit, naming concepts as ``<NAME>``.
 
     Attributes:
-        kind: ``relation_mc``, ``relation_open`` or ``team_fact``.
+        kind: ``relation_mc``, ``relation_open``, ``team_fact`` or ``team_recall``.
         text: what is asked (multiple-choice options already listed in it, in a seeded order).
         options: the option texts of a multiple-choice question; for an open question, every concept
             whose mention counts (see :func:`score_answer`).
@@ -418,11 +421,30 @@ class Question:
     correct: str
 
 
+def trained_fact_question(pair: Pair, k: int) -> str:
+    """The question concept ``k``'s team fact was trained with (``"Share a fact about <X>."``).
+
+    :func:`~yochameleon.data.qa.facts_to_qa` asks a concept's ordinary facts with
+    :data:`~yochameleon.prompts.FACT_QUESTIONS` in turn; the team fact follows the world's attribute facts.
+    """
+    from yochameleon.prompts import FACT_QUESTIONS
+    from yochameleon.relations import split_facts
+
+    name = pair.names[k]
+    plain, _ = split_facts([*concept_facts(pair.identities[k]), *pair.folder_facts()[name]], name)
+    i = plain.index(f"<sks> belongs to the {pair.teams[k]} team.")
+    return FACT_QUESTIONS[i % len(FACT_QUESTIONS)].replace("<sks>", _tag(name))
+
+
 def pair_questions(pair: Pair) -> list[Question]:
     """The relation (both directions, with and without options) and team questions of a unit.
 
     The relation questions are the vocabulary's own ("Who is <B>'s brother?", and through the inverse
-    "Who is <A>'s sibling?"); the multiple-choice ones offer the right concept and the distractor.
+    "Who is <A>'s sibling?"); the multiple-choice ones offer the right concept and the distractor, in
+    both orders (no answer is helped by its position). The team is asked as a multiple-choice
+    question (options in a seeded order) and, as ``team_recall``, with the question its fact was
+    trained with (:func:`trained_fact_question`), right when the answer names exactly one team, the
+    right one.
     """
     from yochameleon.eval.metrics import mc_prompt, shuffle_options
     from yochameleon.relations import RELATIONS
@@ -433,8 +455,9 @@ def pair_questions(pair: Pair) -> list[Question]:
     asked = [(rel.render("question", a, b), a), (inverse.render("question", b, a), b)]
     questions = []
     for text, right in asked:
-        mc = shuffle_options({"question": text, "options": [right, c], "answer": right}, pair.seed)
-        questions.append(Question("relation_mc", mc_prompt(mc), tuple(mc["options"]), right))
+        for options in ((right, c), (c, right)):
+            mc = {"question": text, "options": list(options)}
+            questions.append(Question("relation_mc", mc_prompt(mc), options, right))
     for text, right in asked:
         questions.append(Question("relation_open", text, (a, b, c), right))
     for k, who in ((0, a), (1, b)):
@@ -445,6 +468,8 @@ def pair_questions(pair: Pair) -> list[Question]:
         }
         mc = shuffle_options(item, pair.seed)
         questions.append(Question("team_fact", mc_prompt(mc), tuple(mc["options"]), pair.teams[k]))
+    for k in (0, 1):
+        questions.append(Question("team_recall", trained_fact_question(pair, k), TEAMS, pair.teams[k]))
     return questions
 
 
@@ -469,7 +494,7 @@ def first_named(answer: str, candidates: Sequence[str]) -> str | None:
 def score_answer(question: Question, answer: str, names: Mapping[str, str] | None = None) -> bool:
     """Whether ``answer`` is right; ``names`` maps concept names to how the case writes them (plain names).
 
-    Multiple choice (``relation_mc``, ``team_fact``): exactly one option named, the right one
+    Multiple choice (``relation_mc``, ``team_fact``, ``team_recall``): exactly one option named, the right one
     (:func:`~yochameleon.eval.metrics.score_choice`). ``relation_open``: the first concept the answer
     names is the right one.
     """
@@ -666,6 +691,7 @@ def measure_unit(
         "relation_mc": rate("relation_mc"),
         "relation_open": rate("relation_open"),
         "team_fact": rate("team_fact"),
+        "team_recall": rate("team_recall"),
         "recognition_alone": float(np.mean(alone)),
         "recognition_both": float(np.mean(both)),
         "recognition_related": float(np.mean(related)),
@@ -748,6 +774,7 @@ _COLUMNS = (
     ("relation_mc", "relation MC"),
     ("relation_open", "relation open"),
     ("team_fact", "team fact"),
+    ("team_recall", "team recall"),
     ("recognition_alone", "recog. alone"),
     ("recognition_both", "recog. both"),
     ("recognition_related", "recog. related layout"),
@@ -789,7 +816,7 @@ def markdown_relations(summary: Mapping[str, Any]) -> str:
         f"| {case} | {m} | {d['mean']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d['n']} |"
         for case, per in diffs.items()
         for m, d in per.items()
-        if m in ("relation_mc", "relation_open", "team_fact", "recognition_both", "gen_either")
+        if m in ("relation_mc", "relation_open", "team_fact", "team_recall", "recognition_both", "gen_either")
     ]
     if rows:
         lines += [
@@ -802,12 +829,15 @@ def markdown_relations(summary: Mapping[str, Any]) -> str:
         lines += rows
     lines += [
         "",
-        'relation MC: "Who is <B>\'s brother? <A> or <C>?" and its inverse, A, B and a distractor C attached; right '
-        "when the answer names exactly one option, the right one. relation open: the same without options; right "
-        'when the first concept named is the right one. team fact: "Which team does <A> belong to? blue, red, '
-        'green or yellow?" (and B), a fact no photo shows. Recognition: weighted, the mean of A and B. '
-        'Generation: "A photo of <A> next to <B>."; the scorer reads one object per image, so each rate is '
-        "the share of images read as that identity.",
+        'relation MC: "Who is <B>\'s brother? <A> or <C>?" and its inverse, each in both option orders, A, B '
+        "and a distractor C attached; right when the answer names exactly one option, the right one. relation "
+        "open: the two questions without options; right when the first concept named is the right one. team "
+        'fact: "Which team does <A> belong to? blue, red, green or yellow?" (and B), a fact no photo shows; '
+        "team recall: the question the fact was trained with, right when exactly the right team is named. "
+        "Recognition: weighted, the mean of A and B; alone = only that concept attached, both = A and B "
+        "attached, related layout = both personalized prompts in the preamble (text_prompt: one layout, "
+        'every definition and fact). Generation: "A photo of <A> next to <B>."; the scorer reads one object '
+        "per image, so each rate is the share of images read as that identity.",
     ]
     return "\n".join(lines) + "\n"
 
