@@ -837,7 +837,9 @@ def markdown_relations(summary: Mapping[str, Any]) -> str:
         "Recognition: weighted, the mean of A and B; alone = only that concept attached, both = A and B "
         "attached, related layout = both personalized prompts in the preamble (text_prompt: one layout, "
         'every definition and fact). Generation: "A photo of <A> next to <B>."; the scorer reads one object '
-        "per image, so each rate is the share of images read as that identity.",
+        "per image, so each rate is the share of images read as that identity. The contact sheet "
+        "(OUT_contact.png) has a row per case (joint, apart, text_prompt, in turn) and unit: two training "
+        "photos of A, two of B, then the generated images.",
     ]
     return "\n".join(lines) + "\n"
 
