@@ -913,7 +913,8 @@ def run_relations(
         json_out: the summary JSON.
         work_dir: pool, index, concept folders, data, runs and images (default: ``OUT_work/`` beside the
             JSON). A pool and index already there are reused while size, seed and embedder match (copy
-            the benchmark's ``pool/``, ``index/`` and ``pool.json`` in to skip indexing).
+            the benchmark's ``pool/``, ``index/`` and ``pool.json`` in to skip indexing). Its
+            ``records.jsonl`` holds the records of every unit finished so far.
         progress: progress bars.
         log: where progress lines and timings go (default: stderr).
 
@@ -1050,6 +1051,8 @@ def run_relations(
                 )
                 + f" ({time.perf_counter() - unit_start:.0f}s)"
             )
+            # A run stopped later still leaves every finished unit's records.
+            (work / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             bar.update(1)
         bar.close()
     finally:
