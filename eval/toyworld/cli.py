@@ -1,10 +1,18 @@
-"""``yochameleon toyworld ...``: commands of the toy world (``build`` its base artifacts, ``bench`` the methods)."""
+"""``yochameleon toyworld ...``: commands of the toy world (``build`` its base artifacts, ``bench`` the methods,
+``relations`` the measurement of concepts that know each other)."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_bench_parser", "register", "run_bench_command", "run_build"]
+__all__ = [
+    "add_bench_parser",
+    "add_relations_parser",
+    "register",
+    "run_bench_command",
+    "run_build",
+    "run_relations_command",
+]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -40,6 +48,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=run_build)
     add_bench_parser(commands)
+    add_relations_parser(commands)
     return parser
 
 
@@ -111,7 +120,9 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="recipe override, repeatable (choose hyper-parameters with --split dev only)",
     )
-    bench.add_argument("--pool-size", type=int, default=None, help="retrieval pool photos (default 10000; 1000 with --quick)")
+    bench.add_argument(
+        "--pool-size", type=int, default=None, help="retrieval pool photos (default 10000; 1000 with --quick)"
+    )
     bench.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per CI (default 2000)")
     bench.add_argument(
         "--threads",
@@ -173,6 +184,124 @@ def run_bench_command(args: argparse.Namespace) -> int:
         config, args.json, report_dir=args.report_dir, work_dir=args.work, progress=not args.quiet
     )
     print(markdown_table(summary))
+    return 0
+
+
+def add_relations_parser(commands) -> argparse.ArgumentParser:
+    """Add ``relations`` to the ``toyworld`` sub-commands and return its parser."""
+    from .relations import QUICK_DEFAULTS
+
+    relations = commands.add_parser(
+        "relations",
+        help="relations between two concepts: trained together, trained apart then related, text prompt",
+        description=(
+            "Pairs of identities with a stated relation and facts no photo shows: relation and fact QA, "
+            "recognition with both concepts attached against each alone, two-concept generation; per case "
+            "(joint, apart, text_prompt) with 95% bootstrap CIs. Writes OUT.json, OUT.md (the table) and "
+            "OUT_contact.png (the two-concept images)."
+        ),
+    )
+    relations.add_argument("--json", required=True, metavar="OUT.json", help="the summary JSON to write")
+    relations.add_argument(
+        "--split",
+        choices=("heldout", "dev"),
+        default=None,
+        help="identities to draw pairs from: heldout (default, reported numbers) or dev (tuning)",
+    )
+    relations.add_argument("--pairs", type=int, default=None, metavar="N", help="pairs (default 4)")
+    relations.add_argument(
+        "--pair-seed", type=int, default=None, metavar="S", help="chooses the pairs (default 0)"
+    )
+    relations.add_argument("--seeds", type=int, default=None, metavar="K", help="seeds per pair (default 2)")
+    relations.add_argument(
+        "--relate-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the apart case's joint step (default 300)",
+    )
+    relations.add_argument(
+        "--quick",
+        action="store_true",
+        help=(
+            f"{QUICK_DEFAULTS['n_pairs']} pair, {QUICK_DEFAULTS['seeds']} seed, one epoch, "
+            f"{QUICK_DEFAULTS['relate_steps']} relate steps, small test sets (explicit options still win)"
+        ),
+    )
+    relations.add_argument(
+        "--artifacts",
+        default=None,
+        metavar="DIR",
+        help="toy-world artifacts (default: eval/toyworld/artifacts)",
+    )
+    relations.add_argument(
+        "--work",
+        default=None,
+        metavar="DIR",
+        help="pool, index, concepts, data, runs, images (default: OUT_work/); a matching pool there is reused",
+    )
+    relations.add_argument(
+        "--override",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="training recipe override, repeatable (choose with --split dev only)",
+    )
+    relations.add_argument(
+        "--pool-size", type=int, default=None, help="retrieval pool photos (default 10000; 1000 with --quick)"
+    )
+    relations.add_argument(
+        "--n-boot", type=int, default=None, help="bootstrap resamples per CI (default 2000)"
+    )
+    relations.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1: best on a busy 2-core machine)",
+    )
+    relations.add_argument("--quiet", action="store_true", help="no progress bars")
+    relations.set_defaults(func=run_relations_command)
+    return relations
+
+
+def relations_config_from_args(args: argparse.Namespace):
+    """The :class:`~.relations.RelationsConfig` that ``toyworld relations`` options describe.
+
+    Raises:
+        BenchError: a bad option.
+    """
+    from .relations import QUICK_DEFAULTS, RelationsConfig
+
+    overrides = args.override
+    if args.quick and overrides:
+        overrides = [*QUICK_DEFAULTS["overrides"], *overrides]  # --quick's one epoch stays unless overridden
+    return RelationsConfig.create(
+        quick=args.quick,
+        artifacts=args.artifacts,
+        split=args.split,
+        n_pairs=args.pairs,
+        pair_seed=args.pair_seed,
+        seeds=args.seeds,
+        relate_steps=args.relate_steps,
+        overrides=overrides,
+        pool_size=args.pool_size,
+        n_boot=args.n_boot,
+        threads=args.threads,
+    )
+
+
+def run_relations_command(args: argparse.Namespace) -> int:
+    """Run ``toyworld relations``; the table goes to stdout, progress and timings to stderr.
+
+    Raises:
+        BenchError: a bad option or missing artifacts; the top-level CLI prints it as one ``error:`` line.
+    """
+    from .relations import markdown_relations, run_relations
+
+    summary = run_relations(
+        relations_config_from_args(args), args.json, work_dir=args.work, progress=not args.quiet
+    )
+    print(markdown_relations(summary), end="")
     return 0
 
 
