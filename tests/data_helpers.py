@@ -89,7 +89,9 @@ def spec_bins(count: int, n_g: int) -> list[int]:
     return out
 
 
-def untrained_encoder(backend, path: Path, n_g: int, n_u: int, training_identities=(), self_prompting=True) -> Path:
+def untrained_encoder(
+    backend, path: Path, n_g: int, n_u: int, training_identities=(), self_prompting=True
+) -> Path:
     """An encoder file for ``backend`` with its initial weights (it writes the ``init=base`` rows): enough
     for code that only needs a valid encoder of some layout. ``training_identities`` go into its sidecar.
     """

@@ -153,7 +153,9 @@ def test_encoder_methods_need_an_encoder(backend):
             build_method(name, backend, train=TRAIN)
 
 
-def test_zeroshot_scores_the_file_the_encoder_writes_and_trains_nothing(backend, setup, encoder_file, tmp_path):
+def test_zeroshot_scores_the_file_the_encoder_writes_and_trains_nothing(
+    backend, setup, encoder_file, tmp_path
+):
     from yochameleon.concept import get_bank, read_concept_file
     from yochameleon.encoder import encode_concept
 
