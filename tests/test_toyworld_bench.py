@@ -459,3 +459,46 @@ def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
         assert set(row["token_drift"]) == {"sks", "g", "u"} and row["token_drift"]["u"]["embed"] > 0
         assert row["loss_by_kind"]["recognition"]["last"] < row["loss_by_kind"]["recognition"]["first"]
         assert len(row["answers"]) == 3
+
+
+# ---- the encoder methods end to end on the committed base (slow) -------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_encoder_methods_end_to_end_on_the_committed_base(tmp_path, toy_encoder):
+    """One development concept, zero-shot and warm start with a (tiny, untrained) encoder, small sizes."""
+    config = BenchConfig.create(
+        methods=["yochameleon_zeroshot", "yochameleon_warmstart"],
+        encoder=toy_encoder,
+        split="dev",
+        n_concepts=1,
+        seeds=1,
+        n_positives=2,
+        n_hard=2,
+        n_easy=2,
+        n_vqa=1,
+        n_generated=1,
+        pool_size=50,
+        n_boot=50,
+        overrides=[
+            "data.n_recognition=8",
+            "data.n_hard_negatives=4",
+            "data.n_easy_negatives=4",
+            "data.n_soft_positives=6",
+            "optim.epochs=2",
+        ],
+    )
+    out = tmp_path / "enc.json"
+    summary = run_bench(config, out, progress=False, log=lambda line: None)
+    validate_summary(summary)
+    assert list(summary["methods"]) == ["yochameleon_zeroshot", "yochameleon_warmstart"]
+    for stats in summary["methods"].values():
+        assert stats["n"] == 1 and stats["prompt_tokens"] == 1 + 16 + 4
+    timings = summary["config"]["timings"]["per_concept"]
+    assert set(timings) == set(config.methods) and all(t["n"] == 1 for t in timings.values())
+    encoder = summary["config"]["encoder"]
+    assert encoder["path"] == str(toy_encoder) and encoder["training_identities"] == 0
+    (warm,) = encoder["warmstart_steps"].values()
+    assert warm["steps"] == -(-warm["recipe_steps"] // 5)
+    assert "| fit s |" in (out.parent / "report.md").read_text()
+    # The zero-shot method prepared no training data: only the warm start needed it.
+    assert (out.parent / "enc_work" / "data").is_dir()
