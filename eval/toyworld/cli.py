@@ -1,4 +1,5 @@
-"""``yochameleon toyworld ...``: commands of the toy world (``build`` its base artifacts, ``bench`` the methods)."""
+"""``yochameleon toyworld ...``: commands of the toy world (``build`` its base artifacts, ``bench`` the methods,
+``encoder`` a concept encoder on its pretraining identities)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         The ``toyworld`` parser, so that other modules can add sub-commands to it.
     """
     parser = subparsers.add_parser(
-        "toyworld", help="the procedural toy world: build its base artifacts, benchmark the methods"
+        "toyworld",
+        help="the procedural toy world: build its base artifacts, benchmark the methods, train an encoder",
     )
     commands = parser.add_subparsers(dest="toyworld_command", metavar="COMMAND")
     commands.required = True
