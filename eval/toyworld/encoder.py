@@ -37,7 +37,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +318,8 @@ def train_toy_encoder(
             + "\n"
         )
         base = Path(backend.name_or_path) if backend is not None else art / "base"
+        if not progress:
+            config = replace(config, overrides=(*config.overrides, "logging.progress=false"))
         train_cfg = encoder_train_config(config, folders, index_dir, base)
         (out / "encoder-recipe.yaml").write_text(yaml.safe_dump(to_dict(train_cfg), sort_keys=False))
         log(f"[encoder] {len(identities)} pretraining identities; recipe {out / 'encoder-recipe.yaml'}")
