@@ -24,7 +24,7 @@ trained on the toy base. This trains one the way ``yochameleon encoder train`` d
 The encoder is ``OUT/run/encoder.safetensors`` (+ ``.json``).
 
 Example:
-    >>> config = ToyEncoderConfig(out="outputs/toy-encoder", n_identities=64, steps=300)
+    >>> config = ToyEncoderConfig(out="outputs/toy-encoder", n_identities=128, steps=220)
     >>> result = train_toy_encoder(config)  # doctest: +SKIP
     >>> result.encoder_file  # doctest: +SKIP
     PosixPath('outputs/toy-encoder/run/encoder.safetensors')
