@@ -73,7 +73,9 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
 
     Cells are ``mean ± half the width of the 95% CI`` (just the mean when there is no CI, i.e. a single
     concept and seed); ``–`` where a metric does not apply; the best mean of a column is bold when
-    several methods have one. A line per image metric names the model that computed it (see
+    several methods have one. When the summary's ``config.timings.per_concept`` holds wall times (the
+    toy-world benchmark's), a ``fit s`` column gives each method's mean seconds per concept and seed
+    to train (or encode). A line per image metric names the model that computed it (see
     ``embedders`` in :mod:`yochameleon.eval.schema`). Paired differences vs the reference method
     follow when present.
     """
@@ -82,14 +84,23 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     for m in cols:
         values = [s[m] for s in summary["methods"].values() if s.get(m) is not None]
         best[m] = max(values) if len(values) > 1 else None
+    # Wall time per concept (a benchmark's config.timings.per_concept), beside the quality numbers.
+    timings = ((summary.get("config") or {}).get("timings") or {}).get("per_concept") or {}
+    fit = " fit s |" if timings else ""
     lines = [
-        "| method | tokens | " + " | ".join(LABELS[m] for m in cols) + " | n |",
-        "|---|---:|" + "---:|" * len(cols) + "---:|",
+        f"| method | tokens |{fit} " + " | ".join(LABELS[m] for m in cols) + " | n |",
+        "|---|---:|" + ("---:|" if timings else "") + "---:|" * len(cols) + "---:|",
     ]
     for method, stats in summary["methods"].items():
         cells = [_cell(stats, m, stats.get(m) is not None and stats.get(m) == best[m]) for m in cols]
+        seconds = ""
+        if timings:
+            t = timings.get(method)
+            seconds = f" {t['fit_mean']:.1f} |" if t else " – |"
         lines.append(
-            f"| {method} | {stats.get('prompt_tokens', 0):.0f} | " + " | ".join(cells) + f" | {stats['n']} |"
+            f"| {method} | {stats.get('prompt_tokens', 0):.0f} |{seconds} "
+            + " | ".join(cells)
+            + f" | {stats['n']} |"
         )
     embedders = summary.get("embedders") or {}
     named = [m for m in cols if m in IMAGE_METRICS]
@@ -211,6 +222,11 @@ def write_report(summary: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
         "Cells: mean ± half-width of the 95% bootstrap CI over concepts and seeds (no CI with one record); "
         "– = not applicable. Tokens: prompt tokens spent on the concept.",
     ]
+    if (config.get("timings") or {}).get("per_concept"):
+        notes.append(
+            "fit s: mean wall seconds per concept and seed to fit the method (train it, or encode the "
+            "concept); the full breakdown is in the summary's config.timings.per_concept."
+        )
     if config:
         notes += [
             "",

@@ -87,3 +87,35 @@ def spec_bins(count: int, n_g: int) -> list[int]:
     for i in range(k):
         out += [i + 1] * (q + (1 if i < r else 0))
     return out
+
+
+def untrained_encoder(
+    backend, path: Path, n_g: int, n_u: int, training_identities=(), self_prompting=True
+) -> Path:
+    """An encoder file for ``backend`` with its initial weights (it writes the ``init=base`` rows): enough
+    for code that only needs a valid encoder of some layout. ``training_identities`` go into its sidecar.
+    """
+    from yochameleon.concept import ConceptSpec, attach, concept_rows, detach
+    from yochameleon.config import to_dict
+    from yochameleon.encoder import ConceptEncoder, EncoderConfig, EncoderFileMeta, save_encoder
+
+    spec = ConceptSpec("encoder-helper", n_g, n_u)
+    attach(backend, spec)
+    rows = concept_rows(backend, spec.name)
+    detach(backend, spec.name)
+    config = EncoderConfig(d_model=32, layers=1, heads=4)
+    encoder = ConceptEncoder(backend.hidden_size, backend.hidden_size, spec.n_tokens, config, base_rows=rows)
+    meta = EncoderFileMeta(
+        n_g=n_g,
+        n_u=n_u,
+        shared=False,
+        architecture=to_dict(config),
+        feature_dim=backend.hidden_size,
+        hidden_size=backend.hidden_size,
+        base_model=str(backend.name_or_path),
+        base_family=backend.family,
+        base_fingerprint=backend.fingerprint(),
+        training_identities=list(training_identities),
+        training_config={"method": {"self_prompting": self_prompting}},
+    )
+    return save_encoder(encoder, meta, path)[0]

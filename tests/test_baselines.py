@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from yochameleon.baselines import ConceptData, build_method, method_names
+from yochameleon.baselines.encoded import ENCODER_METHODS
 from yochameleon.baselines.myvlm import LinearProbeHead
 from yochameleon.baselines.prompting import definition
 from yochameleon.data.config import DataConfig
@@ -75,10 +76,23 @@ def setup(tmp_path_factory):
     return root, data, TestSet.load(test)
 
 
+@pytest.fixture(scope="module")
+def encoder_file(tiny_dir, tmp_path_factory):
+    """An (untrained) encoder on the tiny model with TRAIN's token layout."""
+    from data_helpers import untrained_encoder
+
+    from yochameleon.backends import load_backend
+
+    path = tmp_path_factory.mktemp("encoder") / "encoder"
+    return untrained_encoder(load_backend(tiny_dir), path, TRAIN["concept"]["n_g"], TRAIN["concept"]["n_u"])
+
+
 @pytest.mark.parametrize("name", method_names())
-def test_every_method_runs_end_to_end(backend, setup, name, tmp_path):
+def test_every_method_runs_end_to_end(backend, setup, name, tmp_path, encoder_file):
     root, data, test = setup
     options = {"train": TRAIN} if name.startswith(("yochameleon", "yollava")) else {}
+    if name in ENCODER_METHODS:
+        options["encoder"] = encoder_file
     if name == "myvlm":
         options = {"steps": 5, "embedder": "test"}  # the index's embedder is the test one: asked by name
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
@@ -125,6 +139,75 @@ def test_oracle_text_prompt_reads_the_oracle_description_and_refuses_a_concept_w
     )
     with pytest.raises(ConfigError, match="oracle description"):
         build_method("text_prompt_oracle", backend).fit(replace(data, oracle_description=""), tmp_path)
+
+
+def test_warm_steps_are_a_fifth_of_the_recipe_s_rounded_up():
+    from yochameleon.baselines.encoded import warm_steps
+
+    assert [warm_steps(n) for n in (0, 1, 5, 6, 10, 11, 300)] == [1, 1, 1, 2, 2, 3, 60]
+
+
+def test_encoder_methods_need_an_encoder(backend):
+    for name in ENCODER_METHODS:
+        with pytest.raises(ConfigError, match="needs a concept encoder"):
+            build_method(name, backend, train=TRAIN)
+
+
+def test_zeroshot_scores_the_file_the_encoder_writes_and_trains_nothing(
+    backend, setup, encoder_file, tmp_path
+):
+    from yochameleon.concept import get_bank, read_concept_file
+    from yochameleon.encoder import encode_concept
+
+    _, data, test = setup
+    method = build_method("yochameleon_zeroshot", backend, encoder=encoder_file)
+    method.fit(data, tmp_path)
+    meta, rows = read_concept_file(method.concept_file)
+    assert meta.training_config["init"] == "encoder" and meta.spec.n_tokens == 1 + 4 + 4
+    assert method.prompt_tokens() == 1 + 4 + 4 and method.self_prompting
+    assert not list(tmp_path.rglob("run.json"))  # no training run
+    from PIL import Image
+
+    image = Image.open(test.recognition[0][0]).convert("RGB")
+    direct = method.model.yes_no_logprobs(f"Is <{method.tokens.spec.name}> in this photo?", image)
+    assert method.yes_no("Is <sks> in this photo?", image) == direct
+    method.close()
+    # The scored rows are the encoder's rows for the concept's photos.
+    again = encode_concept(encoder_file, backend, data.photos, "again", tmp_path / "again")
+    assert all(torch.equal(rows[k], read_concept_file(again)[1][k]) for k in rows)
+    assert not (get_bank(backend) and get_bank(backend).concepts)
+
+
+def test_warmstart_trains_a_fifth_of_yochameleon_s_steps_from_the_encoded_rows(
+    backend, setup, encoder_file, tmp_path
+):
+    from yochameleon.concept import read_concept_file
+
+    _, data, _ = setup
+    train = {**TRAIN, "optim": {**TRAIN["optim"], "epochs": 3}}
+    full = build_method("yochameleon", backend, train=train)
+    full.fit(data, tmp_path)
+    full.close()
+    warm = build_method("yochameleon_warmstart", backend, encoder=encoder_file, train=train)
+    warm.fit(data, tmp_path)
+    warm.close()
+    # A fifth, rounded up, of what the same recipe runs on the same data.
+    assert warm.recipe_steps == full.steps > 5 and warm.steps == -(-full.steps // 5)
+    run = json.loads((tmp_path / "yochameleon_warmstart" / "run.json").read_text())["config"]
+    assert run["optim"]["max_steps"] == warm.steps and run["optim"]["epochs"] == 3
+    assert run["concept"]["init_from"] == str(warm.encoded_file) and run["concept"]["init"] == "file"
+    assert read_concept_file(warm.encoded_file)[0].training_config["init"] == "encoder"
+    trained = read_concept_file(warm.concept_file)[0].training_config
+    assert trained["concept"]["init_from"] == str(warm.encoded_file)
+
+
+def test_warmstart_refuses_an_encoder_of_another_layout(backend, setup, tmp_path):
+    from data_helpers import untrained_encoder
+
+    _, data, _ = setup
+    other = untrained_encoder(backend, tmp_path / "enc", n_g=2, n_u=4)
+    with pytest.raises(ConfigError, match="n_g"):
+        build_method("yochameleon_warmstart", backend, encoder=other, train=TRAIN).fit(data, tmp_path)
 
 
 def test_unknown_method_and_bad_test_dirs(backend, tmp_path):

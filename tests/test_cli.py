@@ -77,6 +77,19 @@ def test_eval_refuses_an_unknown_method_before_loading_a_model(monkeypatch, caps
     assert "invalid choice: 'yochamelon'" in capsys.readouterr().err
 
 
+def test_eval_encoder_methods_need_encoder_before_loading_a_model(monkeypatch, capsys, tmp_path):
+    import yochameleon.backends
+
+    def _no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded without an encoder")
+
+    monkeypatch.setattr(yochameleon.backends, "load_backend", _no_model)
+    argv = ["eval", "--model", "tiny", "--method", "yochameleon_zeroshot", "--embedder", "test"]
+    argv += ["--concept", str(tmp_path), "--test-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "--method yochameleon_zeroshot needs --encoder" in capsys.readouterr().err
+
+
 def test_prepare_takes_the_recipe_and_records_its_settings(tiny_dir, tmp_path, capsys):
     from data_helpers import make_concept
 

@@ -111,9 +111,11 @@ def test_bad_override_and_unknown_setting_are_refused():
 
 def test_default_methods_are_every_harness_method_with_the_reference_rows_last():
     from yochameleon.baselines import method_names
+    from yochameleon.baselines.encoded import ENCODER_METHODS
 
     default = BenchConfig.create().methods
-    assert sorted(default) == sorted(method_names())  # every ablation, none left out
+    # Every ablation, none left out; the encoder methods only when named (they need an encoder file).
+    assert sorted(default) == sorted(set(method_names()) - set(ENCODER_METHODS))
     ours = [m for m in default if m.startswith("yochameleon")]
     assert default[-len(ours) :] == tuple(ours) and ours[0] == "yochameleon"
     assert {"yochameleon_und_only", "yochameleon_gen_only", "yochameleon_no_soft"} <= set(ours)
@@ -128,6 +130,88 @@ def test_unknown_method_names_the_valid_ones():
         assert name in text
     # Every ablation is accepted by its exact name.
     assert BenchConfig.create(methods=list(bench_methods())).methods == bench_methods()
+
+
+# ---- encoder methods ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_encoder(tmp_path_factory):
+    """An untrained encoder on the committed toy base with the bench recipe's layout (n_g 16, n_u 4)."""
+    from data_helpers import untrained_encoder
+
+    from yochameleon.backends import load_backend
+
+    path = tmp_path_factory.mktemp("toy-encoder") / "encoder"
+    backend = load_backend(Path(BenchConfig().artifacts) / "base")
+    return untrained_encoder(backend, path, n_g=16, n_u=4)
+
+
+def test_encoder_methods_need_an_encoder_and_the_recipe_s_layout(tmp_path, toy_encoder):
+    with pytest.raises(BenchError, match="yochameleon_zeroshot need a concept encoder.*--encoder"):
+        BenchConfig.create(methods=["none", "yochameleon_zeroshot"])
+    with pytest.raises(BenchError, match="does not exist"):
+        BenchConfig.create(methods=["yochameleon_warmstart"], encoder=tmp_path / "nope.safetensors")
+    config = BenchConfig.create(
+        methods=["yochameleon_zeroshot", "yochameleon_warmstart"], encoder=toy_encoder
+    )
+    assert config.encoder == str(toy_encoder) and config.to_dict()["encoder"] == str(toy_encoder)
+    with pytest.raises(BenchError, match="n_u=4.*n_u=16"):
+        BenchConfig.create(
+            methods=["yochameleon_warmstart"], encoder=toy_encoder, overrides=["concept.n_u=16"]
+        )
+    # The default run needs no encoder, and an encoder alone adds no rows.
+    assert BenchConfig.create(encoder=toy_encoder).methods == bench_methods()
+
+
+def test_cli_passes_the_encoder(toy_encoder):
+    args = _parser().parse_args(
+        ["toyworld", "bench", "--json", "e.json", "--methods", "none", "yochameleon_zeroshot"]
+        + ["--encoder", str(toy_encoder)]
+    )
+    config = bench_config_from_args(args)
+    assert config.methods == ("none", "yochameleon_zeroshot") and config.encoder == str(toy_encoder)
+
+
+def test_encoder_leaks_name_trained_concepts_and_photos(world, tmp_path):
+    from data_helpers import untrained_encoder
+
+    from yochameleon.backends import load_backend
+    from yochameleon.encoder import file_sha256
+    from yochameleon.eval.toyworld.bench import encoder_leaks
+
+    dev = draw_concepts(2, 0, "dev", world)
+    folder = world.write_concept_folder(dev[0], tmp_path / dev[0].name)
+    photos = sorted((folder / "photos").glob("*.png"))
+    backend = load_backend(Path(BenchConfig().artifacts) / "base")
+    clean = untrained_encoder(
+        backend, tmp_path / "clean", 16, 4, [{"name": "toy-00000000", "photo_sha256": []}]
+    )
+    assert encoder_leaks(clean, [d.name for d in dev], photos) == []
+    leaky = untrained_encoder(
+        backend, tmp_path / "leaky", 16, 4, [{"name": dev[1].name, "photo_sha256": [file_sha256(photos[2])]}]
+    )
+    assert encoder_leaks(leaky, [d.name for d in dev], photos) == [
+        f"concept {dev[1].name}",
+        f"photo {photos[2]}",
+    ]
+
+
+def test_table_shows_wall_time_per_concept_beside_quality():
+    from yochameleon.eval.report import markdown_table
+    from yochameleon.eval.toyworld.bench import per_concept_timings
+
+    cells = {"yochameleon": [{"fit": 30.0, "evaluate": 9.0}, {"fit": 34.0, "evaluate": 11.0}], "none": []}
+    timings = per_concept_timings(cells)
+    assert timings == {
+        "yochameleon": {"fit_mean": 32.0, "fit_min": 30.0, "fit_max": 34.0, "evaluate_mean": 10.0, "n": 2}
+    }
+    summary = bench_summary(_synthetic_records(), {"timings": {"per_concept": timings}}, n_boot=100)
+    table = markdown_table(summary).splitlines()
+    assert table[0].startswith("| method | tokens | fit s | Recognition")
+    main = table[2 : table.index("")]  # the method rows, before the paired differences
+    rows = {line.split(" | ")[0][2:]: line for line in main}
+    assert "| 32.0 |" in rows["yochameleon"] and "| – |" in rows["none"]
+    # Without timings (e.g. `yochameleon compare`) the table has no such column.
+    assert "fit s" not in markdown_table(bench_summary(_synthetic_records(), n_boot=100))
 
 
 # ---- concepts ----------------------------------------------------------------------------------------
@@ -342,7 +426,7 @@ def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
     assert list(summary["methods"]) == ["none", "yochameleon"]
     config = summary["config"]
     assert config["split"] == "heldout" and config["seeds"] == [0] and len(config["concepts"]) == 2
-    assert config["samples_per_concept"]["mean"] > 50 and config["train"]["epochs"] == 3
+    assert config["samples_per_concept"]["mean"] > 50 and config["train"]["epochs"] == 4
     assert {"load", "pool_index", "fit", "evaluate", "total"} <= set(config["timings"]["stages"])
     records = summary["per_concept"]
     assert len(records) == 4 and {r["seed"] for r in records} == {0}
@@ -352,7 +436,7 @@ def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
             assert stats[metric] is not None, (method, metric)
             assert stats[metric + "_ci"] is not None, (method, metric)
     assert summary["methods"]["none"]["prompt_tokens"] == 0
-    assert summary["methods"]["yochameleon"]["prompt_tokens"] == 1 + 16 + 16  # <sks>, g- and u-tokens
+    assert summary["methods"]["yochameleon"]["prompt_tokens"] == 1 + 16 + 4  # <sks>, g- and u-tokens
     diffs = summary["differences"]["none"]
     for metric in TOY_METRICS:
         assert diffs[metric]["n"] == 2 and len(diffs[metric]["ci"]) == 2, metric
@@ -378,3 +462,46 @@ def test_quick_bench_end_to_end(reduced_artifacts, tmp_path, capsys):
         assert set(row["token_drift"]) == {"sks", "g", "u"} and row["token_drift"]["u"]["embed"] > 0
         assert row["loss_by_kind"]["recognition"]["last"] < row["loss_by_kind"]["recognition"]["first"]
         assert len(row["answers"]) == 3
+
+
+# ---- the encoder methods end to end on the committed base (slow) -------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_encoder_methods_end_to_end_on_the_committed_base(tmp_path, toy_encoder):
+    """One development concept, zero-shot and warm start with a (tiny, untrained) encoder, small sizes."""
+    config = BenchConfig.create(
+        methods=["yochameleon_zeroshot", "yochameleon_warmstart"],
+        encoder=toy_encoder,
+        split="dev",
+        n_concepts=1,
+        seeds=1,
+        n_positives=2,
+        n_hard=2,
+        n_easy=2,
+        n_vqa=1,
+        n_generated=1,
+        pool_size=50,
+        n_boot=50,
+        overrides=[
+            "data.n_recognition=8",
+            "data.n_hard_negatives=4",
+            "data.n_easy_negatives=4",
+            "data.n_soft_positives=6",
+            "optim.epochs=2",
+        ],
+    )
+    out = tmp_path / "enc.json"
+    summary = run_bench(config, out, progress=False, log=lambda line: None)
+    validate_summary(summary)
+    assert list(summary["methods"]) == ["yochameleon_zeroshot", "yochameleon_warmstart"]
+    for stats in summary["methods"].values():
+        assert stats["n"] == 1 and stats["prompt_tokens"] == 1 + 16 + 4
+    timings = summary["config"]["timings"]["per_concept"]
+    assert set(timings) == set(config.methods) and all(t["n"] == 1 for t in timings.values())
+    encoder = summary["config"]["encoder"]
+    assert encoder["path"] == str(toy_encoder) and encoder["training_identities"] == 0
+    (warm,) = encoder["warmstart_steps"].values()
+    assert warm["steps"] == -(-warm["recipe_steps"] // 5)
+    assert "| fit s |" in (out.parent / "report.md").read_text()
+    # The zero-shot method prepared no training data: only the warm start needed it.
+    assert (out.parent / "enc_work" / "data").is_dir()

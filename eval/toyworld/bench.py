@@ -17,6 +17,11 @@ of world 0 (``--split dev`` draws development identities instead, for tuning), w
    CIs, paired-bootstrap differences of every method versus ``yochameleon``), and
    :func:`yochameleon.eval.report.write_report` writes the paper-style table and plots beside it.
 
+The encoder methods ``yochameleon_zeroshot`` and ``yochameleon_warmstart``
+(:mod:`yochameleon.baselines.encoded`) run only when asked for by name and need a concept encoder trained
+on this base (``encoder``, ``--encoder``; e.g. ``yochameleon toyworld encoder``); the run refuses an
+encoder whose sidecar lists a drawn concept or one of its photos among its training identities.
+
 A seed sets the training seed (initialisation, data sampling, batch order), the test set, the option
 shuffling and the image sampling, so ``(concept, seed)`` pairs are the unit the confidence intervals
 resample. Training hyper-parameters live in ``recipes/toyworld-bench.yaml``, chosen on the development
@@ -63,7 +68,9 @@ __all__ = [
     "check_artifacts",
     "check_methods",
     "draw_concepts",
+    "encoder_leaks",
     "missing_artifacts",
+    "per_concept_timings",
     "prepare_pool",
     "run_bench",
     "valid_methods",
@@ -85,8 +92,10 @@ REQUIRED_ARTIFACTS: tuple[str, ...] = (
     "scorer.safetensors",
     "scorer.json",
 )
-# Methods that learn from the prepared training data (retrieved negatives, soft positives).
+# Methods that learn from the prepared training data (retrieved negatives, soft positives); the zero-shot
+# encoder reads only the photos.
 _NEEDS_DATA = ("myvlm", "yollava", "yochameleon")
+_NO_DATA = ("yochameleon_zeroshot",)
 # --quick: what the issue asks for (2 concepts, 1 seed, none vs yochameleon).
 # Its pool is smaller too: indexing 10,000 photos alone takes about a minute of the five.
 QUICK_DEFAULTS: dict[str, Any] = {"n_concepts": 2, "seeds": 1, "methods": QUICK_METHODS, "pool_size": 1000}
@@ -105,8 +114,15 @@ def valid_methods() -> list[str]:
 
 def bench_methods() -> tuple[str, ...]:
     """The default rows, in table order: every method of the harness, ``yochameleon`` and its
-    ``yochameleon_*`` ablations last (derived, so a method added to the harness is benchmarked too)."""
-    names = valid_methods()
+    ``yochameleon_*`` ablations last (derived, so a method added to the harness is benchmarked too).
+
+    The encoder methods (``yochameleon_zeroshot``, ``yochameleon_warmstart``) are not default rows: they
+    need an encoder file, and the default run needs nothing but the toy-world artifacts. Name them in
+    ``methods`` with ``encoder`` set.
+    """
+    from yochameleon.baselines.encoded import ENCODER_METHODS
+
+    names = [name for name in valid_methods() if name not in ENCODER_METHODS]
     ours = [name for name in names if name == REFERENCE or name.startswith(f"{REFERENCE}_")]
     return tuple([name for name in names if name not in ours] + ours)
 
@@ -143,10 +159,14 @@ class BenchConfig:
             (:func:`~.diagnose.trained_diagnostics`: "yes" rates on training photos, new photos, twins
             and random scenes; row drift; open answers; per-task training loss) and write them to
             ``diagnostics.json`` beside the report.
+        encoder: the concept-encoder file (trained on this base, e.g. by ``yochameleon toyworld encoder``)
+            that ``yochameleon_zeroshot`` and ``yochameleon_warmstart`` encode with; required only when
+            one of them is among ``methods``. Its token layout must be the recipe's.
 
     Raises:
         BenchError: (in ``__post_init__``) a non-positive size, an unknown split, more concepts than the
-            split holds, an unknown or repeated method (the valid names are listed), or no recipe file.
+            split holds, an unknown or repeated method (the valid names are listed), no recipe file, an
+            encoder method without ``encoder``, or an encoder that is missing or has another token layout.
         ConfigError: the recipe or an override does not make a valid training config.
     """
 
@@ -171,6 +191,7 @@ class BenchConfig:
     threads: int = 1
     quick: bool = False
     diagnose: bool = False
+    encoder: str | None = None
 
     def __post_init__(self) -> None:
         # Lists from JSON or argparse become tuples so the frozen config stays hashable.
@@ -197,7 +218,27 @@ class BenchConfig:
         check_methods(self.methods)
         if not Path(self.recipe).is_file():
             raise BenchError(f"benchmark recipe {self.recipe} does not exist")
-        self.train_config(0)  # a bad recipe or override fails now, not after the pool is indexed
+        train = self.train_config(0)  # a bad recipe or override fails now, not after the pool is indexed
+        self._check_encoder(train)
+
+    def _check_encoder(self, train) -> None:
+        from yochameleon.baselines.encoded import ENCODER_METHODS, check_encoder_layout
+        from yochameleon.errors import ConceptError
+
+        if self.encoder is not None:
+            object.__setattr__(self, "encoder", str(self.encoder))
+        wanting = [m for m in self.methods if m in ENCODER_METHODS]
+        if wanting and not self.encoder:
+            raise BenchError(
+                f"method(s) {', '.join(wanting)} need a concept encoder: give --encoder FILE (train one on "
+                "pretraining identities with `yochameleon toyworld encoder`), or leave them out"
+            )
+        if self.encoder and wanting:
+            c = train.concept
+            try:
+                check_encoder_layout(self.encoder, c.n_g, c.n_u, c.shared)
+            except (ConceptError, ConfigError) as exc:
+                raise BenchError(str(exc)) from exc
 
     @classmethod
     def create(cls, quick: bool = False, **settings: Any) -> BenchConfig:
@@ -421,9 +462,12 @@ class _Timer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
-def _build_method(name: str, backend, train: dict, embedder, seed: int):
+def _build_method(name: str, backend, train: dict, embedder, seed: int, encoder: str | None = None):
     from yochameleon.baselines import build_method
+    from yochameleon.baselines.encoded import ENCODER_METHODS
 
+    if name in ENCODER_METHODS:
+        return build_method(name, backend, train=train, encoder=encoder)
     if name == "myvlm":
         # The concept head reads the toy embedder's features, as MyVLM's head reads CLIP's.
         return build_method(name, backend, embedder=embedder, seed=seed)
@@ -442,6 +486,44 @@ def _format_timings(timings: Mapping[str, float], per_method: Mapping[str, Mappi
             for m, t in per_method.items()
         ]
     return "\n".join(lines)
+
+
+def per_concept_timings(cells: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Wall seconds per ``(concept, seed)`` cell of each method: the mean, min and max of its fit (training,
+    or encoding for ``yochameleon_zeroshot``) and the mean of its evaluation.
+
+    Args:
+        cells: ``{method: [{"fit": s, "evaluate": s}, ...]}``, one entry per cell.
+    """
+    out = {}
+    for method, rows in cells.items():
+        if rows:
+            fits = [r["fit"] for r in rows]
+            out[method] = {
+                "fit_mean": round(float(np.mean(fits)), 2),
+                "fit_min": round(min(fits), 2),
+                "fit_max": round(max(fits), 2),
+                "evaluate_mean": round(float(np.mean([r["evaluate"] for r in rows])), 2),
+                "n": len(rows),
+            }
+    return out
+
+
+def encoder_leaks(encoder: str | Path, concepts: Sequence[str], photos: Iterable[str | Path]) -> list[str]:
+    """What an encoder's sidecar says it was trained on that the benchmark tests: drawn concepts (by
+    name) and concept photos (by sha256). Empty when nothing leaked.
+
+    Raises:
+        ConceptError: a missing or malformed encoder file.
+    """
+    from yochameleon.encoder import file_sha256, read_encoder_file
+
+    meta, _ = read_encoder_file(encoder)
+    names = {str(i.get("name")) for i in meta.training_identities}
+    shas = {sha for i in meta.training_identities for sha in i.get("photo_sha256", [])}
+    leaks = [f"concept {name}" for name in concepts if name in names]
+    leaks += [f"photo {p}" for p in photos if file_sha256(p) in shas]
+    return leaks
 
 
 def run_bench(
@@ -475,6 +557,7 @@ def run_bench(
 
     from yochameleon.backends import LoadOptions, load_backend
     from yochameleon.baselines import ConceptData
+    from yochameleon.baselines.encoded import ENCODER_METHODS
     from yochameleon.config import to_dict
     from yochameleon.data.pipeline import prepare_concept
     from yochameleon.eval.harness import TestSet, evaluate
@@ -522,7 +605,10 @@ def run_bench(
         records = []
         diagnostics: list[dict] = []
         samples: dict[str, dict[str, int]] = {}
-        needs_data = any(m.startswith(_NEEDS_DATA) for m in config.methods)
+        cells: dict[str, list[dict[str, float]]] = {m: [] for m in config.methods}
+        warm: dict[str, dict[str, int]] = {}
+        needs_data = any(m.startswith(_NEEDS_DATA) and m not in _NO_DATA for m in config.methods)
+        uses_encoder = config.encoder is not None and any(m in ENCODER_METHODS for m in config.methods)
         bar = tqdm(
             total=len(concepts) * config.seeds * len(config.methods),
             desc="bench",
@@ -537,6 +623,13 @@ def run_bench(
             )
             photos = sorted((concept_dir / "photos").glob("*.png"))
             timer.add("concepts_and_tests", time.perf_counter() - t0)
+            if uses_encoder:
+                # The sidecar lists every identity (and photo hash) the encoder was trained on.
+                leaks = encoder_leaks(config.encoder, [name], photos)
+                if leaks:
+                    raise BenchError(
+                        f"encoder {config.encoder} was trained on what the benchmark tests: {', '.join(leaks)}"
+                    )
             for seed in config.seed_list:
                 cell_start = t0 = time.perf_counter()
                 tests = world.test_set(
@@ -584,7 +677,9 @@ def run_bench(
                     run_dir = work / "runs" / name / f"seed{seed}"
                     shutil.rmtree(run_dir / method_name, ignore_errors=True)  # never resume a stale run
                     torch.manual_seed(seed)
-                    method = _build_method(method_name, backend, to_dict(train_cfg), embedder, seed)
+                    method = _build_method(
+                        method_name, backend, to_dict(train_cfg), embedder, seed, config.encoder
+                    )
                     try:
                         t0 = time.perf_counter()
                         method.fit(data, run_dir)
@@ -613,6 +708,12 @@ def run_bench(
                         method.close()
                     per_method[method_name]["fit"] += t1 - t0
                     per_method[method_name]["evaluate"] += t2 - t1
+                    cells[method_name].append({"fit": t1 - t0, "evaluate": t2 - t1})
+                    if getattr(method, "recipe_steps", 0):
+                        warm[f"{name}/seed{seed}"] = {
+                            "steps": method.steps,
+                            "recipe_steps": method.recipe_steps,
+                        }
                     timer.add("fit", t1 - t0)
                     timer.add("evaluate", t2 - t1)
                     bar.update(1)
@@ -629,7 +730,11 @@ def run_bench(
     run_config["timings"] = {
         "stages": timings,
         "per_method": {m: {k: round(v, 1) for k, v in t.items()} for m, t in per_method.items()},
+        # Wall time of one concept and seed beside the quality numbers (report.md's "fit s" column).
+        "per_concept": per_concept_timings(cells),
     }
+    if uses_encoder:
+        run_config["encoder"] = _encoder_record(config.encoder, warm)
     summary = bench_summary(records, run_config, n_boot=config.n_boot)
     write_summary(json_out, summary)
     paths = write_report(summary, report_dir)
@@ -651,6 +756,20 @@ def run_bench(
         + (f"; {len(sheets)} contact sheets (contact_<method>.png)" if sheets else "")
     )
     return summary
+
+
+def _encoder_record(encoder: str, warm: Mapping[str, Mapping[str, int]]) -> dict:
+    """What the summary records about the encoder: file, hash, steps, training identities, warm-start steps."""
+    from yochameleon.encoder import encoder_paths, file_sha256, read_encoder_file
+
+    meta, _ = read_encoder_file(encoder)
+    return {
+        "path": str(encoder_paths(encoder)[0]),
+        "sha256": file_sha256(encoder_paths(encoder)[0]),
+        "steps": meta.steps,
+        "training_identities": len(meta.training_identities),
+        "warmstart_steps": dict(warm),
+    }
 
 
 def _diagnose(method, photos: Sequence[Path], tests, run_dir: Path) -> dict:

@@ -1,5 +1,6 @@
 """``yochameleon toyworld ...``: commands of the toy world (``build`` its base artifacts, ``bench`` the methods,
-``relations`` the measurement of concepts that know each other)."""
+``relations`` the measurement of concepts that know each other, ``encoder`` a concept encoder on its
+pretraining identities)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import argparse
 
 __all__ = [
     "add_bench_parser",
+    "add_encoder_parser",
     "add_relations_parser",
     "register",
     "run_bench_command",
     "run_build",
+    "run_encoder",
     "run_relations_command",
 ]
 
@@ -22,7 +25,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         The ``toyworld`` parser, so that other modules can add sub-commands to it.
     """
     parser = subparsers.add_parser(
-        "toyworld", help="the procedural toy world: build its base artifacts, benchmark the methods"
+        "toyworld",
+        help=(
+            "the procedural toy world: build its base artifacts, benchmark the methods, measure relations, "
+            "train an encoder"
+        ),
     )
     commands = parser.add_subparsers(dest="toyworld_command", metavar="COMMAND")
     commands.required = True
@@ -48,6 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=run_build)
     add_bench_parser(commands)
+    add_encoder_parser(commands)
     add_relations_parser(commands)
     return parser
 
@@ -67,7 +75,8 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         description=(
             "Personalize N concepts drawn from the held-out identities with every method, K seeds each; "
             "write the results-schema summary (paired-bootstrap CIs vs yochameleon), report.md and plots. "
-            f"Default methods: {', '.join(bench_methods())}."
+            f"Default methods: {', '.join(bench_methods())}. yochameleon_zeroshot and yochameleon_warmstart "
+            "run when named, with --encoder."
         ),
     )
     bench.add_argument("--json", required=True, metavar="OUT.json", help="the summary JSON to write")
@@ -138,6 +147,15 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
             "row drift, open answers and per-task training loss (diagnostics.json beside the report)"
         ),
     )
+    bench.add_argument(
+        "--encoder",
+        default=None,
+        metavar="FILE",
+        help=(
+            "concept-encoder file for yochameleon_zeroshot / yochameleon_warmstart (required with them; "
+            "train one with `yochameleon toyworld encoder`)"
+        ),
+    )
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(func=run_bench_command)
     return bench
@@ -166,6 +184,7 @@ def bench_config_from_args(args: argparse.Namespace):
         n_boot=args.n_boot,
         threads=args.threads,
         diagnose=args.diagnose or None,
+        encoder=args.encoder,
     )
 
 
@@ -302,6 +321,80 @@ def run_relations_command(args: argparse.Namespace) -> int:
         relations_config_from_args(args), args.json, work_dir=args.work, progress=not args.quiet
     )
     print(markdown_relations(summary), end="")
+    return 0
+
+
+def add_encoder_parser(commands) -> argparse.ArgumentParser:
+    """Add ``encoder`` to the ``toyworld`` sub-commands and return its parser."""
+    encoder = commands.add_parser(
+        "encoder",
+        help="train a concept encoder on pretraining identities (for yochameleon_zeroshot / _warmstart)",
+        description=(
+            "Write concept folders for N pretraining identities (never development or held-out ones), prepare "
+            "their data with the benchmark's pool less their own photos, write OUT/encoder-recipe.yaml and "
+            "train the encoder: OUT/run/encoder.safetensors + .json."
+        ),
+    )
+    encoder.add_argument("--out", required=True, metavar="DIR", help="work folder; the encoder is DIR/run/")
+    encoder.add_argument(
+        "--identities", type=int, default=128, metavar="N", help="pretraining identities (default 128)"
+    )
+    encoder.add_argument("--identity-seed", type=int, default=0, metavar="S", help="chooses them (default 0)")
+    encoder.add_argument(
+        "--steps", type=int, default=None, metavar="S", help="optimizer steps (default: the recipe's epochs)"
+    )
+    encoder.add_argument(
+        "--pool-from",
+        default=None,
+        metavar="DIR",
+        help="a benchmark work folder whose pool/, index/ and pool.json are copied (read only) when DIR has none",
+    )
+    encoder.add_argument(
+        "--artifacts",
+        default=None,
+        metavar="DIR",
+        help="toy-world artifacts (default: eval/toyworld/artifacts)",
+    )
+    encoder.add_argument(
+        "--recipe", default=None, help="encoder recipe (default: recipes/toyworld-encoder.yaml)"
+    )
+    encoder.add_argument(
+        "--override", action="append", default=None, metavar="KEY=VALUE", help="recipe override, repeatable"
+    )
+    encoder.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    encoder.add_argument("--resume", action="store_true", help="continue the run in DIR/run")
+    encoder.add_argument("--quiet", action="store_true", help="no progress bars")
+    encoder.set_defaults(func=run_encoder)
+    return encoder
+
+
+def run_encoder(args: argparse.Namespace) -> int:
+    """Run ``toyworld encoder`` and print where the encoder is.
+
+    Raises:
+        BenchError: a bad option or missing artifacts; the top-level CLI prints it as one ``error:`` line.
+    """
+    from .encoder import ToyEncoderConfig, train_toy_encoder
+
+    settings = {
+        "artifacts": args.artifacts,
+        "recipe": args.recipe,
+        "overrides": args.override,
+        "pool_from": args.pool_from,
+    }
+    config = ToyEncoderConfig(
+        out=args.out,
+        n_identities=args.identities,
+        identity_seed=args.identity_seed,
+        steps=args.steps,
+        threads=args.threads,
+        **{k: v for k, v in settings.items() if v is not None},
+    )
+    result = train_toy_encoder(config, resume=args.resume, progress=not args.quiet)
+    last = f"; last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(
+        f"toyworld encoder: {result.steps} steps on {len(result.identities)} identities{last}; {result.encoder_file}"
+    )
     return 0
 
 

@@ -9,15 +9,19 @@ PROMPTING = ("none", "text_prompt", "text_prompt_oracle", "image_prompt")
 
 
 def method_names() -> list[str]:
-    """Every method name the harness accepts."""
+    """Every method name the harness accepts (the encoder methods last: they need ``encoder=``)."""
+    from yochameleon.baselines.encoded import ENCODER_METHODS
     from yochameleon.baselines.trained import VARIANTS
 
-    return [*PROMPTING, "myvlm", *VARIANTS]
+    return [*PROMPTING, "myvlm", *VARIANTS, *ENCODER_METHODS]
 
 
 def build_method(name: str, backend, **options) -> Method:
-    """Create method ``name`` on ``backend``; ``options`` go to its constructor (e.g. ``train=``, ``k=``)."""
-    from yochameleon.baselines import myvlm, prompting, trained
+    """Create method ``name`` on ``backend``; ``options`` go to its constructor (e.g. ``train=``, ``k=``).
+
+    ``yochameleon_zeroshot`` and ``yochameleon_warmstart`` need ``encoder=`` (a concept-encoder file).
+    """
+    from yochameleon.baselines import encoded, myvlm, prompting, trained
 
     if name == "none":
         return prompting.NoPersonalization(backend)
@@ -31,6 +35,10 @@ def build_method(name: str, backend, **options) -> Method:
         return myvlm.MyVLM(backend, **options)
     if name in trained.VARIANTS:
         return trained.TrainedTokens(backend, name, **options)
+    if name == encoded.ZEROSHOT:
+        return encoded.ZeroShot(backend, **options)
+    if name == encoded.WARMSTART:
+        return encoded.WarmStart(backend, **options)
     raise ConfigError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
 
 

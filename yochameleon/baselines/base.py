@@ -9,7 +9,9 @@ and score through :class:`~yochameleon.infer.PersonalizedModel` itself (see
 :mod:`yochameleon.baselines.trained`).
 
 Method names (exact): ``none``, ``text_prompt``, ``image_prompt``, ``yollava``, ``myvlm``,
-``yochameleon``, ``yochameleon_no_soft``, ``yochameleon_shared``, ``yochameleon_no_selfprompt``.
+``yochameleon``, ``yochameleon_no_soft``, ``yochameleon_shared``, ``yochameleon_no_selfprompt``;
+with a concept encoder, ``yochameleon_zeroshot`` and ``yochameleon_warmstart``
+(:mod:`yochameleon.baselines.encoded`).
 """
 
 from __future__ import annotations

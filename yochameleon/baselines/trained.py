@@ -48,13 +48,16 @@ class TrainedTokens(Method):
     def __init__(self, backend, variant: str = "yochameleon", train: dict | None = None) -> None:
         super().__init__(backend)
         self.name = variant
+        self.variant = variant
         self.train = train or {}
         self.tokens = None
         self.model = None
+        self.self_prompting = VARIANTS[variant][2]
+        self.steps = 0  # optimizer steps the fit took
         self.concept_file: Path | None = None
 
     def config(self, concept: ConceptData, workdir: Path) -> TrainConfig:
-        over, tasks, self_prompting = VARIANTS[self.name]
+        over, tasks, self_prompting = VARIANTS[self.variant]
         cfg = to_dict(from_dict(TrainConfig, self.train))
         cfg["output_dir"] = str(workdir / self.name)
         cfg["concept"].update(
@@ -77,13 +80,19 @@ class TrainedTokens(Method):
         self.cfg = self.config(concept, workdir)
         trainer = Trainer(self.cfg, backend=self.backend)
         trainer.setup()
+        self._plan(trainer)
         result = trainer.train(resume=(Path(self.cfg.output_dir) / "checkpoints" / "latest").exists())
         name = normalize_name(concept.name)
         # No in-memory shortcut: what is scored is the file a user would load.
         detach(self.backend, name)
         self.concept_file = result.concept_files[name]
+        self.steps = result.steps
         self.tokens = load_concept(self.backend, self.concept_file)
-        self.model = PersonalizedModel(self.backend, self_prompting=self.cfg.method.self_prompting)
+        self.self_prompting = self.cfg.method.self_prompting
+        self.model = PersonalizedModel(self.backend, self_prompting=self.self_prompting)
+
+    def _plan(self, trainer) -> None:
+        """Adjust the set-up trainer before it trains (nothing here; the warm start shortens the run)."""
 
     def _for_model(self, text: str) -> str:
         """``text`` naming the concept as :class:`PersonalizedModel` prompts do (``<NAME>``)."""
@@ -92,7 +101,7 @@ class TrainedTokens(Method):
     def prompt(self, text: str, image: Image.Image | None = None, task: str = "understanding") -> Prompted:
         t = self.tokens
         prefix: list[int] = []
-        if self.cfg.method.self_prompting:
+        if self.self_prompting:
             prefix = t.g_ids if task == "generation" else t.u_ids
         text = text.replace("<sks>", t.sks)
         return Prompted(self._ids(text, image, concepts=[t], preamble=t.personalized_prompt()), prefix)

@@ -21,12 +21,17 @@ def run(args: argparse.Namespace) -> None:
     """Fit and score every ``--method`` in turn, then write and print the report."""
     from yochameleon.backends import LoadOptions, load_backend
     from yochameleon.baselines import ConceptData, build_method
+    from yochameleon.baselines.encoded import ENCODER_METHODS
     from yochameleon.data.concept_folder import ConceptFolder
+    from yochameleon.errors import ConfigError
     from yochameleon.eval.harness import TestSet, evaluate
     from yochameleon.eval.report import markdown_table, write_report
     from yochameleon.eval.schema import summarize
     from yochameleon.retrieval import resolve_embedder
 
+    needs_encoder = [m for m in args.method if m in ENCODER_METHODS]
+    if needs_encoder and not args.encoder:
+        raise ConfigError(f"--method {needs_encoder[0]} needs --encoder (a concept-encoder file)")
     # Before the model loads: a missing or refused embedder fails at once.
     embedder = resolve_embedder(
         args.embedder,
@@ -57,6 +62,8 @@ def run(args: argparse.Namespace) -> None:
         options: dict[str, Any] = {}
         if name.startswith(("yochameleon", "yollava")):
             options = {"train": {"optim": {"epochs": args.epochs}}}
+        if name in ENCODER_METHODS:
+            options["encoder"] = args.encoder
         elif name == "myvlm":
             options = {"embedder": embedder}
         method = build_method(name, backend, **options)
@@ -104,6 +111,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--encoder",
+        default=None,
+        metavar="FILE",
+        help="concept-encoder file for yochameleon_zeroshot / yochameleon_warmstart (yochameleon encoder train)",
+    )
     p.add_argument("--device", default="cpu")
     clip = p.add_argument_group(
         "image embedder",

@@ -1,4 +1,4 @@
-"""``yochameleon toyworld build|bench``: the CPU benchmark world.
+"""``yochameleon toyworld build|bench|encoder``: the CPU benchmark world.
 
 The toy world is a side project with its own commands (``yochameleon.eval.toyworld.cli``); this
 module only puts them under the top-level command.

@@ -117,6 +117,17 @@ def lr_lambda(o: OptimConfig, total: int):
     return fn
 
 
+def total_steps(n_sequences: int, o: OptimConfig, world: int = 1) -> int:
+    """Optimizer steps a run of ``n_sequences`` training sequences takes with ``o`` on ``world`` processes.
+
+    ``ceil(ceil(n / (batch_size * world)) / grad_accum)`` steps per epoch, times ``epochs``, capped
+    at ``max_steps`` when set (what :meth:`Trainer.train` runs).
+    """
+    per_epoch = math.ceil(n_sequences / (o.batch_size * world))
+    total = math.ceil(per_epoch / o.grad_accum) * o.epochs
+    return min(total, o.max_steps) if o.max_steps is not None else total
+
+
 def labelled_weight(sequence: Sequence, task_weights: dict[str, float]) -> float:
     """How much a sequence counts in a token-averaged loss: its labelled targets times its task weight.
 
@@ -327,9 +338,7 @@ class Trainer:
             world, rank = self.accelerator.num_processes, self.accelerator.process_index
             per_epoch = math.ceil(len(self.sequences) / (o.batch_size * world))
             steps_per_epoch = math.ceil(per_epoch / o.grad_accum)
-            total = steps_per_epoch * o.epochs
-            if o.max_steps is not None:
-                total = min(total, o.max_steps)
+            total = total_steps(len(self.sequences), o, world)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
             if ckpt is not None:
                 tensors, state = ckpt
