@@ -72,6 +72,7 @@ __all__ = [
     "missing_artifacts",
     "per_concept_timings",
     "prepare_pool",
+    "recipe_config",
     "run_bench",
     "valid_methods",
     "write_contact_sheets",
@@ -264,21 +265,37 @@ class BenchConfig:
         Raises:
             ConfigError: the recipe or an override is invalid.
         """
-        from yochameleon.config import load_config
-        from yochameleon.train.config import TrainConfig
-
-        base = Path(base) if base is not None else Path(self.artifacts) / "base"
-        return load_config(
-            TrainConfig,
-            self.recipe,
-            [*self.overrides, f"seed={int(seed)}", f"data.seed={int(seed)}", f"model.name_or_path={base}"],
-        )
+        return recipe_config(self.recipe, self.overrides, seed, self.artifacts, base)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (lists for tuples)."""
         d = asdict(self)
         d["methods"], d["overrides"] = list(self.methods), list(self.overrides)
         return d
+
+
+def recipe_config(
+    recipe: str | Path,
+    overrides: Sequence[str],
+    seed: int,
+    artifacts: str | Path,
+    base: str | Path | None = None,
+):
+    """``recipe`` with ``overrides``, ``seed`` (training and data sampling) and the base model path
+    (default ``artifacts/base``): the training config of every toy-world measurement that trains.
+
+    Raises:
+        ConfigError: the recipe or an override is invalid.
+    """
+    from yochameleon.config import load_config
+    from yochameleon.train.config import TrainConfig
+
+    base = Path(base) if base is not None else Path(artifacts) / "base"
+    return load_config(
+        TrainConfig,
+        recipe,
+        [*overrides, f"seed={int(seed)}", f"data.seed={int(seed)}", f"model.name_or_path={base}"],
+    )
 
 
 def check_methods(methods: Sequence[str]) -> None:

@@ -86,7 +86,7 @@ import yaml
 from yochameleon.baselines.base import Method, Prompted
 from yochameleon.baselines.prompting import PLAIN_NAME, definition
 
-from .bench import BENCH_RECIPE, BenchError, _positive_int, check_artifacts, draw_concepts
+from .bench import BENCH_RECIPE, BenchError, _positive_int, check_artifacts, draw_concepts, recipe_config
 from .build import default_out_dir
 from .world import Identity, ToyWorld, WorldConfig, caption, concept_facts
 
@@ -261,15 +261,7 @@ class RelationsConfig:
         Raises:
             ConfigError: the recipe or an override is invalid.
         """
-        from yochameleon.config import load_config
-        from yochameleon.train.config import TrainConfig
-
-        base = Path(base) if base is not None else Path(self.artifacts) / "base"
-        return load_config(
-            TrainConfig,
-            self.recipe,
-            [*self.overrides, f"seed={int(seed)}", f"data.seed={int(seed)}", f"model.name_or_path={base}"],
-        )
+        return recipe_config(self.recipe, self.overrides, seed, self.artifacts, base)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (lists for tuples)."""
