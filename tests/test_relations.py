@@ -262,6 +262,69 @@ def test_relate_refuses_unknown_concepts_and_runs_from_the_cli(tiny_dir, tmp_pat
     assert "<tí>" in capsys.readouterr().err
 
 
+def _own_loss(tiny_dir, file, data_dir) -> float:
+    """Mean loss of a concept file on its own recognition and text-QA records."""
+    from yochameleon.data.pipeline import token_lookup
+    from yochameleon.train.loss import label_only_loss
+    from yochameleon.train.sequences import collate
+
+    backend = load_backend(tiny_dir)
+    tokens = load_concept(backend, file)
+    manifest = read_manifest(data_dir)
+    lookup = token_lookup(backend, manifest, progress=False)
+    seqs = [
+        build_sequence(backend, r, tokens, lookup(r) if r.get("image") else None)
+        for r in manifest.record_dicts()
+        if r["kind"] in ("recognition", "text_qa")
+    ]
+    with torch.no_grad():
+        return float(label_only_loss(backend, collate(seqs, backend.special.pad))[0])
+
+
+def test_relate_replays_the_concepts_own_records_so_they_keep_what_they_knew(tiny_dir, tmp_path, caplog):
+    files, data = [], {}
+    for name, seed in (("bo", 0), (MAM, 10)):
+        folder = _folder(tmp_path, name, [BROTHER] if name == "bo" else [], seed)
+        data[name] = tmp_path / "data" / name
+        prepare_concept(folder, data[name], DataConfig(**DATA), n_g=2, name=name)
+        file = _apart(tiny_dir, tmp_path, name, seed + 1)
+        meta = json.loads(file.with_suffix(".json").read_text(encoding="utf-8"))
+        meta["training_config"] = {"concept": {"name": name, "data_dir": str(data[name])}}
+        file.with_suffix(".json").write_text(json.dumps(meta), encoding="utf-8")
+        files.append(file)
+    outs = {}
+    for replay in (0, 4):
+        config = RelateConfig(steps=30, lr=3e-2, replay_batch=replay, progress=False)
+        outs[replay] = relate_concepts(
+            load_backend(tiny_dir), files, [BROTHER], tmp_path / f"r{replay}", config
+        )
+    (entry,) = json.loads(outs[4][0].with_suffix(".json").read_text(encoding="utf-8"))["relations"]
+    own = {
+        n: sum(r["kind"] in ("recognition", "text_qa") for r in read_manifest(d).record_dicts())
+        for n, d in data.items()
+    }
+    assert entry["replayed"] == own and all(own.values())
+    assert entry["settings"]["replay_batch"] == 4
+    for i, name in enumerate(("bo", MAM)):
+        before = _own_loss(tiny_dir, files[i], data[name])
+        alone, replayed = (_own_loss(tiny_dir, outs[r][i], data[name]) for r in (0, 4))
+        # Relation records alone move the rows away from the concept's own records; replay holds them.
+        assert replayed < alone and replayed < before, (name, before, alone, replayed)
+    # A concept whose training data is gone is related without replay, and the log says so.
+    data["bo"].rename(tmp_path / "gone")
+    with caplog.at_level("WARNING"):
+        out = relate_concepts(
+            load_backend(tiny_dir),
+            files,
+            [BROTHER],
+            tmp_path / "r-gone",
+            RelateConfig(steps=2, progress=False),
+        )
+    (entry,) = json.loads(out[0].with_suffix(".json").read_text(encoding="utf-8"))["relations"]
+    assert entry["replayed"] == {"bo": 0, MAM: own[MAM]}
+    assert "relating bo without replay" in caplog.text
+
+
 def test_relate_reads_the_facts_from_the_concept_folders(tiny_dir, tmp_path):
     folder = _folder(tmp_path, "bo", [BROTHER, "<bo> is the friend of <tí>"], 0)
     backend = load_backend(tiny_dir)

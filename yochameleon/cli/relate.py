@@ -14,7 +14,13 @@ def run(args: argparse.Namespace) -> None:
     from yochameleon.train.relate import RelateConfig, relate_concepts
 
     # The settings are checked before the model loads; unset flags keep RelateConfig's defaults.
-    given = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed}
+    given = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "replay_batch": args.replay_batch,
+        "seed": args.seed,
+    }
     config = RelateConfig(**{k: v for k, v in given.items() if v is not None}, progress=not args.quiet)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     backend = load_backend(args.model, LoadOptions(device=device))
@@ -41,6 +47,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (default: RelateConfig's, 300)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, help="relation records per step (default 4)")
+    p.add_argument(
+        "--replay-batch",
+        type=int,
+        help="the concepts' own recognition and text-QA records replayed per step, from the data folders "
+        "their runs trained on, so they keep what they knew (default 4; 0: relation records only)",
+    )
     p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

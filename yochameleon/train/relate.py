@@ -2,8 +2,11 @@
 
 Concepts trained in one run (``concept.extra``) learn their relations with everything else. Concepts
 trained apart each know only themselves; this step loads their concept files onto one frozen model
-and trains only their rows, only on the relation records of the facts that relate them (both
-directions, see :mod:`yochameleon.relations`), for a few hundred steps. Each record's prompt holds
+and trains only their rows on the relation records of the facts that relate them (both directions, see
+:mod:`yochameleon.relations`), for a few hundred steps. Relation records alone pull the rows away from
+what they were trained for (recognition fell from 0.65 to 0.50 in the toy world), so by default each
+step also *replays* the concepts' own recognition and text-QA records, read from the data folders
+their runs trained on. Each record's prompt holds
 both concepts' personalized prompts and its answer names the other concept by its identifier, laid
 out exactly as :meth:`~yochameleon.infer.PersonalizedModel.ask` lays out a question about related
 concepts. The updated concept files record the relation and how it was learned (``relations`` in
@@ -17,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +34,8 @@ from yochameleon.train.loss import label_only_loss
 from yochameleon.train.sequences import build_sequence, collate
 
 logger = logging.getLogger(__name__)
+# Understanding records only: the joint step trains nothing a generation record would need.
+REPLAY_KINDS: tuple[str, ...] = ("recognition", "text_qa")
 
 
 @dataclass
@@ -44,6 +49,11 @@ class RelateConfig:
         batch_size: records per step.
         max_grad_norm: clip the rows' gradient norm before each step (0 disables).
         repeats: copies of each relation record in the pool batches are drawn from.
+        replay_batch: the concepts' own recognition and text-QA records added to each step (drawn in
+            turn from every related concept's records), so the rows keep what they knew; 0 trains on
+            relation records alone. A concept whose training data cannot be found is related without
+            replay (a warning names the folder looked for).
+        replay_kinds: the record kinds replayed.
         seed: seed of the batch order.
         self_prompting: answers open with the u-tokens of the concepts a question names, as the
             concepts were trained (``False`` for concepts trained without self-prompting).
@@ -59,13 +69,21 @@ class RelateConfig:
     batch_size: int = 4
     max_grad_norm: float = 1.0
     repeats: int = 1
+    replay_batch: int = 4
+    replay_kinds: tuple[str, ...] = ("recognition", "text_qa")
     seed: int = 0
     self_prompting: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.replay_kinds = tuple(self.replay_kinds)
         if self.steps < 1 or self.batch_size < 1 or self.repeats < 1:
             raise ConfigError("relate steps, batch_size and repeats must be >= 1")
+        if self.replay_batch < 0:
+            raise ConfigError(f"relate replay_batch must be >= 0, got {self.replay_batch}")
+        unknown = [k for k in self.replay_kinds if k not in REPLAY_KINDS]
+        if unknown:
+            raise ConfigError(f"relate replay_kinds must be among {list(REPLAY_KINDS)}, got {unknown}")
         if self.lr <= 0:
             raise ConfigError(f"relate lr must be positive, got {self.lr}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
@@ -84,13 +102,15 @@ class RelateResult:
         concepts: the concepts whose rows trained.
         facts: the facts, parsed.
         records: the relation records (text, ``<sks>`` = the record's concept).
-        losses: the loss of every step.
+        losses: the loss of every step (relation and replayed records together).
+        replayed: per concept, how many of its own records were replayed from.
     """
 
     concepts: list[str]
     facts: list[Fact]
     records: list[dict]
     losses: list[float]
+    replayed: dict[str, int] = field(default_factory=dict)
 
 
 def parse_relation_facts(facts: Sequence[str], names: Sequence[str]) -> list[Fact]:
@@ -138,7 +158,11 @@ def relation_records(facts: Sequence[Fact]) -> list[dict]:
 
 
 def train_relations(
-    backend: Backend, facts: Sequence[str], config: RelateConfig | None = None, source: dict | None = None
+    backend: Backend,
+    facts: Sequence[str],
+    config: RelateConfig | None = None,
+    source: dict | None = None,
+    replay: Mapping[str, tuple[list[dict], Callable[[dict], list[int]]]] | None = None,
 ) -> RelateResult:
     """Train the rows of the concepts ``facts`` relate (already attached) on their relation records.
 
@@ -151,9 +175,13 @@ def train_relations(
         facts: facts naming two attached concepts each, as ``<NAME>``.
         config: the step's settings.
         source: extra provenance written into each relation entry (e.g. the concept files read).
+        replay: per concept, its own manifest records and their ``record -> VQ ids`` lookup; the
+            records of ``config.replay_kinds`` are replayed, ``config.replay_batch`` per step, drawn
+            from the concepts in turn (see :func:`replay_data`). ``None`` or ``replay_batch=0``:
+            relation records only.
 
     Returns:
-        The concepts, facts, records and per-step losses.
+        The concepts, facts, records, per-step losses and replayed record counts.
 
     Raises:
         ConceptError: see :func:`parse_relation_facts` (the known concepts are the attached ones).
@@ -170,12 +198,14 @@ def train_relations(
         build_sequence(backend, rec, attached[rec["concept"]], None, config.self_prompting, others=attached)
         for rec in records
     ] * config.repeats
+    replayed = _replay_sequences(backend, attached, names, replay or {}, config)
     params = [p for n in names for p in bank.parameters(n)]
     # The other attached concepts' rows get no gradient at all, not merely no update.
     frozen = [p for p in bank.parameters() if all(p is not q for q in params) and p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
     order: list[int] = []
+    turns = _Turns(replayed, config.replay_batch, random.Random(config.seed + 1))
     losses: list[float] = []
     for p in frozen:
         p.requires_grad_(False)
@@ -185,7 +215,8 @@ def train_relations(
                 # Each pass over the pool in a new order; a step never draws a record twice.
                 order += rng.sample(range(len(sequences)), len(sequences))
             idx, order = order[: config.batch_size], order[config.batch_size :]
-            batch = collate([sequences[i] for i in idx], backend.special.pad).to(backend.device)
+            drawn = [sequences[i] for i in idx] + turns.draw()
+            batch = collate(drawn, backend.special.pad).to(backend.device)
             optimizer.zero_grad(set_to_none=True)
             loss, _ = label_only_loss(backend, batch)
             if not torch.isfinite(loss):
@@ -215,10 +246,88 @@ def train_relations(
                     "source": "joint_step",
                     "settings": settings,
                     "records": sum(1 for r in records if r["fact"] in {f.text for f in mine}),
+                    "replayed": {n: len(replayed.get(n, [])) for n in names} if config.replay_batch else {},
                     "loss": {"first": losses[0], "last": losses[-1]},
                 },
             )
-    return RelateResult(names, parsed, records, losses)
+    return RelateResult(names, parsed, records, losses, {n: len(replayed.get(n, [])) for n in names})
+
+
+def _replay_sequences(backend, attached, names, replay, config: RelateConfig) -> dict[str, list]:
+    """Each related concept's own records of ``config.replay_kinds`` as sequences (none without data)."""
+    if not config.replay_batch:
+        return {}
+    out = {}
+    for name in names:
+        records, lookup = replay.get(name, ([], None))
+        chosen = [r for r in records if r["kind"] in config.replay_kinds and not r.get("mentions")]
+        out[name] = [
+            build_sequence(
+                backend,
+                rec,
+                attached[name],
+                lookup(rec) if rec.get("image") else None,
+                config.self_prompting,
+                others=attached,
+            )
+            for rec in chosen
+        ]
+    return {n: seqs for n, seqs in out.items() if seqs}
+
+
+class _Turns:
+    """Replayed sequences, ``k`` per draw, taken from the concepts in turn, each list in a fresh order per pass."""
+
+    def __init__(self, sequences: Mapping[str, list], k: int, rng: random.Random) -> None:
+        self.sequences, self.k, self.rng = dict(sequences), k, rng
+        self.queues: dict[str, list[int]] = {n: [] for n in self.sequences}
+        self.names = list(self.sequences)
+        self.turn = 0
+
+    def draw(self) -> list:
+        picked = []
+        for _ in range(self.k if self.names else 0):
+            name = self.names[self.turn % len(self.names)]
+            self.turn += 1
+            queue = self.queues[name]
+            if not queue:
+                queue.extend(self.rng.sample(range(len(self.sequences[name])), len(self.sequences[name])))
+            picked.append(self.sequences[name][queue.pop()])
+        return picked
+
+
+def replay_data(backend: Backend, meta, path: str | Path = "concept file"):
+    """The records a concept file's run trained on and their token lookup, or ``None`` when gone.
+
+    The run's recipe (``training_config``) names the concept's data folder (``concept.data_dir``, or
+    ``OUTPUT_DIR/data/NAME`` by default, ``concept.extra`` entries included); its manifest is read and
+    its images tokenized through the shared token cache.
+
+    Returns:
+        ``(records, lookup)``, or ``None`` (with a warning naming the folder) when the recipe names
+        no folder or the folder has no valid manifest.
+    """
+    from yochameleon.data.manifest import read_manifest
+    from yochameleon.data.pipeline import token_lookup
+
+    cfg = meta.training_config or {}
+    concept = cfg.get("concept") or {}
+    entries = [concept, *(concept.get("extra") or [])]
+    entry = next((e for e in entries if normalize_name(str(e.get("name"))) == meta.name), None)
+    folder = None
+    if entry is not None:
+        folder = entry.get("data_dir") or (
+            str(Path(cfg["output_dir"]) / "data" / str(entry.get("name"))) if cfg.get("output_dir") else None
+        )
+    if not folder:
+        logger.warning("%s records no training data folder: relating %s without replay", path, meta.name)
+        return None
+    try:
+        manifest = read_manifest(folder)
+    except DataError as exc:
+        logger.warning("relating %s without replay: its training data is unreadable (%s)", meta.name, exc)
+        return None
+    return manifest.record_dicts(), token_lookup(backend, manifest, progress=False)
 
 
 def facts_from_folders(files: Sequence[str | Path]) -> list[str]:
@@ -304,7 +413,13 @@ def relate_concepts(
         for text in facts:
             parse_fact(text, known=known)  # a concept attached before, but not given, is refused too
         source = {"files": {name: str(f) for name, f in zip(loaded, files, strict=True)}}
-        result = train_relations(backend, facts, config, source=source)
+        replay = {}
+        if (config or RelateConfig()).replay_batch:
+            for name, f in zip(loaded, files, strict=True):
+                data = replay_data(backend, read_concept_file(f)[0], f)
+                if data is not None:
+                    replay[name] = data
+        result = train_relations(backend, facts, config, source=source, replay=replay)
         logger.info(
             "related %s: loss %.4f -> %.4f over %d steps",
             " and ".join(result.concepts),
@@ -326,5 +441,6 @@ __all__ = [
     "parse_relation_facts",
     "relate_concepts",
     "relation_records",
+    "replay_data",
     "train_relations",
 ]
