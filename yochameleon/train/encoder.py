@@ -60,7 +60,13 @@ from yochameleon.train.config import LoggingConfig, MethodConfig, ModelConfig, O
 from yochameleon.train.loggers import build_logger
 from yochameleon.train.loss import label_only_loss
 from yochameleon.train.sequences import Sequence, build_sequence, collate, length_grouped_batches
-from yochameleon.train.trainer import labelled_weight, lr_lambda, resolve_device
+from yochameleon.train.trainer import (
+    labelled_weight,
+    lr_lambda,
+    optimizer_step,
+    report_step,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -488,28 +494,24 @@ class EncoderTrainer:
                         kinds_loss.update(per_kind)
                         n_tokens += int(batch.attention_mask.sum())
                     slot_embed.grad = slot_head.grad = None
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf")
-                    )
-                    optimizer.step()
-                    scheduler.step()
+                    grad_norm = optimizer_step(params, optimizer, scheduler, o.max_grad_norm)
                     self.step += 1
                     self.losses.append(step_loss)
                     now = time.perf_counter()
-                    metrics = {
-                        "loss": step_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                        "tokens": n_tokens,
-                        "sec_per_step": now - t_last,
-                        **{f"loss_{k}": v for k, v in kinds_loss.items()},
-                    }
+                    report_step(
+                        bar,
+                        log,
+                        cfg.logging.every,
+                        self.step,
+                        epoch,
+                        step_loss,
+                        scheduler,
+                        grad_norm,
+                        n_tokens,
+                        now - t_last,
+                        kinds_loss,
+                    )
                     t_last = now
-                    bar.update(1)
-                    bar.set_postfix_str(f"ep {epoch} loss {step_loss:.4f} lr {metrics['lr']:.1e}")
-                    if self.step % cfg.logging.every == 0:
-                        log.log(metrics, self.step)
                     if self.step % cfg.save_every == 0 or self.step == total:
                         self._save(optimizer)
             bar.close()

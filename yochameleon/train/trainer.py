@@ -128,6 +128,48 @@ def total_steps(n_sequences: int, o: OptimConfig, world: int = 1) -> int:
     return min(total, o.max_steps) if o.max_steps is not None else total
 
 
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the gradient norm (``max_grad_norm`` 0: measured, not clipped), step the optimizer and schedule.
+
+    Returns:
+        The gradient norm before clipping.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    return float(grad_norm)
+
+
+def report_step(
+    bar,
+    log,
+    every: int,
+    step: int,
+    epoch: int,
+    loss: float,
+    scheduler,
+    grad_norm: float,
+    n_tokens: int,
+    seconds: float,
+    kinds_loss: dict[str, float],
+) -> dict[str, float]:
+    """Advance the progress bar and log a finished step's metrics every ``every`` steps; return them."""
+    metrics = {
+        "loss": loss,
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "epoch": epoch,
+        "tokens": n_tokens,
+        "sec_per_step": seconds,
+        **{f"loss_{k}": v for k, v in kinds_loss.items()},
+    }
+    bar.update(1)
+    bar.set_postfix_str(f"ep {epoch} loss {loss:.4f} lr {metrics['lr']:.1e}")
+    if step % every == 0:
+        log.log(metrics, step)
+    return metrics
+
+
 def labelled_weight(sequence: Sequence, task_weights: dict[str, float]) -> float:
     """How much a sequence counts in a token-averaged loss: its labelled targets times its task weight.
 
@@ -404,28 +446,24 @@ class Trainer:
                         for p in params:
                             if p.grad is not None:
                                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf")
-                    )
-                    optimizer.step()
-                    scheduler.step()
+                    grad_norm = optimizer_step(params, optimizer, scheduler, o.max_grad_norm)
                     self.step += 1
                     self.losses.append(step_loss)
                     now = time.perf_counter()
-                    metrics = {
-                        "loss": step_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                        "tokens": n_tokens,
-                        "sec_per_step": now - t_last,
-                        **{f"loss_{k}": v for k, v in kinds_loss.items()},
-                    }
+                    report_step(
+                        bar,
+                        log,
+                        cfg.logging.every,
+                        self.step,
+                        epoch,
+                        step_loss,
+                        scheduler,
+                        grad_norm,
+                        n_tokens,
+                        now - t_last,
+                        kinds_loss,
+                    )
                     t_last = now
-                    bar.update(1)
-                    bar.set_postfix_str(f"ep {epoch} loss {step_loss:.4f} lr {metrics['lr']:.1e}")
-                    if self.step % cfg.logging.every == 0:
-                        log.log(metrics, self.step)
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self._evaluate(optimizer, log)
                     if self.is_main and (self.step % cfg.save_every == 0 or self.step == total):
