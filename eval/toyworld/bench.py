@@ -247,12 +247,7 @@ class BenchConfig:
 
         Settings given explicitly win over ``quick``'s sizes (``--quick --concepts 3`` draws 3 concepts).
         """
-        values: dict[str, Any] = dict(QUICK_DEFAULTS) if quick else {}
-        values.update({k: v for k, v in settings.items() if v is not None})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise BenchError(f"unknown benchmark settings {unknown}")
-        return cls(quick=quick, **values)
+        return create_config(cls, quick, QUICK_DEFAULTS, settings, "benchmark")
 
     @property
     def seed_list(self) -> list[int]:
@@ -272,6 +267,20 @@ class BenchConfig:
         d = asdict(self)
         d["methods"], d["overrides"] = list(self.methods), list(self.overrides)
         return d
+
+
+def create_config(cls, quick: bool, quick_defaults: dict[str, Any], settings: dict[str, Any], what: str):
+    """``cls(quick=quick, ...)`` from ``settings`` over ``quick_defaults`` (when ``quick``); ``None`` settings skipped.
+
+    Raises:
+        BenchError: a setting ``cls`` does not have (``what`` names the measurement in the message).
+    """
+    values: dict[str, Any] = dict(quick_defaults) if quick else {}
+    values.update({k: v for k, v in settings.items() if v is not None})
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise BenchError(f"unknown {what} settings {unknown}")
+    return cls(quick=quick, **values)
 
 
 def recipe_config(

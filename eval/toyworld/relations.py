@@ -76,7 +76,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,15 @@ import yaml
 from yochameleon.baselines.base import Method, Prompted
 from yochameleon.baselines.prompting import PLAIN_NAME, definition
 
-from .bench import BENCH_RECIPE, BenchError, _positive_int, check_artifacts, draw_concepts, recipe_config
+from .bench import (
+    BENCH_RECIPE,
+    BenchError,
+    _positive_int,
+    check_artifacts,
+    create_config,
+    draw_concepts,
+    recipe_config,
+)
 from .build import default_out_dir
 from .world import Identity, ToyWorld, WorldConfig, caption, concept_facts
 
@@ -243,12 +251,7 @@ class RelationsConfig:
         Raises:
             BenchError: an unknown setting, or one ``__post_init__`` refuses.
         """
-        values: dict[str, Any] = dict(QUICK_DEFAULTS) if quick else {}
-        values.update({k: v for k, v in settings.items() if v is not None})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise BenchError(f"unknown relations settings {unknown}")
-        return cls(quick=quick, **values)
+        return create_config(cls, quick, QUICK_DEFAULTS, settings, "relations")
 
     @property
     def seed_list(self) -> list[int]:
