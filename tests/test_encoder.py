@@ -124,6 +124,38 @@ def test_encoder_writes_rows_shaped_like_a_trained_concepts_and_starts_at_the_ba
     assert not torch.allclose(a, encoder(photos[1:2])["embed"])
 
 
+def test_per_token_features_keep_where_a_token_sits_and_photos_stay_a_set(backend):
+    spec = ConceptSpec("dog", n_g=2, n_u=2)
+    cfg = EncoderConfig(d_model=32, layers=1, heads=4, features="tokens")
+    encoder = ConceptEncoder(backend.hidden_size, backend.hidden_size, spec.n_tokens, cfg, feature_tokens=4)
+    with torch.no_grad():
+        for layer in (encoder.out_embed, encoder.out_head):
+            layer.weight.normal_()
+    photos = torch.randn(1, 3, 4, backend.hidden_size)
+    with torch.no_grad():
+        a = encoder(photos)["embed"]
+        shuffled_photos = encoder(photos[:, [2, 0, 1]])["embed"]
+        # The same vectors at other places of the image grid (a mark in another cell) are another input.
+        moved = encoder(photos[:, :, [1, 0, 3, 2]])["embed"]
+    assert torch.allclose(a, shuffled_photos, atol=1e-5)
+    assert not torch.allclose(a, moved, atol=1e-3)
+    with pytest.raises(ConceptError, match="reads 4 feature vectors per photo"):
+        encoder(torch.randn(1, 3, backend.hidden_size))
+
+
+def test_an_encoder_on_per_token_features_trains_saves_and_encodes(tiny_dir, world, tmp_path):
+    out = tmp_path / "run"
+    config = _config(tiny_dir, world, out, "optim.max_steps=3", "encoder.features=tokens", "save_every=3")
+    result = train_encoder(config)
+    meta, _ = read_encoder_file(result.encoder_file)
+    backend = load_backend(tiny_dir)
+    assert meta.feature_tokens == backend.image_seq_len > 1 and meta.architecture["features"] == "tokens"
+    encoder, _ = load_encoder(result.encoder_file, backend)
+    assert encoder.positions.shape == (backend.image_seq_len, meta.architecture["d_model"])
+    path = encode_folder(result.encoder_file, backend, world["held_out"], tmp_path / "encoded")
+    assert load_concept(backend, path).spec.n_tokens == meta.spec.n_tokens
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

@@ -1,8 +1,8 @@
 """Zero-shot concepts: a concept encoder maps a few photos to a concept's rows in one forward pass.
 
-A :class:`ConceptEncoder` reads one feature vector per photo (``k`` photos, 1 to ``max_photos``),
-lets the photos attend to each other (a small set transformer, no positions: the order of the
-photos does not matter), and has one learned query per concept token (``<sks>``, the generation
+A :class:`ConceptEncoder` reads one feature vector per photo (``k`` photos, 1 to ``max_photos``), or
+one per image token of each photo, lets them attend to each other (a small set transformer; the
+order of the photos does not matter: image tokens carry only their place in the image grid), and has one learned query per concept token (``<sks>``, the generation
 tokens, the understanding tokens) attend to the set. A query's result becomes that token's
 input-embedding row and output-head row, so the encoder writes exactly the tensors a trained
 concept file holds. The output layers start at zero and the rows at a learned offset initialised
@@ -13,7 +13,10 @@ Photo features come from the frozen base model itself (``features``):
 
 * ``hidden``: the mean final hidden state over the photo's image span (the base model reading the
   photo, with the same VQ ids training uses);
-* ``embedding``: the mean input embedding of the photo's VQ ids (no transformer pass).
+* ``embedding``: the mean input embedding of the photo's VQ ids (no transformer pass);
+* ``tokens``: the final hidden state at every image token of the photo, ``[image_seq_len, H]`` per
+  photo. A mean over the image keeps what fills it (shape, colour) but dilutes what covers a cell or
+  two (a mark), which is what tells an object from its twins; per-token features keep it.
 
 An encoder file is ``NAME.safetensors`` (the weights, fp32) plus ``NAME.json``: the token layout,
 the architecture, the base model's name and fingerprint (encoders, like concept files, only load on
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FEATURES = ("hidden", "embedding")
+FEATURES = ("hidden", "embedding", "tokens")
 ENCODER_FORMAT = "yochameleon-concept-encoder"
 ENCODER_FORMAT_VERSION = 1
 # The most photos a concept is encoded from: the method is designed for 3-5 (see DESIGN.md).
@@ -60,8 +63,9 @@ class EncoderConfig:
     """The concept encoder's architecture and the photo features it reads (a recipe's ``encoder`` section).
 
     Args:
-        features: ``hidden`` (mean final hidden state over a photo's image span) or ``embedding``
-            (mean input embedding of its VQ ids).
+        features: ``hidden`` (mean final hidden state over a photo's image span), ``embedding``
+            (mean input embedding of its VQ ids) or ``tokens`` (the final hidden state at each of its
+            image tokens).
         d_model: width of the set transformer.
         layers: self-attention layers over the photos.
         heads: attention heads (must divide ``d_model``).
@@ -95,15 +99,17 @@ class EncoderConfig:
 
 
 class ConceptEncoder(nn.Module):
-    """Photo features ``[B, k, F]`` -> concept rows ``{"embed", "head"}``, each ``[B, n_tokens, H]``.
+    """Photo features ``[B, k, F]`` (or ``[B, k, T, F]``) -> concept rows ``{"embed", "head"}``, each ``[B, n_tokens, H]``.
 
     Args:
-        feature_dim: size of one photo's feature vector.
+        feature_dim: size of one feature vector.
         hidden_size: the base model's hidden size (the rows' width).
         n_tokens: the concept's token count (``1 + n_g + n_u``).
         config: the architecture.
         base_rows: optional ``{"embed", "head"}`` ``[n_tokens, H]`` the output starts from (the
             base model's rows of some reserved ids); zeros when omitted (a file's weights follow).
+        feature_tokens: feature vectors per photo (``T``; 1 for one vector per photo). With more, each
+            of the ``T`` places gets a learned position, shared by every photo.
     """
 
     def __init__(
@@ -113,10 +119,14 @@ class ConceptEncoder(nn.Module):
         n_tokens: int,
         config: EncoderConfig,
         base_rows: dict[str, torch.Tensor] | None = None,
+        feature_tokens: int = 1,
     ) -> None:
         super().__init__()
         d = config.d_model
         self.n_tokens = n_tokens
+        self.feature_tokens = feature_tokens
+        # Where in the image grid a token sits (a mark's cell); photos themselves stay unordered.
+        self.positions = nn.Parameter(torch.randn(feature_tokens, d) * 0.02) if feature_tokens > 1 else None
         self.in_norm = nn.LayerNorm(feature_dim)
         self.in_proj = nn.Linear(feature_dim, d)
         layer = nn.TransformerEncoderLayer(
@@ -143,7 +153,7 @@ class ConceptEncoder(nn.Module):
         """Rows for each set of photos.
 
         Args:
-            features: ``[B, k, F]`` photo features.
+            features: ``[B, k, F]`` photo features, or ``[B, k, T, F]`` with ``T = feature_tokens``.
             mask: ``[B, k]`` bool, ``True`` for real photos (padding ``False``); ``None``: all real.
 
         Returns:
@@ -151,6 +161,15 @@ class ConceptEncoder(nn.Module):
         """
         x = self.in_proj(self.in_norm(features.float()))
         pad = None if mask is None else ~mask
+        if self.positions is not None:
+            if x.dim() != 4 or x.shape[2] != self.feature_tokens:
+                raise ConceptError(
+                    f"this encoder reads {self.feature_tokens} feature vectors per photo, got features of "
+                    f"shape {tuple(features.shape)}"
+                )
+            b, k, t, d = x.shape
+            x = (x + self.positions).reshape(b, k * t, d)
+            pad = None if pad is None else pad.repeat_interleave(t, dim=1)
         if self.set_layers is not None:
             x = self.set_layers(x, src_key_padding_mask=pad)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
@@ -194,13 +213,23 @@ def image_id_features(backend: Backend, ids: torch.Tensor, source: str = "hidden
     if source == "embedding":
         weight = backend.base_weight("embed")
         return weight.detach()[ids].float().mean(dim=1).cpu()
-    spans = [[backend.special.bos, *backend.image_span(row.tolist())] for row in ids]
-    seq = torch.tensor(spans, dtype=torch.long, device=backend.device)
+    if source == "tokens":
+        seqs, codes = _image_spans(backend, ids)
+        hidden, _ = backend.hidden_states(seqs, attention_mask=torch.ones_like(seqs))
+        # Every span has the same layout, so each row keeps exactly image_seq_len positions.
+        return torch.stack([h[c] for h, c in zip(hidden.float(), codes, strict=True)]).cpu()
+    seq, codes = _image_spans(backend, ids)
     hidden, _ = backend.hidden_states(seq, attention_mask=torch.ones_like(seq))
     # Mean over the image codes only (not bos/boi/eoi or layout tokens), so it describes the photo.
-    codes = torch.isin(seq, torch.tensor(backend.special.image_token_ids, device=seq.device))
     weights = codes.float().unsqueeze(-1)
     return ((hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)).cpu()
+
+
+def _image_spans(backend: Backend, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<bos>`` + each photo's image span as a batch, and where its image codes are (bool, same shape)."""
+    spans = [[backend.special.bos, *backend.image_span(row.tolist())] for row in ids]
+    seq = torch.tensor(spans, dtype=torch.long, device=backend.device)
+    return seq, torch.isin(seq, torch.tensor(backend.special.image_token_ids, device=seq.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +243,7 @@ class EncoderFileMeta:
         n_g, n_u, shared: the token layout of the concepts it writes.
         architecture: the :class:`EncoderConfig` as a mapping.
         feature_dim: size of a photo feature vector.
+        feature_tokens: feature vectors per photo (1, or the image tokens for ``tokens``).
         hidden_size, base_model, base_family, base_fingerprint: the base model it was trained on.
         training_identities: ``[{name, concept_dir, photo_sha256: [...]}]``, every identity it
             was trained on, so a benchmark can check its test identities are not among them.
@@ -233,6 +263,7 @@ class EncoderFileMeta:
     training_identities: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     training_config: dict[str, Any] = field(default_factory=dict)
+    feature_tokens: int = 1
     format: str = ENCODER_FORMAT
     format_version: int = ENCODER_FORMAT_VERSION
     library_version: str = __version__
@@ -325,7 +356,13 @@ def load_encoder(path: str | Path, backend: Backend | None = None) -> tuple[Conc
     meta, tensors = read_encoder_file(path)
     if backend is not None:
         check_encoder_base(meta, backend, path)
-    encoder = ConceptEncoder(meta.feature_dim, meta.hidden_size, meta.spec.n_tokens, meta.config)
+    encoder = ConceptEncoder(
+        meta.feature_dim,
+        meta.hidden_size,
+        meta.spec.n_tokens,
+        meta.config,
+        feature_tokens=meta.feature_tokens,
+    )
     try:
         encoder.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

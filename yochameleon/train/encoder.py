@@ -233,6 +233,12 @@ class EncoderTrainer:
         self.step = 0
         self.losses: list[float] = []
 
+    @property
+    def feature_tokens(self) -> int:
+        """Feature vectors per photo: 1, or the image tokens of a photo (``encoder.features: tokens``)."""
+        features = self.identities[0].features if self.identities else None
+        return int(features.shape[1]) if features is not None and features.dim() == 3 else 1
+
     # ----- set-up -----------------------------------------------------------------------------
     def setup(
         self,
@@ -292,15 +298,19 @@ class EncoderTrainer:
                     f"identity {ident.name!r} has no training sequences: check data.tasks and its data"
                 )
             self.identities.append(ident)
-        feature_dims = {i.features.shape[-1] for i in self.identities}
-        if len(feature_dims) != 1:
-            raise TrainingError(f"identities have photo features of different sizes: {sorted(feature_dims)}")
+        # A photo's features: [F], or [T, F] with one vector per image token (features: tokens).
+        feature_shapes = {tuple(i.features.shape[1:]) for i in self.identities}
+        if len(feature_shapes) != 1:
+            raise TrainingError(
+                f"identities have photo features of different shapes: {sorted(feature_shapes)}"
+            )
         self.encoder = ConceptEncoder(
-            feature_dims.pop(),
+            feature_shapes.pop()[-1],
             self.backend.hidden_size,
             spec.n_tokens,
             cfg.encoder,
             base_rows=concept_rows(self.backend, SLOT),
+            feature_tokens=self.feature_tokens,
         ).to(self.backend.device)
 
     # ----- state ------------------------------------------------------------------------------
@@ -533,6 +543,7 @@ class EncoderTrainer:
             shared=cfg.concept.shared,
             architecture=to_dict(cfg.encoder),
             feature_dim=int(self.identities[0].features.shape[-1]),
+            feature_tokens=self.feature_tokens,
             hidden_size=self.backend.hidden_size,
             base_model=self.backend.name_or_path,
             base_family=self.backend.family,
