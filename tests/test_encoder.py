@@ -211,6 +211,17 @@ def test_encoder_training_lowers_the_loss_of_every_identity(trained):
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 25))
 
 
+def test_evaluate_with_other_identities_photos_measures_what_the_encoder_reads(trained):
+    trainer = trained["trainer"]
+    own = trainer.evaluate()
+    # A full cycle is the identity's own photos again; one step over is another object's rows.
+    assert trainer.evaluate(photos_shift=len(SOURCES)) == own
+    swapped = trainer.evaluate(photos_shift=1)
+    assert set(swapped) == set(own) and any(swapped[n] != own[n] for n in SOURCES)
+    recognition = trainer.evaluate(kinds=("recognition",))
+    assert set(recognition) == set(own) and recognition != own
+
+
 def test_encoder_training_keeps_the_base_bit_identical_and_detaches_its_slot(trained):
     backend = trained["trainer"].backend
     assert get_bank(backend) is None  # the slot is gone; the original modules are back

@@ -361,14 +361,23 @@ class EncoderTrainer:
         return sorted(rng.sample(range(n), k))
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Each identity's mean loss over all its sequences with the rows the encoder writes now.
+    def evaluate(self, photos_shift: int = 0, kinds: tuple[str, ...] | None = None) -> dict[str, float]:
+        """Each identity's mean loss over its sequences with the rows the encoder writes now.
 
         The encoder reads the first ``encoder.max_photos`` photos of each identity (the same set
         every call), so two calls compare the encoder and nothing else.
 
+        Args:
+            photos_shift: identity ``i`` is scored with the rows written from the photos of identity
+                ``i + photos_shift`` (cyclically). With a shift, the loss rising above the unshifted
+                one is what the encoder reads from *these* photos; equal losses mean it writes the
+                same rows for every object.
+            kinds: score only sequences of these record kinds (``recognition``: the twins and other
+                negatives, where one object differs from another); ``None``: all.
+
         Returns:
-            ``{identity: loss, ..., "mean": token-weighted mean over every identity}``.
+            ``{identity: loss, ..., "mean": token-weighted mean over every identity}`` (identities
+            without sequences of ``kinds`` are left out).
         """
         if self.encoder is None:
             raise TrainingError("call setup() before evaluate()")
@@ -381,14 +390,19 @@ class EncoderTrainer:
         try:
             out, total, weight = {}, 0.0, 0.0
             device = self.backend.device
-            for ident in self.identities:
-                feats = ident.features[: self.cfg.encoder.max_photos].to(device).unsqueeze(0)
+            n = len(self.identities)
+            for i, ident in enumerate(self.identities):
+                source = self.identities[(i + photos_shift) % n]
+                feats = source.features[: self.cfg.encoder.max_photos].to(device).unsqueeze(0)
                 rows = self.encoder(feats)
                 bank.embedding.rows[SLOT].copy_(rows["embed"][0])
                 bank.head.rows[SLOT].copy_(rows["head"][0])
+                sequences = [s for s in ident.sequences if kinds is None or s.kind in kinds]
+                if not sequences:
+                    continue
                 num = den = 0.0
-                for start in range(0, len(ident.sequences), self.cfg.optim.batch_size):
-                    seqs = ident.sequences[start : start + self.cfg.optim.batch_size]
+                for start in range(0, len(sequences), self.cfg.optim.batch_size):
+                    seqs = sequences[start : start + self.cfg.optim.batch_size]
                     w = sum(labelled_weight(s, self.cfg.method.task_weights) for s in seqs)
                     batch = collate(seqs, self.backend.special.pad).to(device)
                     loss, _ = label_only_loss(
