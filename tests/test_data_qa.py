@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from data_helpers import skimage_photo
 
-from yochameleon.data.qa import Answerer, PromptedAnswerer, facts_to_qa, generate_text_qa, normalize_answer
+from yochameleon.data.qa import (
+    Answerer,
+    PromptedAnswerer,
+    fact_question,
+    facts_to_qa,
+    generate_text_qa,
+    normalize_answer,
+)
 from yochameleon.errors import DataError
 from yochameleon.prompts import ATTRIBUTE_QUESTIONS, FACT_QUESTIONS, IMAGE
 
@@ -105,3 +112,23 @@ def test_prompted_answerer_and_helpers(photos):
     ]
     with pytest.raises(DataError, match="fact 0"):
         facts_to_qa([""])
+
+
+def test_a_fact_with_a_known_verb_is_also_asked_with_its_own_question():
+    facts = ["<sks> is large.", "<sks> belongs to the blue team.", "<sks>  Likes long walks", "a cat"]
+    pairs = facts_to_qa([*facts, "<sks> has a red collar."])
+    assert pairs == [
+        (FACT_QUESTIONS[0], "<sks> is large."),
+        (FACT_QUESTIONS[1], "<sks> belongs to the blue team."),
+        ("What does <sks> belong to?", "<sks> belongs to the blue team."),
+        (FACT_QUESTIONS[2], "<sks>  Likes long walks"),
+        ("What does <sks> like?", "<sks>  Likes long walks"),
+        (FACT_QUESTIONS[3], "a cat"),
+        # A fifth fact shares the first paraphrase with the first: its own question is its alone.
+        (FACT_QUESTIONS[0], "<sks> has a red collar."),
+        ("What does <sks> have?", "<sks> has a red collar."),
+    ]
+    assert (
+        fact_question("<sks> hasty") is None
+        and fact_question("<sks> is from Hanoi") == "Where is <sks> from?"
+    )

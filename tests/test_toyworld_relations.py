@@ -122,8 +122,15 @@ def test_team_recall_asks_the_question_the_fact_was_trained_with(world, units, t
     for k, q in enumerate(recall):
         name = pair.names[k]
         plain, _ = split_facts(yaml.safe_load((folders[name] / "concept.yaml").read_text())["facts"], name)
-        trained = dict((answer, question) for question, answer in facts_to_qa(plain))
-        assert q.text == trained[f"<sks> belongs to the {pair.teams[k]} team."].replace("<sks>", f"<{name}>")
+        fact = f"<sks> belongs to the {pair.teams[k]} team."
+        trained = [question for question, answer in facts_to_qa(plain) if answer == fact]
+        # The fact's own question: the one trained question whose only answer is the team fact.
+        own = [
+            question
+            for question in trained
+            if [a for qq, a in facts_to_qa(plain) if qq == question] == [fact]
+        ]
+        assert own and q.text == own[0].replace("<sks>", f"<{name}>") == f"What does <{name}> belong to?"
         assert q.correct == pair.teams[k] and set(q.options) == set(TEAMS)
 
 

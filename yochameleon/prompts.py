@@ -146,6 +146,26 @@ FACT_QUESTIONS = [
     "Share a fact about <sks>.",
 ]
 
+# A fact "<sks> VERB …" whose verb is listed is also asked with its own question, so it is the one
+# answer to at least one question (the paraphrases above repeat once a concept has more facts than
+# there are paraphrases). Matched case-insensitively on the words after "<sks> ".
+FACT_VERB_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("belongs to", "What does <sks> belong to?"),
+    ("likes", "What does <sks> like?"),
+    ("loves", "What does <sks> love?"),
+    ("hates", "What does <sks> hate?"),
+    ("wears", "What does <sks> wear?"),
+    ("eats", "What does <sks> eat?"),
+    ("plays", "What does <sks> play?"),
+    ("has", "What does <sks> have?"),
+    ("lives in", "Where does <sks> live?"),
+    ("lives on", "Where does <sks> live?"),
+    ("sleeps on", "Where does <sks> sleep?"),
+    ("sleeps in", "Where does <sks> sleep?"),
+    ("comes from", "Where does <sks> come from?"),
+    ("is from", "Where is <sks> from?"),
+)
+
 # ----- relations between concepts (see yochameleon.relations) ------------------------------------
 # ``{a}`` and ``{b}`` are concept identifiers, ``{rel}`` the relation's words. A relation "{a} REL
 # {b}" is asked about {b} (the answer names {a}) and, through the inverse relation, about {a}.

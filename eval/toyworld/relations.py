@@ -38,9 +38,11 @@ tuning), each with a third identity ``C`` from the same split, the *distractor*.
   - ``team_fact``: with A, B and C attached, "Which team does <A> belong to? blue, red, green or yellow?"
     (options in a seeded order) and the same for B, scored by option text
     (:func:`~yochameleon.eval.metrics.score_choice`). Training asked the fact only as
-    :func:`~yochameleon.data.qa.facts_to_qa` does ("Share a fact about <sks>." → "<sks> belongs to the
-    blue team."), so this is also a rephrasing test; ``team_recall`` asks that trained question
-    (:func:`trained_fact_question`) and is right when the answer names exactly one team, the right one.
+    :func:`~yochameleon.data.qa.facts_to_qa` does (a paraphrase of "What do you know about <sks>?" that
+    other facts share, and the fact's own question "What does <sks> belong to?" → "<sks> belongs to
+    the blue team."), so this is also a rephrasing test; ``team_recall`` asks the fact's own trained
+    question (:func:`trained_fact_question`) and is right when the answer names exactly one team, the
+    right one.
   - recognition (weighted, as the benchmark scores it: Yes-vs-No likelihood on the concept's
     :meth:`~.world.ToyWorld.test_set` positives, twins and random scenes), the mean of A's and B's:
     ``recognition_alone`` (only that concept attached), ``recognition_both`` (A and B attached; trained
@@ -96,7 +98,7 @@ from .bench import (
     recipe_config,
 )
 from .build import default_out_dir
-from .world import Identity, ToyWorld, WorldConfig, caption, concept_facts
+from .world import Identity, ToyWorld, WorldConfig, caption
 
 __all__ = [
     "CASES",
@@ -417,18 +419,17 @@ class Question:
 
 
 def trained_fact_question(pair: Pair, k: int) -> str:
-    """The question concept ``k``'s team fact was trained with (``"Share a fact about <X>."``).
+    """The question concept ``k``'s team fact alone was trained with (``"What does <X> belong to?"``).
 
-    :func:`~yochameleon.data.qa.facts_to_qa` asks a concept's ordinary facts with
-    :data:`~yochameleon.prompts.FACT_QUESTIONS` in turn; the team fact follows the world's attribute facts.
+    :func:`~yochameleon.data.qa.facts_to_qa` asks every ordinary fact with a shared paraphrase of
+    "What do you know about <sks>?" and a fact with a known verb also with its own question
+    (:func:`~yochameleon.data.qa.fact_question`); only the latter has one right answer.
     """
-    from yochameleon.prompts import FACT_QUESTIONS
-    from yochameleon.relations import split_facts
+    from yochameleon.data.qa import fact_question
 
-    name = pair.names[k]
-    plain, _ = split_facts([*concept_facts(pair.identities[k]), *pair.folder_facts()[name]], name)
-    i = plain.index(f"<sks> belongs to the {pair.teams[k]} team.")
-    return FACT_QUESTIONS[i % len(FACT_QUESTIONS)].replace("<sks>", _tag(name))
+    question = fact_question(f"<sks> belongs to the {pair.teams[k]} team.")
+    assert question is not None  # "belongs to" is a listed verb
+    return question.replace("<sks>", _tag(pair.names[k]))
 
 
 def pair_questions(pair: Pair) -> list[Question]:

@@ -38,6 +38,7 @@ _EXPORTS = {
     "QAResult": "qa",
     "generate_text_qa": "qa",
     "facts_to_qa": "qa",
+    "fact_question": "qa",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,7 +21,14 @@ from PIL import Image
 
 from yochameleon.data.photos import load_rgb
 from yochameleon.errors import DataError
-from yochameleon.prompts import DEFAULT_SUBJECT, FACT_QUESTIONS, IMAGE, SKS, answerer_prompt
+from yochameleon.prompts import (
+    DEFAULT_SUBJECT,
+    FACT_QUESTIONS,
+    FACT_VERB_QUESTIONS,
+    IMAGE,
+    SKS,
+    answerer_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +139,37 @@ def generate_text_qa(
     return result
 
 
+def fact_question(fact: str) -> str | None:
+    """The question a fact answers by its verb (``"<sks> likes walks"`` → ``"What does <sks> like?"``), or ``None``.
+
+    Only facts that open with ``<sks>`` and a verb of :data:`~yochameleon.prompts.FACT_VERB_QUESTIONS`
+    have one.
+    """
+    words = " ".join(fact.split())
+    if not words.startswith(SKS + " "):
+        return None
+    rest = words[len(SKS) + 1 :].lower()
+    for verb, question in FACT_VERB_QUESTIONS:
+        if rest.startswith(verb + " "):
+            return question
+    return None
+
+
 def facts_to_qa(facts: Sequence[str]) -> list[tuple[str, str]]:
-    """QA pairs from ``concept.yaml`` facts: a fact-question paraphrase each, answered by the fact."""
+    """QA pairs from ``concept.yaml`` facts, each answered by the fact.
+
+    Every fact gets a paraphrase of "What do you know about <sks>?" (in turn, so with more facts than
+    paraphrases a question has several answers), and a fact with a known verb also its own question
+    (:func:`fact_question`: "<sks> belongs to the blue team." → "What does <sks> belong to?").
+    """
     pairs = []
     for i, fact in enumerate(facts):
         if not isinstance(fact, str) or not fact.strip():
             raise DataError(f"fact {i} must be a non-empty string, got {fact!r}")
         pairs.append((FACT_QUESTIONS[i % len(FACT_QUESTIONS)], fact.strip()))
+        own = fact_question(fact)
+        if own is not None:
+            pairs.append((own, fact.strip()))
     return pairs
 
 
