@@ -260,9 +260,29 @@ def test_decoder_refinement_keeps_every_code_and_learns_to_decode_drawings():
     vq_before = {k: v.clone() for k, v in vqmodel.state_dict().items()}
     codes_before = reconstruct(vqmodel, decoder, pixels).codes
     error_before = drawing_error()
+    # Every object the refinement draws or renders is recorded: none may be a dev or held-out identity.
+    from yochameleon.eval.toyworld.world import Identity as WorldIdentity
+
+    seen = []
+
+    def spy(name):
+        real = getattr(world, name)
+
+        def wrapped(*args, **kwargs):
+            seen.extend(a for a in args if isinstance(a, WorldIdentity))
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("drawing", "render", "render_annotated", "render_pair_scene", "render_array"):
+        setattr(world, name, spy(name))
     stats = refine_vq_decoder(
         vqmodel, decoder, world, VQDecoderConfig(steps=60, batch_size=8, lr=2e-3), progress=False
     )
+    for name in ("drawing", "render", "render_annotated", "render_pair_scene", "render_array"):
+        delattr(world, name)
+    assert len({i.signature for i in seen}) > 100  # the drawings of the pretraining identities, and more
+    assert not {i.signature for i in seen} & world.protected
     assert np.isfinite(stats["final_recon_loss"]) and not decoder.training
     # The tokenizer's side is bit-identical, so every base trained on its codes stays valid.
     assert all(torch.equal(v, vq_before[k]) for k, v in vqmodel.state_dict().items())
