@@ -132,8 +132,14 @@ def test_prepare_writes_relation_records_naming_the_other_concept(tmp_path):
     rel = [r for r in records if r.kind == "relation"]
     assert {r.question for r in rel} >= {f"Who is <{MAM}>'s brother?", "Who is <sks>'s sibling?"}
     assert all(r.mentions == [MAM] and r.fact == BROTHER and r.task == "understanding" for r in rel)
-    facts = [r.answer for r in records if r.kind == "text_qa" and r.question != "What is <sks>?"]
-    assert facts == ["<sks> wears a red collar"]  # an ordinary fact, its own name read as <sks>
+    facts = {
+        (r.question, r.answer) for r in records if r.kind == "text_qa" and r.question != "What is <sks>?"
+    }
+    # An ordinary fact, its own name read as <sks>: a paraphrase and the verb's own question.
+    assert facts == {
+        ("What do you know about <sks>?", "<sks> wears a red collar"),
+        ("What does <sks> wear?", "<sks> wears a red collar"),
+    }
     bad = _folder(tmp_path / "bad", "bo", [f"<{MAM}> likes fish"], 0)
     with pytest.raises(DataError, match="concept.yaml"):
         prepare_concept(bad, tmp_path / "bad-data", DataConfig(**DATA), n_g=2, name="bo")
