@@ -59,6 +59,19 @@ def test_default_config_is_the_issue_s_benchmark():
     assert config.pool_size == 10_000 and BenchConfig.create(quick=True).pool_size == 1000
 
 
+def test_summaries_record_paths_inside_the_checkout_relative_to_it(monkeypatch, tmp_path):
+    from yochameleon.eval.toyworld.encoder import ToyEncoderConfig
+    from yochameleon.eval.toyworld.relations import RelationsConfig
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    for config in (BenchConfig(), RelationsConfig(), ToyEncoderConfig(out=str(tmp_path))):
+        assert config.artifacts == "eval/toyworld/artifacts", config
+        assert config.recipe.startswith("recipes/") and (root / config.recipe).is_file()
+    monkeypatch.chdir(tmp_path)  # outside the checkout a path stays as given
+    assert Path(BenchConfig().artifacts).is_absolute()
+
+
 def test_quick_sizes_and_explicit_settings_win():
     quick = BenchConfig.create(quick=True)
     assert (quick.n_concepts, quick.seeds, quick.methods, quick.quick) == (2, 1, QUICK_METHODS, True)

@@ -50,7 +50,7 @@ import numpy as np
 from yochameleon.config import recipe_path
 from yochameleon.errors import ConfigError
 
-from .build import default_out_dir
+from .build import default_out_dir, recorded_path
 from .pretrain import EMBEDDER_NAME
 from .world import ConceptTestSet, Identity, ToyWorld, WorldConfig, caption, full_caption
 
@@ -196,8 +196,8 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         # Lists from JSON or argparse become tuples so the frozen config stays hashable.
-        object.__setattr__(self, "artifacts", str(self.artifacts))
-        object.__setattr__(self, "recipe", str(self.recipe))
+        object.__setattr__(self, "artifacts", recorded_path(self.artifacts))
+        object.__setattr__(self, "recipe", recorded_path(self.recipe))
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "overrides", tuple(self.overrides))
         for name in ("n_concepts", "seeds", "n_photos", "n_positives", "n_generated", "n_boot", "threads"):

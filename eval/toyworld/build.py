@@ -105,6 +105,19 @@ def default_out_dir() -> Path:
     return Path(__file__).resolve().parent / "artifacts"
 
 
+def recorded_path(path: str | Path) -> str:
+    """``path`` as a summary records it: relative to the working directory when inside it.
+
+    Summaries and reports are committed beside the README; a path that names this machine's
+    checkout would be true only here.
+    """
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 @dataclass(frozen=True)
 class GateSizes:
     """How much each gate measures (held-out identities and photos).

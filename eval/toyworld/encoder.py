@@ -46,7 +46,7 @@ import numpy as np
 from yochameleon.config import recipe_path
 
 from .bench import BenchError, check_artifacts, prepare_pool
-from .build import default_out_dir
+from .build import default_out_dir, recorded_path
 from .pretrain import EMBEDDER_NAME
 from .world import Identity, ToyWorld
 
@@ -100,6 +100,8 @@ class ToyEncoderConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(self.overrides))
+        for name in ("artifacts", "recipe"):
+            object.__setattr__(self, name, recorded_path(getattr(self, name)))
         for name in ("n_identities", "n_photos", "threads", "pool_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

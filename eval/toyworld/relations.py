@@ -97,7 +97,7 @@ from .bench import (
     draw_concepts,
     recipe_config,
 )
-from .build import default_out_dir
+from .build import default_out_dir, recorded_path
 from .world import Identity, ToyWorld, WorldConfig, caption
 
 __all__ = [
@@ -214,7 +214,7 @@ class RelationsConfig:
 
         # Lists from JSON or argparse become tuples so the frozen config stays hashable.
         for name in ("artifacts", "recipe"):
-            object.__setattr__(self, name, str(getattr(self, name)))
+            object.__setattr__(self, name, recorded_path(getattr(self, name)))
         for name in ("overrides", "relations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("n_pairs", "seeds", "n_positives", "n_generated", "relate_steps", "n_boot", "threads"):
