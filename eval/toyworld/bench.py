@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -133,8 +133,52 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
         raise BenchError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+class RecipeRun:
+    """What a toy-world measurement config shares: the quick variant, its seeds, training configs, JSON.
+
+    A frozen dataclass mixes it in and has ``recipe``, ``overrides``, ``artifacts`` and ``seeds``;
+    ``QUICK`` holds its ``--quick`` sizes and ``KIND`` names it in messages.
+    """
+
+    QUICK: ClassVar[dict[str, Any]] = {}
+    KIND: ClassVar[str] = "measurement"
+
+    @classmethod
+    def create(cls, quick: bool = False, **settings: Any):
+        """The default run, or with ``quick`` its few-minute smoke version; ``None`` settings are skipped.
+
+        Settings given explicitly win over ``quick``'s sizes (``--quick --concepts 3`` draws 3 concepts).
+
+        Raises:
+            BenchError: an unknown setting, or one ``__post_init__`` refuses.
+        """
+        values: dict[str, Any] = dict(cls.QUICK) if quick else {}
+        values.update({k: v for k, v in settings.items() if v is not None})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BenchError(f"unknown {cls.KIND} settings {unknown}")
+        return cls(quick=quick, **values)
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds every unit runs with."""
+        return list(range(self.seeds))
+
+    def train_config(self, seed: int, base: str | Path | None = None):
+        """The recipe with the overrides, ``seed`` (training and data sampling) and the base model path.
+
+        Raises:
+            ConfigError: the recipe or an override is invalid.
+        """
+        return recipe_config(self.recipe, self.overrides, seed, self.artifacts, base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (lists for tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(RecipeRun):
     """Everything one benchmark run does; the summary JSON records it.
 
     Attributes:
@@ -194,6 +238,9 @@ class BenchConfig:
     diagnose: bool = False
     encoder: str | None = None
 
+    QUICK: ClassVar[dict[str, Any]] = QUICK_DEFAULTS
+    KIND: ClassVar[str] = "benchmark"
+
     def __post_init__(self) -> None:
         # Lists from JSON or argparse become tuples so the frozen config stays hashable.
         object.__setattr__(self, "artifacts", recorded_path(self.artifacts))
@@ -240,47 +287,6 @@ class BenchConfig:
                 check_encoder_layout(self.encoder, c.n_g, c.n_u, c.shared)
             except (ConceptError, ConfigError) as exc:
                 raise BenchError(str(exc)) from exc
-
-    @classmethod
-    def create(cls, quick: bool = False, **settings: Any) -> BenchConfig:
-        """The default benchmark, or with ``quick`` the 5-minute smoke version; ``None`` settings are skipped.
-
-        Settings given explicitly win over ``quick``'s sizes (``--quick --concepts 3`` draws 3 concepts).
-        """
-        return create_config(cls, quick, QUICK_DEFAULTS, settings, "benchmark")
-
-    @property
-    def seed_list(self) -> list[int]:
-        """The seeds every concept runs with."""
-        return list(range(self.seeds))
-
-    def train_config(self, seed: int, base: str | Path | None = None):
-        """The recipe with the overrides, ``seed`` (training and data sampling) and the base model path.
-
-        Raises:
-            ConfigError: the recipe or an override is invalid.
-        """
-        return recipe_config(self.recipe, self.overrides, seed, self.artifacts, base)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (lists for tuples)."""
-        d = asdict(self)
-        d["methods"], d["overrides"] = list(self.methods), list(self.overrides)
-        return d
-
-
-def create_config(cls, quick: bool, quick_defaults: dict[str, Any], settings: dict[str, Any], what: str):
-    """``cls(quick=quick, ...)`` from ``settings`` over ``quick_defaults`` (when ``quick``); ``None`` settings skipped.
-
-    Raises:
-        BenchError: a setting ``cls`` does not have (``what`` names the measurement in the message).
-    """
-    values: dict[str, Any] = dict(quick_defaults) if quick else {}
-    values.update({k: v for k, v in settings.items() if v is not None})
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
-    if unknown:
-        raise BenchError(f"unknown {what} settings {unknown}")
-    return cls(quick=quick, **values)
 
 
 def recipe_config(

@@ -78,9 +78,9 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
@@ -91,11 +91,10 @@ from yochameleon.baselines.prompting import PLAIN_NAME, definition
 from .bench import (
     BENCH_RECIPE,
     BenchError,
+    RecipeRun,
     _positive_int,
     check_artifacts,
-    create_config,
     draw_concepts,
-    recipe_config,
 )
 from .build import default_out_dir, recorded_path
 from .world import Identity, ToyWorld, WorldConfig, caption
@@ -160,7 +159,7 @@ _NAME = re.compile(r"<([^<>\s/\\]+)>")
 
 
 @dataclass(frozen=True)
-class RelationsConfig:
+class RelationsConfig(RecipeRun):
     """Everything one measurement does; the summary JSON records it.
 
     Attributes:
@@ -209,6 +208,9 @@ class RelationsConfig:
     threads: int = 1
     quick: bool = False
 
+    QUICK: ClassVar[dict[str, Any]] = QUICK_DEFAULTS
+    KIND: ClassVar[str] = "relations"
+
     def __post_init__(self) -> None:
         from yochameleon.relations import RELATIONS
 
@@ -243,36 +245,6 @@ class RelationsConfig:
         if not Path(self.recipe).is_file():
             raise BenchError(f"recipe {self.recipe} does not exist")
         self.train_config(0)  # a bad recipe or override fails now, not after the pool is indexed
-
-    @classmethod
-    def create(cls, quick: bool = False, **settings: Any) -> RelationsConfig:
-        """The default measurement, or with ``quick`` the few-minute smoke version; ``None`` settings are skipped.
-
-        Settings given explicitly win over ``quick``'s sizes.
-
-        Raises:
-            BenchError: an unknown setting, or one ``__post_init__`` refuses.
-        """
-        return create_config(cls, quick, QUICK_DEFAULTS, settings, "relations")
-
-    @property
-    def seed_list(self) -> list[int]:
-        """The seeds every pair runs with."""
-        return list(range(self.seeds))
-
-    def train_config(self, seed: int, base: str | Path | None = None):
-        """The recipe with the overrides, ``seed`` (training and data sampling) and the base model path.
-
-        Raises:
-            ConfigError: the recipe or an override is invalid.
-        """
-        return recipe_config(self.recipe, self.overrides, seed, self.artifacts, base)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (lists for tuples)."""
-        d = asdict(self)
-        d["overrides"], d["relations"] = list(self.overrides), list(self.relations)
-        return d
 
 
 # ---- pairs, facts and questions ----------------------------------------------------------------------

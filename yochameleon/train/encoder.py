@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,10 +60,10 @@ from yochameleon.train.loggers import build_logger
 from yochameleon.train.loss import label_only_loss
 from yochameleon.train.sequences import Sequence, build_sequence, collate, length_grouped_batches
 from yochameleon.train.trainer import (
+    StepReporter,
     labelled_weight,
     lr_lambda,
     optimizer_step,
-    report_step,
     resolve_device,
 )
 
@@ -471,7 +470,7 @@ class EncoderTrainer:
             bank = get_bank(self.backend)
             slot_embed, slot_head = bank.embedding.rows[SLOT], bank.head.rows[SLOT]
             device = self.backend.device
-            t_last = time.perf_counter()
+            report = StepReporter(bar, log, cfg.logging.every, scheduler)
             while self.step < total:
                 epoch = self.step // steps_per_epoch
                 micro = self._micro_batches(epoch)
@@ -521,21 +520,7 @@ class EncoderTrainer:
                     grad_norm = optimizer_step(params, optimizer, scheduler, o.max_grad_norm)
                     self.step += 1
                     self.losses.append(step_loss)
-                    now = time.perf_counter()
-                    report_step(
-                        bar,
-                        log,
-                        cfg.logging.every,
-                        self.step,
-                        epoch,
-                        step_loss,
-                        scheduler,
-                        grad_norm,
-                        n_tokens,
-                        now - t_last,
-                        kinds_loss,
-                    )
-                    t_last = now
+                    report(self.step, epoch, step_loss, grad_norm, n_tokens, kinds_loss)
                     if self.step % cfg.save_every == 0 or self.step == total:
                         self._save(optimizer)
             bar.close()

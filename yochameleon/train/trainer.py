@@ -140,34 +140,46 @@ def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> float:
     return float(grad_norm)
 
 
-def report_step(
-    bar,
-    log,
-    every: int,
-    step: int,
-    epoch: int,
-    loss: float,
-    scheduler,
-    grad_norm: float,
-    n_tokens: int,
-    seconds: float,
-    kinds_loss: dict[str, float],
-) -> dict[str, float]:
-    """Advance the progress bar and log a finished step's metrics every ``every`` steps; return them."""
-    metrics = {
-        "loss": loss,
-        "lr": scheduler.get_last_lr()[0],
-        "grad_norm": grad_norm,
-        "epoch": epoch,
-        "tokens": n_tokens,
-        "sec_per_step": seconds,
-        **{f"loss_{k}": v for k, v in kinds_loss.items()},
-    }
-    bar.update(1)
-    bar.set_postfix_str(f"ep {epoch} loss {loss:.4f} lr {metrics['lr']:.1e}")
-    if step % every == 0:
-        log.log(metrics, step)
-    return metrics
+class StepReporter:
+    """Ends each optimizer step: times it, advances the progress bar, logs metrics every ``every`` steps.
+
+    Args:
+        bar: the run's tqdm bar.
+        log: the run's logger (``log.log(metrics, step)``).
+        every: log every this many steps.
+        scheduler: the learning-rate schedule (its last lr is logged).
+    """
+
+    def __init__(self, bar, log, every: int, scheduler) -> None:
+        self.bar, self.log, self.every, self.scheduler = bar, log, every, scheduler
+        self.t_last = time.perf_counter()
+
+    def __call__(
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        grad_norm: float,
+        n_tokens: int,
+        kinds_loss: dict[str, float],
+    ) -> dict[str, float]:
+        """Report finished step ``step``; return its metrics."""
+        now = time.perf_counter()
+        metrics = {
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "epoch": epoch,
+            "tokens": n_tokens,
+            "sec_per_step": now - self.t_last,
+            **{f"loss_{k}": v for k, v in kinds_loss.items()},
+        }
+        self.t_last = now
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"ep {epoch} loss {loss:.4f} lr {metrics['lr']:.1e}")
+        if step % self.every == 0:
+            self.log.log(metrics, step)
+        return metrics
 
 
 def labelled_weight(sequence: Sequence, task_weights: dict[str, float]) -> float:
@@ -404,7 +416,7 @@ class Trainer:
             task_weights = cfg.method.task_weights
             label_weights = [labelled_weight(seq, task_weights) for seq in self.sequences]
             device = self.backend.device
-            t_last = time.perf_counter()
+            report = StepReporter(bar, log, cfg.logging.every, scheduler)
             while self.step < total:
                 epoch = self.step // steps_per_epoch
                 batches = length_grouped_batches(lengths, o.batch_size * world, cfg.seed + epoch)
@@ -449,21 +461,7 @@ class Trainer:
                     grad_norm = optimizer_step(params, optimizer, scheduler, o.max_grad_norm)
                     self.step += 1
                     self.losses.append(step_loss)
-                    now = time.perf_counter()
-                    report_step(
-                        bar,
-                        log,
-                        cfg.logging.every,
-                        self.step,
-                        epoch,
-                        step_loss,
-                        scheduler,
-                        grad_norm,
-                        n_tokens,
-                        now - t_last,
-                        kinds_loss,
-                    )
-                    t_last = now
+                    report(self.step, epoch, step_loss, grad_norm, n_tokens, kinds_loss)
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self._evaluate(optimizer, log)
                     if self.is_main and (self.step % cfg.save_every == 0 or self.step == total):
