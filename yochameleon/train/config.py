@@ -199,6 +199,11 @@ class LoggingConfig:
     progress: bool = True
 
 
+def default_data_dir(output_dir: str | Path, name: str) -> str:
+    """Where a run prepares and reads concept ``name``'s data when ``data_dir`` is not given."""
+    return str(Path(output_dir) / "data" / name)
+
+
 @dataclass
 class TrainConfig:
     """A whole training run: ``yochameleon train RECIPE.yaml [key.sub=value ...]``."""
@@ -230,7 +235,7 @@ class TrainConfig:
             {
                 "name": e["name"],
                 "concept_dir": e.get("concept_dir") or "",
-                "data_dir": e.get("data_dir") or str(Path(self.output_dir) / "data" / e["name"]),
+                "data_dir": e.get("data_dir") or default_data_dir(self.output_dir, e["name"]),
                 "init_from": e.get("init_from") or "",
             }
             for e in entries

@@ -296,6 +296,13 @@ class _Turns:
         return picked
 
 
+def run_entry(meta) -> dict:
+    """The concept's own entry (``concept`` or one of ``concept.extra``) in the run a concept file records, or ``{}``."""
+    concept = (meta.training_config or {}).get("concept") or {}
+    entries = [concept, *(concept.get("extra") or [])]
+    return next((e for e in entries if normalize_name(str(e.get("name"))) == meta.name), {})
+
+
 def replay_data(backend: Backend, meta, path: str | Path = "concept file"):
     """The records a concept file's run trained on and their token lookup, or ``None`` when gone.
 
@@ -309,16 +316,13 @@ def replay_data(backend: Backend, meta, path: str | Path = "concept file"):
     """
     from yochameleon.data.manifest import read_manifest
     from yochameleon.data.pipeline import token_lookup
+    from yochameleon.train.config import default_data_dir
 
-    cfg = meta.training_config or {}
-    concept = cfg.get("concept") or {}
-    entries = [concept, *(concept.get("extra") or [])]
-    entry = next((e for e in entries if normalize_name(str(e.get("name"))) == meta.name), None)
-    folder = None
-    if entry is not None:
-        folder = entry.get("data_dir") or (
-            str(Path(cfg["output_dir"]) / "data" / str(entry.get("name"))) if cfg.get("output_dir") else None
-        )
+    entry = run_entry(meta)
+    output_dir = (meta.training_config or {}).get("output_dir")
+    folder = entry.get("data_dir") or (
+        default_data_dir(output_dir, str(entry["name"])) if output_dir and entry else None
+    )
     if not folder:
         logger.warning("%s records no training data folder: relating %s without replay", path, meta.name)
         return None
@@ -347,11 +351,7 @@ def facts_from_folders(files: Sequence[str | Path]) -> list[str]:
     names = {normalize_name(m.name) for m in metas}
     facts: list[str] = []
     for path, meta in zip(files, metas, strict=True):
-        concept = meta.training_config.get("concept") or {}
-        entries = [concept, *(concept.get("extra") or [])]
-        folder = next(
-            (e.get("concept_dir") for e in entries if normalize_name(str(e.get("name"))) == meta.name), None
-        )
+        folder = run_entry(meta).get("concept_dir")
         if not folder or not Path(folder).is_dir():
             # The other concept's folder may state the fact; none stating any is refused by the caller.
             logger.info("%s records no concept folder to read facts from", path)
@@ -406,9 +406,7 @@ def relate_concepts(
     try:
         for f in files:
             loaded.append(load_concept(backend, f).spec.name)
-        configs = {
-            name: read_concept_file(f)[0].training_config for name, f in zip(loaded, files, strict=True)
-        }
+        metas = {name: read_concept_file(f)[0] for name, f in zip(loaded, files, strict=True)}
         known = set(loaded)
         for text in facts:
             parse_fact(text, known=known)  # a concept attached before, but not given, is refused too
@@ -416,7 +414,7 @@ def relate_concepts(
         replay = {}
         if (config or RelateConfig()).replay_batch:
             for name, f in zip(loaded, files, strict=True):
-                data = replay_data(backend, read_concept_file(f)[0], f)
+                data = replay_data(backend, metas[name], f)
                 if data is not None:
                     replay[name] = data
         result = train_relations(backend, facts, config, source=source, replay=replay)
@@ -428,7 +426,10 @@ def relate_concepts(
             len(result.losses),
         )
         out = Path(out_dir)
-        return [save_concept(backend, name, out / name, training_config=configs[name])[0] for name in loaded]
+        return [
+            save_concept(backend, name, out / name, training_config=metas[name].training_config)[0]
+            for name in loaded
+        ]
     finally:
         for name in loaded:
             detach(backend, name)
@@ -442,5 +443,6 @@ __all__ = [
     "relate_concepts",
     "relation_records",
     "replay_data",
+    "run_entry",
     "train_relations",
 ]
